@@ -1,0 +1,290 @@
+"""The one module that builds Orbax objects: managers, options, handlers and args.
+
+Everything kckpt asks of Orbax goes through here, so an Orbax upgrade is
+checked in one place. Internals of Orbax that are used are marked
+``# Orbax 0.12 internal:`` with the reason.
+
+Writes go through an Orbax `CheckpointManager` (async saving, the atomic
+temporary-folder protocol, multi-process barriers, deleting old steps). Reads
+use a stand-alone `Checkpointer` on the step folder: a reader never needs a
+manager, never writes, and avoids the manager's single-item mode (which
+rejects `Composite` args once it sees a ``default/`` folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from kckpt import steps as steps_lib
+from kckpt import trees
+from kckpt._types import Metrics, PyTree, Step
+from kckpt.errors import BackgroundSaveError
+
+MultiprocessingOptions = ocp.options.MultiprocessingOptions
+
+
+class _DropNoMetricsWarning(logging.Filter):
+  """Orbax warns on every save without metrics once metrics are tracked.
+
+  kckpt tracks metrics whenever they are given (so they are stored with each
+  step) and saving without them is normal, so the warning is noise.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
+logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemWrite:
+  name: str
+  format: str  # "pytree" | "json"
+  value: Any
+
+
+class _Preservation:
+  """Orbax `PreservationPolicy` that asks kckpt's retention rules.
+
+  `decide(steps)` gets the steps the manager knows (sorted, the one being
+  saved last) and returns, for each, whether it stays.
+  """
+
+  def __init__(self, decide: Callable[[Sequence[Step]], Sequence[bool]]):
+    self._decide = decide
+
+  def should_preserve(self, checkpoints, *, context) -> Sequence[bool]:
+    del context
+    return list(self._decide([c.step for c in checkpoints]))
+
+
+def _host_local_to_numpy(tree: PyTree) -> PyTree:
+  """In a multi-process run, arrays held by one process are saved as replicated.
+
+  Orbax refuses "host local" `jax.Array`s (a `step` counter on one device)
+  when several processes save; every process holds the same value, so it is
+  written once from NumPy.
+  """
+  if jax.process_count() == 1:
+    return tree
+
+  def convert(leaf):
+    if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+      return np.asarray(leaf)
+    return leaf
+
+  return jax.tree.map(convert, tree)
+
+
+def _save_args(write: ItemWrite) -> ocp.args.CheckpointArgs:
+  if write.format == "json":
+    return ocp.args.JsonSave(write.value)
+  return ocp.args.PyTreeSave(_host_local_to_numpy(write.value))
+
+
+class Writer:
+  """Owns the Orbax `CheckpointManager` of a run's ``checkpoints/`` folder."""
+
+  def __init__(
+      self,
+      directory: epath.Path,
+      *,
+      async_save: bool,
+      multiprocessing_options: MultiprocessingOptions | None,
+      decide_preservation: Callable[[Sequence[Step]], Sequence[bool]],
+      async_timeout_secs: int | None = None,
+  ):
+    options = ocp.CheckpointManagerOptions(
+        step_prefix=steps_lib.STEP_PREFIX,
+        create=True,
+        # kckpt decides when to save; the manager saves whenever asked (force=True).
+        save_interval_steps=1,
+        enable_async_checkpointing=async_save,
+        async_options=ocp.AsyncOptions(timeout_secs=async_timeout_secs) if async_timeout_secs else None,
+        multiprocessing_options=multiprocessing_options or MultiprocessingOptions(),
+        preservation_policy=_Preservation(decide_preservation),
+        # Set so that the manager writes `metrics/metrics` with each step that has
+        # metrics (Orbax's own place for them); ranking is kckpt's, not this.
+        best_fn=lambda metrics: 0.0,
+        # Opening reads no per-step files: kckpt reads them lazily when a rule needs them.
+        lightweight_initialize=True,
+        # A crash mid-save leaves a temporary folder; remove it before saving again.
+        cleanup_tmp_directories=True,
+    )
+    self.directory = directory
+    self._manager = ocp.CheckpointManager(directory, options=options)
+    self._in_flight: Step | None = None
+    self._lock = threading.Lock()
+
+  @property
+  def in_flight_step(self) -> Step | None:
+    """The step whose async save was started and not yet waited for."""
+    return self._in_flight
+
+  def save(self, step: Step, writes: Sequence[ItemWrite], metrics: Metrics | None) -> None:
+    self.wait()  # Surfaces an earlier failure before starting the next save.
+    args = ocp.args.Composite(**{w.name: _save_args(w) for w in writes})
+    saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+    if not saved:  # Orbax refuses silently only when read-only; never expected here.
+      raise RuntimeError(f"Orbax did not save step {step} in {self.directory}")
+    self._in_flight = step
+
+  def is_busy(self) -> bool:
+    # Orbax 0.12 internal: the manager's finalize thread, to check for a
+    # finished background save without blocking the training loop.
+    thread = self._manager._finalize_thread.get()  # pylint: disable=protected-access
+    return thread is not None and thread.is_alive()
+
+  def poll(self) -> None:
+    """Raises the error of a finished background save, without blocking."""
+    if self._in_flight is not None and not self.is_busy():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is durable; raises its error, naming the step."""
+    with self._lock:
+      step, self._in_flight = self._in_flight, None
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        raise BackgroundSaveError(
+            f"Saving step {step} to {self.directory} failed in the background: {type(e).__name__}: {e}."
+            " The step was not written; earlier steps are intact.",
+            step=step,
+        ) from e
+
+  def delete(self, step: Step) -> None:
+    self.wait()
+    # Orbax 0.12 internal: the manager caches the steps it knows; steps written
+    # by an earlier process must be known to it before `delete`.
+    if step not in self._manager.all_steps():
+      self._manager._checkpoints.set(  # pylint: disable=protected-access
+          self._manager._load_checkpoint_infos(skip_metadata_read=True)  # pylint: disable=protected-access
+      )
+    self._manager.delete(step)
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemRead:
+  """One item to read: `target` None reads it as saved (NumPy arrays / JSON)."""
+
+  name: str
+  format: str
+  target: PyTree = None
+
+
+def _is_json_handler(handler_name: str) -> bool:
+  return "Json" in handler_name
+
+
+def item_format(handler_name: str) -> str:
+  return "json" if _is_json_handler(handler_name) else "pytree"
+
+
+def pytree_metadata(item_dir: epath.Path) -> PyTree:
+  """The saved tree of an item, with Orbax metadata objects as leaves."""
+  return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+
+
+def saved_leaf_specs(item_dir: epath.Path) -> dict[str, trees.LeafSpec]:
+  """Path -> shape and dtype of every saved leaf of the item at `item_dir`."""
+  specs = {}
+  for path, meta in trees.flatten_with_paths(pytree_metadata(item_dir)).items():
+    dtype = getattr(meta, "dtype", None)
+    shape = getattr(meta, "shape", None)
+    is_array = type(meta).__name__ == "ArrayMetadata"
+    specs[path] = trees.LeafSpec(
+        tuple(shape) if shape is not None else (),
+        np.dtype(dtype) if (dtype is not None and is_array) else None,
+    )
+  return specs
+
+
+def metadata_as_shape_dtype(item_dir: epath.Path) -> PyTree:
+  """The saved tree with `jax.ShapeDtypeStruct` leaves (no array is read)."""
+
+  def convert(meta):
+    shape = getattr(meta, "shape", None)
+    dtype = getattr(meta, "dtype", None)
+    if shape is None or dtype is None:
+      return meta
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+
+  return jax.tree.map(convert, pytree_metadata(item_dir))
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def abstract_target(tree: PyTree) -> PyTree:
+  """The target with each `jax.Array` replaced by its shape, dtype and sharding.
+
+  Taken before the target is donated: the restore then needs none of its data.
+  """
+
+  def convert(leaf):
+    if isinstance(leaf, jax.Array):
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_default_sharding())
+    return leaf
+
+  return jax.tree.map(convert, tree)
+
+
+def _restore_args(read: ItemRead, item_dir: epath.Path) -> ocp.args.CheckpointArgs:
+  if read.format == "json":
+    return ocp.args.JsonRestore()
+  if read.target is None:
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), pytree_metadata(item_dir))
+    return ocp.args.PyTreeRestore(item=None, restore_args=as_numpy)
+  return ocp.args.PyTreeRestore(
+      item=read.target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(read.target),
+  )
+
+
+def read_items(step_path: epath.Path, reads: Sequence[ItemRead]) -> dict[str, Any]:
+  """Reads the named items of the finished step at `step_path`; only those."""
+  args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
+    restored = reader.restore(step_path, args=args)
+  return {r.name: restored[r.name] for r in reads}
+
+
+def release(tree: PyTree) -> None:
+  """Frees the device memory of every `jax.Array` in `tree` (donation)."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+      leaf.delete()
+
+
+def item_handler_names(step_path: epath.Path) -> Mapping[str, str]:
+  return steps_lib.read_item_names(step_path)

@@ -1,0 +1,772 @@
+"""The `Checkpointer` users hold: a frozen config and the behaviour in one object.
+
+`BaseCheckpointer` is the interface; `Checkpointer` saves with Orbax;
+`NoopCheckpointer` does nothing (for debugging runs and tests).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime
+import functools
+import logging
+import operator
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Self
+
+import jax
+from etils import epath
+
+from kckpt import _orbax
+from kckpt import items as items_lib
+from kckpt import multihost
+from kckpt import policies
+from kckpt import steps as steps_lib
+from kckpt import trees
+from kckpt import watch
+from kckpt._types import Metrics, PathLike, PyTree, Step
+from kckpt.errors import (
+    CheckpointNotFoundError,
+    ReadOnlyCheckpointerError,
+    StepAlreadyExistsError,
+    TreeMismatchError,
+)
+
+log = logging.getLogger("kckpt")
+
+StepSpec = int | str  # a step number, -1, "latest" or "best"
+
+
+class BaseCheckpointer(abc.ABC):
+  """The interface shared by `Checkpointer` and `NoopCheckpointer`."""
+
+  @abc.abstractmethod
+  def restore(self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True) -> Any:
+    """Restores `state` from a checkpoint."""
+
+  @abc.abstractmethod
+  def should_save(self, step: Step) -> bool:
+    """Whether `maybe_save` would save at `step`."""
+
+  @abc.abstractmethod
+  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+    """Saves `state` as `step`; True when a save was started."""
+
+  def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+    """Saves when `should_save(step)` or `force`; True when a save was started."""
+    if force or self.should_save(step):
+      return self.save(state, step=step, force=True, metrics=metrics)
+    return False
+
+  def delete(self, step: Step) -> None:
+    """Removes one step."""
+    raise NotImplementedError(f"{type(self).__name__} cannot delete steps")
+
+  @property
+  def latest_step(self) -> Step | None:
+    """The newest finished step, or None."""
+    return None
+
+  @property
+  def all_steps(self) -> list[Step]:
+    """The finished steps, sorted."""
+    return []
+
+  def reload(self) -> None:
+    """Re-reads the folder (another process may have written)."""
+
+  def item_metadata(self, step: StepSpec = -1) -> Any:
+    """Shapes and dtypes of the saved leaves, read without loading arrays."""
+    raise NotImplementedError(f"{type(self).__name__} has no checkpoints")
+
+  def iter_new_checkpoints(
+      self,
+      *,
+      min_interval_secs: float = 0,
+      timeout: float | None = None,
+      timeout_fn: Callable[[], bool] | None = None,
+  ) -> Iterator[Step]:
+    """Yields each new finished step as it appears."""
+    del min_interval_secs, timeout, timeout_fn
+    yield from ()
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending async saves are durable; raises any error they hit."""
+
+  def close(self) -> None:
+    """Finishes pending work and releases resources."""
+
+  def __enter__(self) -> Self:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+# ---------------------------------------------------------------------------
+# Validation of fields
+# ---------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> None:
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"Checkpointer.{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_step(step: Any) -> Step:
+  if isinstance(step, (bool, float)) or not hasattr(step, "__index__"):
+    raise ValueError(f"step must be a non-negative int, got {type(step).__name__}: {step!r}")
+  step = operator.index(step)
+  if step < 0:
+    raise ValueError(f"step must be a non-negative int, got {step}")
+  return step
+
+
+def _as_timedelta(name: str, value: Any) -> datetime.timedelta | None:
+  if value is None:
+    return None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    value = datetime.timedelta(seconds=value)
+  if not isinstance(value, datetime.timedelta) or value.total_seconds() <= 0:
+    raise ValueError(f"Checkpointer.{name} must be a positive datetime.timedelta (or seconds), got {value!r}")
+  return value
+
+
+_TIMEDELTA_FIELDS = ("keep_time_interval",)
+
+
+@dataclasses.dataclass
+class _Runtime:
+  """Mutable state of one `Checkpointer` instance (never part of its identity)."""
+
+  writer: _orbax.Writer | None = None
+  listing: steps_lib.StepListing | None = None
+  records: dict[Step, policies.StepRecord] = dataclasses.field(default_factory=dict)
+  last_save_time: float = dataclasses.field(default_factory=time.time)
+  lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Checkpointer(BaseCheckpointer):
+  """Saves, keeps and restores the checkpoints of one run, with Orbax.
+
+  Steps live in ``<workdir>/checkpoints/ckpt_<step>/`` (Kauldron's layout).
+  Building one does no I/O; the Orbax manager is made on the first save.
+
+  Attributes:
+    workdir: root of the run (local path or ``gs://``). May be None in a
+      config and bound later with ``dataclasses.replace(ckpt, workdir=...)``;
+      any I/O while it is None raises ValueError.
+    save_interval_steps: `maybe_save` saves when ``step % save_interval_steps
+      == 0`` (None: only by the other rules).
+    max_to_keep: keep the newest N steps (None: keep all). With a best
+      metric, keep the best N, and the newest in addition.
+    keep_time_interval: also keep one step per interval, forever
+      (`datetime.timedelta`; a number is read as seconds).
+    keep_period: also keep every step divisible by N, forever.
+    save_on_steps: extra steps that `maybe_save` always saves.
+    best_metric_path: dotted path into the `metrics` given to `save`
+      (``"eval.loss"``) that ranks steps for `max_to_keep`.
+    best_mode: ``"max"`` or ``"min"``: which scores are best.
+    multiprocessing_options: Orbax's `MultiprocessingOptions` (None: Orbax's
+      default).
+    create: create the folder and allow writes. False for eval jobs and
+      notebooks: never writes, never deletes.
+    async_save: save in the background (the training loop is blocked only
+      while arrays are copied off the device).
+    save_interval_secs: `maybe_save` also saves when this many seconds passed
+      since the last save. Decided on the primary process and shared.
+    never_save_step_zero: `maybe_save` never saves step 0.
+    best_fn: instead of `best_metric_path`, a function of the metrics that
+      returns the score.
+    async_timeout_secs: how long a background save may wait for the other
+      processes before failing (None: Orbax's default).
+
+  Example:
+
+  >>> import tempfile, numpy as np, kckpt
+  >>> ckpt = kckpt.Checkpointer(workdir=tempfile.mkdtemp(), save_interval_steps=10, async_save=False)
+  >>> ckpt.maybe_save({"w": np.ones(3)}, step=10)
+  True
+  >>> ckpt.restore({"w": np.zeros(3)})["w"]
+  array([1., 1., 1.])
+  >>> ckpt.latest_step
+  10
+  """
+
+  workdir: PathLike | None = None
+  save_interval_steps: int | None
+  max_to_keep: int | None = 3
+  keep_time_interval: datetime.timedelta | None = None
+  keep_period: int | None = None
+  save_on_steps: Sequence[Step] | None = None
+  best_metric_path: str | None = None
+  best_mode: str = "max"
+  multiprocessing_options: _orbax.MultiprocessingOptions | None = dataclasses.field(default=None, hash=False)
+  create: bool = True
+  async_save: bool = True
+  save_interval_secs: float | None = None
+  never_save_step_zero: bool = False
+  best_fn: Callable[[Metrics], float] | None = None
+  async_timeout_secs: int | None = None
+
+  def __post_init__(self):
+    _check_positive_int("save_interval_steps", self.save_interval_steps)
+    _check_positive_int("max_to_keep", self.max_to_keep)
+    _check_positive_int("keep_period", self.keep_period)
+    _check_positive_int("async_timeout_secs", self.async_timeout_secs)
+    object.__setattr__(self, "keep_time_interval", _as_timedelta("keep_time_interval", self.keep_time_interval))
+    if self.save_on_steps is not None:
+      object.__setattr__(self, "save_on_steps", tuple(sorted({_check_step(s) for s in self.save_on_steps})))
+    if self.best_mode not in policies.BEST_MODES:
+      raise ValueError(f"Checkpointer.best_mode must be one of {policies.BEST_MODES}, got {self.best_mode!r}")
+    if self.best_metric_path is not None and (not isinstance(self.best_metric_path, str) or not self.best_metric_path):
+      raise ValueError(f"Checkpointer.best_metric_path must be a dotted path like 'eval.loss', got {self.best_metric_path!r}")
+    if self.best_metric_path is not None and self.best_fn is not None:
+      raise ValueError("Checkpointer: give best_metric_path or best_fn, not both")
+    if self.save_interval_secs is not None and (
+        isinstance(self.save_interval_secs, bool) or not isinstance(self.save_interval_secs, (int, float)) or self.save_interval_secs <= 0
+    ):
+      raise ValueError(f"Checkpointer.save_interval_secs must be a positive number, got {self.save_interval_secs!r}")
+    if self.workdir is not None and not isinstance(self.workdir, (str, os.PathLike)):
+      raise ValueError(f"Checkpointer.workdir must be a path, got {type(self.workdir).__name__}: {self.workdir!r}")
+
+  # -- Construction ---------------------------------------------------------
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any] | Any) -> Checkpointer:
+    """Builds a `Checkpointer` from a plain mapping (or a `ConfigDict`).
+
+    Time intervals may be given as seconds; `multiprocessing_options` as a
+    mapping of Orbax's `MultiprocessingOptions` fields.
+
+    >>> ckpt = Checkpointer.from_config({"save_interval_steps": 100, "keep_time_interval": 3600})
+    >>> ckpt.keep_time_interval
+    datetime.timedelta(seconds=3600)
+    """
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
+    if not isinstance(config, Mapping):
+      raise TypeError(f"Checkpointer.from_config expects a mapping, got {type(config).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+      raise ValueError(f"Checkpointer.from_config: unknown fields {unknown}; the fields are {sorted(known)}")
+    kwargs = dict(config)
+    mp = kwargs.get("multiprocessing_options")
+    if isinstance(mp, Mapping):
+      kwargs["multiprocessing_options"] = _orbax.MultiprocessingOptions(**mp)
+    if "save_on_steps" in kwargs and kwargs["save_on_steps"] is not None:
+      kwargs["save_on_steps"] = tuple(kwargs["save_on_steps"])
+    return cls(**kwargs)
+
+  @classmethod
+  def open(cls, workdir: PathLike, **kwargs: Any) -> Checkpointer:
+    """A read-only `Checkpointer` on an existing run (for notebooks and eval jobs).
+
+    >>> import tempfile
+    >>> Checkpointer.open(tempfile.mkdtemp()).all_steps
+    []
+    """
+    kwargs.setdefault("save_interval_steps", None)
+    return cls(workdir=workdir, create=False, **kwargs)
+
+  def replace(self, **changes: Any) -> Checkpointer:
+    """``dataclasses.replace(self, **changes)``: a new, unopened Checkpointer."""
+    return dataclasses.replace(self, **changes)
+
+  # -- Lazily built state ---------------------------------------------------
+
+  @functools.cached_property
+  def _rt(self) -> _Runtime:
+    return _Runtime()
+
+  @property
+  def directory(self) -> epath.Path:
+    """``<workdir>/checkpoints``; raises ValueError while `workdir` is None."""
+    if self.workdir is None:
+      raise ValueError(
+          "Checkpointer.workdir is None: bind it before saving or restoring, e.g."
+          " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
+      )
+    return steps_lib.checkpoints_dir(self.workdir)
+
+  def _writer(self) -> _orbax.Writer:
+    if not self.create:
+      raise ReadOnlyCheckpointerError(
+          f"This Checkpointer of {self.workdir} is read-only (create=False): it never saves or deletes."
+      )
+    rt = self._rt
+    with rt.lock:
+      if rt.writer is None:
+        directory = self.directory
+        if epath.Path(self.workdir).exists() and not epath.Path(self.workdir).is_dir():
+          raise ValueError(f"Checkpointer.workdir {self.workdir} exists and is not a folder")
+        rt.writer = _orbax.Writer(
+            directory,
+            async_save=self.async_save,
+            multiprocessing_options=self.multiprocessing_options,
+            decide_preservation=self._decide_preservation,
+            async_timeout_secs=self.async_timeout_secs,
+        )
+      return rt.writer
+
+  @property
+  def save_policy(self) -> policies.SavePolicy:
+    return policies.SavePolicy(
+        interval_steps=self.save_interval_steps,
+        on_steps=frozenset(self.save_on_steps or ()),
+        interval_secs=self.save_interval_secs,
+        never_save_step_zero=self.never_save_step_zero,
+    )
+
+  @property
+  def retention_policy(self) -> policies.RetentionPolicy:
+    return policies.RetentionPolicy(
+        max_to_keep=self.max_to_keep,
+        keep_period=self.keep_period,
+        keep_time_interval_secs=policies.timedelta_seconds(self.keep_time_interval),
+        best_metric_path=self.best_metric_path,
+        best_fn=self.best_fn,
+        best_mode=self.best_mode,  # type: ignore[arg-type]
+    )
+
+  # -- Listing --------------------------------------------------------------
+
+  def _listing(self, *, fresh: bool = False) -> steps_lib.StepListing:
+    rt = self._rt
+    in_flight = rt.writer is not None and rt.writer.in_flight_step is not None
+    if fresh or in_flight or rt.listing is None:
+      known = frozenset(rt.listing.finished) if rt.listing is not None else frozenset()
+      listing = steps_lib.list_steps(self.directory, known_finished=known)
+      rt.listing = None if in_flight else listing
+      return listing
+    return rt.listing
+
+  @property
+  def all_steps(self) -> list[Step]:
+    """The finished steps, sorted (cached until `reload()` or a save)."""
+    return list(self._listing().finished)
+
+  @property
+  def latest_step(self) -> Step | None:
+    """The newest finished step, or None."""
+    finished = self._listing().finished
+    return finished[-1] if finished else None
+
+  def reload(self) -> None:
+    """Forgets the cached step list, so the next call lists the folder again."""
+    self._rt.listing = None
+
+  # -- Saving ---------------------------------------------------------------
+
+  def should_save(self, step: Step) -> bool:
+    """Whether `maybe_save` would save at `step` (False if it already exists)."""
+    step = _check_step(step)
+    policy = self.save_policy
+    reason = policies.save_reason(policy, step)
+    if reason is None and policy.interval_secs is not None and not (step == 0 and policy.never_save_step_zero):
+      # The clock differs between hosts: the primary decides for all.
+      reason = "time" if multihost.agree(
+          policies.save_reason(policy, step, now=time.time(), last_save_time=self._rt.last_save_time) == "time"
+      ) else None
+    if reason is None:
+      return False
+    return not self._step_exists(step)
+
+  def _step_exists(self, step: Step) -> bool:
+    writer = self._rt.writer
+    if writer is not None and writer.in_flight_step == step:
+      return True
+    return step in self._listing().finished
+
+  def _poll_background_errors(self) -> None:
+    writer = self._rt.writer
+    if writer is not None:
+      writer.poll()
+
+  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+    """Saves `state` as `step` now (in the background when `async_save`).
+
+    Args:
+      state: a pytree, a `kckpt.items.CheckpointItem`, a `Composite` or a
+        `TopLevelCheckpointItem`.
+      step: the step number.
+      force: when the step already exists, return False instead of raising
+        (a final save at the end of training that may repeat the last one).
+      metrics: nested dict of numbers (Python, NumPy or JAX scalars), stored
+        with the step and used by `best_metric_path` / `best_fn`.
+
+    Returns:
+      True when a save was started; False when `force` and the step exists.
+
+    Raises:
+      StepAlreadyExistsError: the step exists and `force` is False.
+      ValueError: the state holds a leaf that cannot be saved, a JSON item is
+        not serialisable, or the metrics lack the best metric.
+      BackgroundSaveError: an earlier async save failed.
+    """
+    step = _check_step(step)
+    writer = self._writer()
+    writer.poll()
+    layout = items_lib.layout_of(state)
+    writes = _item_writes(layout)
+    json_metrics = self._check_metrics(metrics, step)
+    if self._step_exists(step):
+      if force:
+        log.info("Step %d already exists in %s: not saved again.", step, self.directory)
+        return False
+      raise StepAlreadyExistsError(
+          f"Step {step} already exists in {self.directory}; kckpt never overwrites a step."
+          f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
+      )
+    rt = self._rt
+    now = time.time()
+    rt.records[step] = policies.StepRecord(step=step, time=now, metrics=json_metrics)
+    try:
+      writer.save(step, writes, json_metrics)
+    except BaseException:
+      rt.records.pop(step, None)
+      raise
+    finally:
+      rt.listing = None
+    rt.last_save_time = now
+    if not self.async_save:
+      writer.wait()
+    return True
+
+  def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+    """Saves when `should_save(step)`, or when `force` (unless the step exists).
+
+    Also raises the error of a failed background save, if any.
+    """
+    self._poll_background_errors()
+    return super().maybe_save(state, step=step, force=force, metrics=metrics)
+
+  def _check_metrics(self, metrics: Metrics | None, step: Step) -> Any:
+    if metrics is None:
+      return None
+    try:
+      json_metrics = policies.to_json_metrics(metrics)
+    except ValueError as e:
+      raise ValueError(f"save(step={step}): {e}") from None
+    if not isinstance(json_metrics, Mapping):
+      raise ValueError(f"save(step={step}): metrics must be a dict, got {type(metrics).__name__}")
+    try:
+      if self.best_metric_path is not None:
+        policies.as_score(
+            policies.metric_at_path(json_metrics, self.best_metric_path), what=f"metric {self.best_metric_path!r}"
+        )
+      elif self.best_fn is not None:
+        policies.as_score(self.best_fn(json_metrics), what="best_fn(metrics)")
+    except KeyError as e:
+      raise ValueError(f"save(step={step}): {e.args[0]}") from None
+    except ValueError as e:
+      raise ValueError(f"save(step={step}): {e}") from None
+    return json_metrics
+
+  def _record(self, step: Step) -> policies.StepRecord:
+    """What retention needs of `step`, read from disk once when not known."""
+    rt = self._rt
+    record = rt.records.get(step)
+    if record is None:
+      policy = self.retention_policy
+      path = steps_lib.step_dir(self.directory, step)
+      metrics = steps_lib.read_step_metrics(path) if policy.ranks_by_metric else None
+      when = steps_lib.read_step_time(path) if policy.keep_time_interval_secs else None
+      record = policies.StepRecord(step=step, time=when.timestamp() if when else None, metrics=metrics)
+      rt.records[step] = record
+    return record
+
+  def _decide_preservation(self, known_steps: Sequence[Step]) -> list[bool]:
+    records = [self._record(s) for s in known_steps]
+    decisions = {d.step: d.keep for d in policies.decide_retention(self.retention_policy, records)}
+    for step, keep in decisions.items():
+      if not keep:
+        self._rt.records.pop(step, None)
+    return [decisions[s] for s in known_steps]
+
+  def retention(self) -> list[policies.KeepDecision]:
+    """For each finished step, whether the retention rules keep it, and why.
+
+    Reads each step's metrics and time (only as the rules need them).
+
+    >>> import tempfile, numpy as np
+    >>> ckpt = Checkpointer(workdir=tempfile.mkdtemp(), save_interval_steps=1, max_to_keep=2, async_save=False)
+    >>> for s in range(3):
+    ...   _ = ckpt.save({"x": np.zeros(1)}, step=s)
+    >>> [(d.step, d.reasons) for d in ckpt.retention()]
+    [(1, ('latest',)), (2, ('newest', 'latest'))]
+    """
+    return policies.decide_retention(self.retention_policy, [self._record(s) for s in self._listing(fresh=True).finished])
+
+  def delete(self, step: Step) -> None:
+    """Removes one finished step (an error with `create=False`)."""
+    step = _check_step(step)
+    writer = self._writer()
+    if step not in self._listing(fresh=True).finished:
+      raise CheckpointNotFoundError(
+          f"Cannot delete step {step}: not in {self.directory} (steps: {steps_lib.steps_repr(self.all_steps)})",
+          available_steps=self.all_steps,
+      )
+    writer.delete(step)
+    self._rt.records.pop(step, None)
+    self.reload()
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the pending async save is durable; raises its error, naming the step."""
+    writer = self._rt.writer
+    if writer is not None:
+      try:
+        writer.wait()
+      finally:
+        self.reload()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the Orbax manager (reopened if used again)."""
+    rt = self._rt
+    with rt.lock:
+      writer, rt.writer = rt.writer, None
+    if writer is not None:
+      try:
+        writer.close()
+      finally:
+        self.reload()
+
+  # -- Restoring ------------------------------------------------------------
+
+  def _resolve_step(self, step: StepSpec) -> Step | None:
+    """The step number that `step` names, or None when the run has no step."""
+    if isinstance(step, str):
+      if step == "latest":
+        step = -1
+      elif step == "best":
+        return self.best_step
+      else:
+        raise ValueError(f"step must be an int, -1, 'latest' or 'best', got {step!r}")
+    if step == -1:
+      return self._fresh_latest()
+    return _check_step(step)
+
+  def _fresh_latest(self) -> Step | None:
+    finished = self._listing(fresh=True).finished
+    return finished[-1] if finished else None
+
+  @property
+  def best_step(self) -> Step | None:
+    """The best step by `best_metric_path` / `best_fn`, or None.
+
+    Without a best metric, the newest step.
+    """
+    policy = self.retention_policy
+    finished = self._listing(fresh=True).finished
+    if not policy.ranks_by_metric:
+      return finished[-1] if finished else None
+    scored = [(policy.score(self._record(s).metrics), s) for s in finished]
+    scored = [(score, s) for score, s in scored if score is not None]
+    if not scored:
+      return None
+    sign = 1 if self.best_mode == "max" else -1
+    return max(scored, key=lambda p: (sign * p[0], p[1]))[1]
+
+  def _require_step(self, step: StepSpec) -> Step:
+    resolved = self._resolve_step(step)
+    if resolved is None:
+      raise CheckpointNotFoundError(
+          f"No checkpoint found in {self.directory}. Use `noop_if_missing=True` to keep the initial state."
+      )
+    finished = self._listing(fresh=resolved not in self._listing().finished).finished
+    if resolved not in finished:
+      raise CheckpointNotFoundError(
+          f"Step {resolved} is not in {self.directory} (steps: {steps_lib.steps_repr(finished)})",
+          available_steps=finished,
+      )
+    return resolved
+
+  def restore(self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True) -> Any:
+    """Restores a step into the structure, shapes, dtypes and shardings of `state`.
+
+    Args:
+      state: the target: a pytree (arrays may be `jax.ShapeDtypeStruct`), a
+        `CheckpointItem`, a `Composite` (only its names are read) or a
+        `TopLevelCheckpointItem`. None returns the saved tree as NumPy
+        arrays (the ``default`` item, or a `Composite` of all items).
+      step: the step; -1 or ``"latest"`` for the newest, ``"best"`` for the
+        best by the configured metric.
+      noop_if_missing: when the run has no checkpoint at all, return `state`
+        unchanged instead of raising. A named step that is missing always
+        raises.
+      donate: free the arrays of `state` before reading, so memory does not
+        double; done only once the step exists and the tree matches.
+
+    Raises:
+      CheckpointNotFoundError: (a `FileNotFoundError`) no such step.
+      TreeMismatchError: (a `ValueError`) listing every missing, unexpected
+        and mis-shaped leaf by its pytree path.
+    """
+    if self._rt.writer is not None:
+      self._rt.writer.wait()
+    if noop_if_missing and step in (-1, "latest") and self._fresh_latest() is None:
+      return state
+    step = self._require_step(step)
+    step_path = steps_lib.step_dir(self.directory, step)
+    saved_items = _orbax.item_handler_names(step_path)
+    layout = _restore_layout(state, saved_items)
+    reads, problems = [], []
+    for name, item in layout.items.items():
+      if name not in saved_items:
+        problems.append(f"{name}: no such item in step {step} (it has: {sorted(n for n in saved_items if n not in steps_lib.RESERVED_ITEMS)})")
+        continue
+      fmt = _orbax.item_format(saved_items[name]) if item is None else item.format
+      target = None if item is None or fmt == "json" else item.restore_target()
+      if target is not None:
+        saved = _orbax.saved_leaf_specs(step_path / name)
+        wanted = {path: trees.leaf_spec(leaf) for path, leaf in trees.flatten_with_paths(target).items()}
+        prefix = "" if layout.kind == "single" else f"{name}/"
+        problems.extend(trees.compare_trees(saved, wanted, prefix=prefix))
+      reads.append((name, item, fmt, target))
+    if problems:
+      raise TreeMismatchError(
+          f"Cannot restore step {step} of {self.directory}: the target does not match the checkpoint"
+          f" ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems)
+          + "\nTo restore only some items, ask for them by name with kckpt.items.Composite(name=...).",
+          problems=problems,
+      )
+    abstract = {name: _orbax.abstract_target(target) if target is not None else None for name, _, _, target in reads}
+    if donate:
+      for _, _, _, target in reads:
+        if target is not None:
+          _orbax.release(target)
+    raw = _orbax.read_items(
+        step_path, [_orbax.ItemRead(name=name, format=fmt, target=abstract[name]) for name, _, fmt, _ in reads]
+    )
+    restored = {name: (item.from_restored(raw[name]) if item is not None else raw[name]) for name, item, _, _ in reads}
+    return layout.rebuild(restored)
+
+  def item_metadata(self, step: StepSpec = -1) -> Any:
+    """Shapes and dtypes of the saved leaves (`jax.ShapeDtypeStruct`), no array read.
+
+    The ``default`` item's tree when the step has one, else a `Composite`
+    with one tree per pytree item.
+    """
+    step = self._require_step(step)
+    step_path = steps_lib.step_dir(self.directory, step)
+    saved_items = _orbax.item_handler_names(step_path)
+    pytree_items = [n for n, h in saved_items.items() if n not in steps_lib.RESERVED_ITEMS and _orbax.item_format(h) == "pytree"]
+    if steps_lib.DEFAULT_ITEM in pytree_items:
+      return _orbax.metadata_as_shape_dtype(step_path / steps_lib.DEFAULT_ITEM)
+    return items_lib.Composite(**{n: _orbax.metadata_as_shape_dtype(step_path / n) for n in pytree_items})
+
+  def metrics(self, step: StepSpec = -1) -> Mapping[str, Any] | None:
+    """The metrics saved with `step` (None when it was saved without)."""
+    step = self._require_step(step)
+    return steps_lib.read_step_metrics(steps_lib.step_dir(self.directory, step))
+
+  def step_details(self, step: StepSpec = -1) -> steps_lib.StepDetails:
+    """Time, metrics and items of one step (reads its small files, no arrays)."""
+    return steps_lib.read_step_details(self.directory, self._require_step(step))
+
+  # -- Watching -------------------------------------------------------------
+
+  def iter_new_checkpoints(
+      self,
+      *,
+      min_interval_secs: float = 0,
+      timeout: float | None = None,
+      timeout_fn: Callable[[], bool] | None = None,
+      poll_interval_secs: float = 1.0,
+      after: Step | None = None,
+      only_newest: bool = False,
+  ) -> Iterator[Step]:
+    """Yields each new finished step as it appears (for an eval job in another process).
+
+    Starts with the newest step that exists now (or the first after `after`),
+    then every later step in order. Polls one directory listing; copies and
+    writes nothing, so it works with `create=False` on a read-only folder.
+
+    Args:
+      min_interval_secs: at least this long between two yields.
+      timeout: stop after this many seconds without a new step, once
+        `timeout_fn()` is true (or when there is no `timeout_fn`).
+      timeout_fn: e.g. `trainer_finished` ("the trainer wrote its end
+        marker"). With no `timeout`, the loop ends as soon as it is true and
+        every step is yielded.
+      poll_interval_secs: sleep between listings.
+      after: yield only steps after this one.
+      only_newest: at each poll, yield only the newest new step (for an
+        evaluator slower than the trainer).
+    """
+
+    def list_finished() -> Sequence[Step]:
+      return self._listing(fresh=True).finished
+
+    yield from watch.new_steps(
+        list_finished,
+        after=after,
+        min_interval_secs=min_interval_secs,
+        timeout=timeout,
+        timeout_fn=timeout_fn,
+        poll_interval_secs=poll_interval_secs,
+        only_newest=only_newest,
+    )
+
+
+def _item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
+  writes = []
+  for name, item in layout.items.items():
+    if item is None:
+      raise ValueError(f"item {name!r} is None: nothing to save")
+    value = item.checkpoint_value()
+    if item.format == "json":
+      items_lib.check_json(value, name=name)
+    else:
+      bad = trees.unsaveable_leaves(value)
+      if bad:
+        where = "" if layout.kind == "single" else f"item {name!r}: "
+        raise ValueError(
+            f"{where}cannot save these leaves (a pytree of arrays, NumPy values and Python scalars is expected):\n  "
+            + "\n  ".join(bad)
+        )
+      if not jax.tree.leaves(value) and layout.kind == "single":
+        raise ValueError(f"cannot save {type(value).__name__}: it has no array or scalar leaves")
+    writes.append(_orbax.ItemWrite(name=name, format=item.format, value=value))
+  return writes
+
+
+def _restore_layout(state: Any, saved_items: Mapping[str, str]) -> items_lib.Layout:
+  if state is not None:
+    return items_lib.layout_of(state)
+  if steps_lib.DEFAULT_ITEM in saved_items:
+    return items_lib.Layout({steps_lib.DEFAULT_ITEM: None}, "single")
+  names = [n for n in saved_items if n not in steps_lib.RESERVED_ITEMS]
+  return items_lib.Layout({n: None for n in names}, "composite")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoopCheckpointer(BaseCheckpointer):
+  """A checkpointer that saves nothing: `restore` returns `state`, saves return False.
+
+  >>> NoopCheckpointer().save({"w": 1}, step=1)
+  False
+  """
+
+  def restore(self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True) -> Any:
+    del step, noop_if_missing, donate
+    return state
+
+  def should_save(self, step: Step) -> bool:
+    return False
+
+  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+    del state, step, force, metrics
+    return False
+
+  def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+    del state, step, force, metrics
+    return False

@@ -1,0 +1,50 @@
+"""Exceptions raised by kckpt.
+
+Each one subclasses the built-in exception a caller would already catch
+(`FileNotFoundError`, `ValueError`, `RuntimeError`, `PermissionError`), so
+code written against Kauldron or Orbax keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """A step (or any step at all) is missing from a run."""
+
+  def __init__(self, message: str, *, available_steps: Sequence[int] = ()):
+    super().__init__(message)
+    self.available_steps = tuple(available_steps)
+
+
+class StepAlreadyExistsError(ValueError):
+  """`save` was asked to write a step that is already on disk or in flight."""
+
+
+class TreeMismatchError(ValueError):
+  """The restore target does not have the structure of the saved tree.
+
+  `problems` holds one line per leaf at fault, each naming its pytree path.
+  """
+
+  def __init__(self, message: str, *, problems: Sequence[str] = ()):
+    super().__init__(message)
+    self.problems = tuple(problems)
+
+
+class BackgroundSaveError(RuntimeError):
+  """An asynchronous save failed after `save` returned.
+
+  Raised at the next `save`, `maybe_save`, `wait_until_finished` or `close`.
+  `step` is the step that was being written; the original error is the
+  `__cause__`.
+  """
+
+  def __init__(self, message: str, *, step: int | None):
+    super().__init__(message)
+    self.step = step
+
+
+class ReadOnlyCheckpointerError(PermissionError):
+  """A write (save, delete) was asked of a `Checkpointer(create=False)`."""

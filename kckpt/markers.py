@@ -1,0 +1,46 @@
+"""The end-of-training marker: how a trainer tells its eval jobs it is done.
+
+The trainer calls `write_end_marker(workdir)` after its final save; an eval
+job passes ``timeout_fn=lambda: trainer_finished(workdir)`` to
+`Checkpointer.iter_new_checkpoints`, which then stops once every step has
+been yielded.
+
+>>> import tempfile
+>>> workdir = tempfile.mkdtemp()
+>>> trainer_finished(workdir)
+False
+>>> write_end_marker(workdir, step=100)
+>>> trainer_finished(workdir)
+True
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from kckpt import steps as steps_lib
+from kckpt._types import PathLike, Step
+
+END_MARKER = "TRAINING_FINISHED.json"
+
+
+def write_end_marker(workdir: PathLike, *, step: Step | None = None) -> None:
+  """Writes ``checkpoints/TRAINING_FINISHED.json`` (call on the primary process)."""
+  directory = steps_lib.checkpoints_dir(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  tmp = directory / f".{END_MARKER}.tmp"
+  tmp.write_text(json.dumps({"final_step": step, "time": time.time()}))
+  tmp.rename(directory / END_MARKER)
+
+
+def trainer_finished(workdir: PathLike) -> bool:
+  """Whether the trainer of `workdir` wrote its end marker."""
+  return (steps_lib.checkpoints_dir(workdir) / END_MARKER).exists()
+
+
+def clear_end_marker(workdir: PathLike) -> None:
+  """Removes the marker (a resumed trainer is not finished any more)."""
+  path = steps_lib.checkpoints_dir(workdir) / END_MARKER
+  if path.exists():
+    path.unlink()

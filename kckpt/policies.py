@@ -1,0 +1,277 @@
+"""When to save and what to keep: pure functions of (step, time, metrics, history).
+
+Nothing here touches the disk or JAX, so every rule is unit- and
+property-tested on its own; `kckpt.Checkpointer` feeds them what it reads.
+
+Retention is kckpt's own rather than Orbax's `BestN`/`LatestN` composition:
+Orbax's best-N deletes the newest step (Orbax #526) and cannot say *why* a step
+stays. `decide_retention` returns, for every step, whether it stays and the
+rules that keep it, and the Checkpointer hands those decisions to Orbax as its
+preservation policy.
+
+Example:
+
+>>> policy = RetentionPolicy(max_to_keep=2, keep_period=100)
+>>> [d.step for d in decide_retention(policy, [StepRecord(s) for s in (100, 150, 200, 250)]) if d.keep]
+[100, 200, 250]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from kckpt._types import Metrics, Step
+
+BestMode = Literal["max", "min"]
+BEST_MODES = ("max", "min")
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+def to_json_metrics(metrics: Any, *, path: str = "metrics") -> Any:
+  """Converts a nested dict of Python/NumPy/JAX scalars into plain JSON values.
+
+  Raises:
+    ValueError: naming the path of a value that is not a number, string,
+      bool or None (arrays with more than one element included).
+  """
+  if isinstance(metrics, Mapping):
+    return {str(k): to_json_metrics(v, path=f"{path}.{k}") for k, v in metrics.items()}
+  if isinstance(metrics, (list, tuple)):
+    return [to_json_metrics(v, path=f"{path}[{i}]") for i, v in enumerate(metrics)]
+  if metrics is None or isinstance(metrics, (bool, str)):
+    return metrics
+  if isinstance(metrics, numbers.Integral):
+    return int(metrics)
+  if isinstance(metrics, numbers.Real):
+    return float(metrics)
+  if hasattr(metrics, "shape") and hasattr(metrics, "dtype"):  # NumPy or JAX array
+    if tuple(metrics.shape) not in ((), (1,)):
+      raise ValueError(f"{path}: metrics must be scalars, got an array of shape {tuple(metrics.shape)}")
+    value = metrics.reshape(()).item() if hasattr(metrics, "reshape") else metrics.item()
+    return to_json_metrics(value, path=path)
+  raise ValueError(f"{path}: metrics must be numbers, got {type(metrics).__name__}: {metrics!r}")
+
+
+def metric_at_path(metrics: Metrics, path: str) -> Any:
+  """``metric_at_path({"eval": {"loss": 1.0}}, "eval.loss") == 1.0``.
+
+  Raises:
+    KeyError: naming the first missing part of `path` and the keys that exist.
+  """
+  value: Any = metrics
+  walked = []
+  for part in path.split("."):
+    if not isinstance(value, Mapping) or part not in value:
+      where = ".".join(walked) or "<metrics>"
+      keys = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+      raise KeyError(f"best_metric_path {path!r}: {where} has no {part!r} (it has: {keys})")
+    value = value[part]
+    walked.append(part)
+  return value
+
+
+def as_score(value: Any, *, what: str) -> float:
+  """A metric value as a float; NaN is allowed here and ranked by `rank_key`."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{what} must be a number, got {type(value).__name__}: {value!r}")
+  return float(value)
+
+
+# ---------------------------------------------------------------------------
+# When to save
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SavePolicy:
+  """When `maybe_save` saves.
+
+  Attributes:
+    interval_steps: save when ``step % interval_steps == 0``.
+    on_steps: extra steps that are always saved.
+    interval_secs: also save when this many seconds passed since the last
+      save (or since training started).
+    never_save_step_zero: never save step 0, whatever the other rules say.
+  """
+
+  interval_steps: int | None = None
+  on_steps: frozenset[Step] = frozenset()
+  interval_secs: float | None = None
+  never_save_step_zero: bool = False
+
+
+def save_reason(
+    policy: SavePolicy,
+    step: Step,
+    *,
+    now: float | None = None,
+    last_save_time: float | None = None,
+) -> str | None:
+  """Why `step` should be saved (``"interval"``, ``"on_steps"``, ``"time"``), or None.
+
+  `now` and `last_save_time` are seconds (any clock, the same for both); the
+  time rule is only checked when both are given.
+
+  >>> save_reason(SavePolicy(interval_steps=10), 20)
+  'interval'
+  >>> save_reason(SavePolicy(interval_steps=10), 21) is None
+  True
+  """
+  if step == 0 and policy.never_save_step_zero:
+    return None
+  if policy.interval_steps and step % policy.interval_steps == 0:
+    return "interval"
+  if step in policy.on_steps:
+    return "on_steps"
+  if policy.interval_secs is not None and now is not None and last_save_time is not None:
+    if now - last_save_time >= policy.interval_secs:
+      return "time"
+  return None
+
+
+# ---------------------------------------------------------------------------
+# What to keep
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+  """What retention knows of one step.
+
+  Attributes:
+    step: the step.
+    time: when it was saved, in seconds since the epoch (None: unknown).
+    metrics: the metrics saved with it (None: saved without metrics).
+  """
+
+  step: Step
+  time: float | None = None
+  metrics: Metrics | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetentionPolicy:
+  """Which steps stay on disk.
+
+  A step stays when any rule keeps it:
+
+  * ``newest``: the newest step always stays, so a run can always resume.
+  * ``latest``: without a best metric, the newest `max_to_keep` steps.
+  * ``best``: with `best_metric_path` or `best_fn`, the `max_to_keep` best
+    scored steps (in addition to the newest). A step saved without metrics,
+    or whose score is NaN, is never ranked: it stays only while it is the
+    newest or another rule keeps it.
+  * ``period``: every step divisible by `keep_period`, forever.
+  * ``interval``: one step per `keep_time_interval_secs`, forever (the first
+    step, then the first one saved at least that long after the last kept).
+
+  `max_to_keep=None` keeps every step.
+  """
+
+  max_to_keep: int | None = 3
+  keep_period: int | None = None
+  keep_time_interval_secs: float | None = None
+  best_metric_path: str | None = None
+  best_fn: Callable[[Metrics], float] | None = None
+  best_mode: BestMode = "max"
+
+  @property
+  def ranks_by_metric(self) -> bool:
+    return self.best_metric_path is not None or self.best_fn is not None
+
+  def score(self, metrics: Metrics | None) -> float | None:
+    """The step's score, or None when it cannot be ranked (no metrics, NaN)."""
+    if metrics is None or not self.ranks_by_metric:
+      return None
+    try:
+      if self.best_fn is not None:
+        value = as_score(self.best_fn(metrics), what="best_fn(metrics)")
+      else:
+        value = as_score(metric_at_path(metrics, self.best_metric_path), what=f"metric {self.best_metric_path!r}")
+    except (KeyError, ValueError, TypeError):
+      return None  # Checked at save; a step written by other code just goes unranked.
+    return None if math.isnan(value) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepDecision:
+  """Whether one step stays, and the rules that keep it.
+
+  Attributes:
+    step: the step.
+    keep: True when at least one rule keeps it.
+    reasons: the rules, e.g. ``("newest", "best #2")``; empty when it goes.
+    score: its score under the best-metric rule, if any.
+  """
+
+  step: Step
+  keep: bool
+  reasons: tuple[str, ...] = ()
+  score: float | None = None
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def decide_retention(policy: RetentionPolicy, records: Iterable[StepRecord]) -> list[KeepDecision]:
+  """Decides, for each step, whether it stays and why. Sorted by step."""
+  records = sorted(records, key=lambda r: r.step)
+  reasons: dict[Step, list[str]] = {r.step: [] for r in records}
+  if not records:
+    return []
+
+  reasons[records[-1].step].append("newest")
+
+  scores = {r.step: policy.score(r.metrics) for r in records}
+  if policy.ranks_by_metric:
+    ranked = [r.step for r in records if scores[r.step] is not None]
+    sign = -1.0 if policy.best_mode == "max" else 1.0
+    # Best first; among equal scores the newer step ranks higher.
+    ranked.sort(key=lambda s: (sign * scores[s], -s))
+    limit = len(ranked) if policy.max_to_keep is None else policy.max_to_keep
+    for rank, step in enumerate(ranked[:limit], start=1):
+      reasons[step].append(f"best #{rank}")
+  else:
+    latest = records if policy.max_to_keep is None else records[-policy.max_to_keep :]
+    for r in latest:
+      reasons[r.step].append("latest")
+
+  if policy.keep_period:
+    for r in records:
+      if r.step % policy.keep_period == 0:
+        reasons[r.step].append("period")
+
+  if policy.keep_time_interval_secs:
+    last_kept: float | None = None
+    for r in records:
+      if r.time is None:
+        continue
+      if last_kept is None or r.time - last_kept >= policy.keep_time_interval_secs:
+        reasons[r.step].append("interval")
+        last_kept = r.time
+
+  return [
+      KeepDecision(step=r.step, keep=bool(reasons[r.step]), reasons=tuple(reasons[r.step]), score=scores[r.step])
+      for r in records
+  ]
+
+
+def steps_to_delete(policy: RetentionPolicy, records: Sequence[StepRecord]) -> list[Step]:
+  return [d.step for d in decide_retention(policy, records) if not d.keep]
+
+
+def timedelta_seconds(value: datetime.timedelta | float | int | None) -> float | None:
+  if value is None:
+    return None
+  if isinstance(value, datetime.timedelta):
+    return value.total_seconds()
+  return float(value)

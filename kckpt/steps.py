@@ -1,0 +1,205 @@
+"""The on-disk layout of a run: naming step folders, listing them fast, per-step details.
+
+A run's checkpoints live in ``<workdir>/checkpoints/ckpt_<step>/`` (Kauldron's
+layout). Orbax writes a step into a temporary folder
+(``ckpt_<step>.orbax-checkpoint-tmp...``) and renames it when it is finished,
+so on a local or POSIX file system a folder named exactly ``ckpt_<step>`` is a
+finished step. On object stores without atomic rename (``gs://``), Orbax writes
+the final folder directly and marks it finished with ``commit_success.txt``
+last; there the marker is checked, once per step (finished steps are cached).
+
+Listing therefore costs one directory listing plus name parsing; per-step
+details (time, metrics, items, size) are read only by `read_step_details`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from etils import epath
+
+from kckpt._types import PathLike, Step
+
+CHECKPOINTS_FOLDER = "checkpoints"
+STEP_PREFIX = "ckpt"
+DEFAULT_ITEM = "default"
+METRICS_ITEM = "metrics"  # Orbax's own name: `CheckpointManager.metrics(step)` reads it.
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+COMMIT_MARKER = "commit_success.txt"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+# Items that are bookkeeping, not user state.
+RESERVED_ITEMS = frozenset({METRICS_ITEM, "descriptor", "metadata_internal"})
+
+_STEP_NAME = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
+# Object stores whose "rename" is a copy: Orbax marks finished steps with a file instead.
+_COMMIT_FILE_SCHEMES = ("gs://", "s3://")
+
+
+def checkpoints_dir(workdir: PathLike) -> epath.Path:
+  """The folder that holds the step folders of the run at `workdir`."""
+  return epath.Path(workdir) / CHECKPOINTS_FOLDER
+
+
+def step_dir(checkpoints: epath.Path, step: Step) -> epath.Path:
+  """The folder of `step` (whether or not it exists)."""
+  return checkpoints / f"{STEP_PREFIX}_{step}"
+
+
+def parse_step(name: str) -> Step | None:
+  """``"ckpt_12"`` -> ``12``; anything else (temporary folders too) -> ``None``."""
+  match = _STEP_NAME.match(name)
+  return int(match.group(1)) if match else None
+
+
+def uses_commit_marker(path: PathLike) -> bool:
+  return str(path).startswith(_COMMIT_FILE_SCHEMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepListing:
+  """One listing of a ``checkpoints/`` folder.
+
+  Attributes:
+    finished: sorted steps whose folders are complete.
+    unfinished: names of folders being written (or left by a crash).
+  """
+
+  finished: tuple[Step, ...] = ()
+  unfinished: tuple[str, ...] = ()
+
+
+def list_steps(
+    checkpoints: epath.Path, *, known_finished: frozenset[Step] = frozenset()
+) -> StepListing:
+  """Lists the finished and unfinished step folders of `checkpoints`.
+
+  One directory listing. On object stores, steps not in `known_finished` are
+  checked for their commit marker.
+  """
+  try:
+    names = [p.name for p in checkpoints.iterdir()]
+  except (FileNotFoundError, NotADirectoryError):
+    return StepListing()
+  check_marker = uses_commit_marker(checkpoints)
+  finished, unfinished = [], []
+  for name in names:
+    step = parse_step(name)
+    if step is None:
+      if name.startswith(f"{STEP_PREFIX}_") and TMP_MARKER in name:
+        unfinished.append(name)
+      continue
+    if check_marker and step not in known_finished:
+      if not (checkpoints / name / COMMIT_MARKER).exists():
+        unfinished.append(name)
+        continue
+    finished.append(step)
+  return StepListing(finished=tuple(sorted(finished)), unfinished=tuple(sorted(unfinished)))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDetails:
+  """What is known of one finished step without reading its arrays.
+
+  Attributes:
+    step: the step.
+    path: its folder.
+    time: when it was committed (UTC), if recorded.
+    metrics: the metrics given to `save`, if any.
+    items: names of the items in the step, and the Orbax handler of each.
+  """
+
+  step: Step
+  path: epath.Path
+  time: datetime.datetime | None
+  metrics: Mapping[str, Any] | None
+  items: Mapping[str, str]
+
+  @property
+  def user_items(self) -> tuple[str, ...]:
+    return tuple(name for name in self.items if name not in RESERVED_ITEMS)
+
+
+def read_step_metadata(path: epath.Path) -> dict[str, Any]:
+  """The step's ``_CHECKPOINT_METADATA`` (empty when absent or unreadable)."""
+  try:
+    return json.loads((path / STEP_METADATA_FILE).read_text())
+  except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+    return {}
+
+
+def read_step_metrics(path: epath.Path) -> Mapping[str, Any] | None:
+  """The metrics saved with the step at `path`, or None."""
+  try:
+    return json.loads((path / METRICS_ITEM / METRICS_ITEM).read_text())
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+
+
+def read_step_time(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> datetime.datetime | None:
+  """When the step at `path` was committed (or started, for older checkpoints)."""
+  if metadata is None:
+    metadata = read_step_metadata(path)
+  nsecs = metadata.get("commit_timestamp_nsecs") or metadata.get("init_timestamp_nsecs")
+  if nsecs:
+    return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.timezone.utc)
+  try:
+    return datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.timezone.utc)
+  except (FileNotFoundError, OSError, AttributeError):
+    return None
+
+
+def read_item_names(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
+  """Item name -> Orbax handler name for the step at `path`.
+
+  Taken from the step metadata; steps written without it (older Orbax) fall
+  back to the sub-folders, with the handler guessed from their files.
+  """
+  if metadata is None:
+    metadata = read_step_metadata(path)
+  handlers = metadata.get("item_handlers")
+  if isinstance(handlers, Mapping) and handlers:
+    return {name: str(handler) for name, handler in handlers.items()}
+  items = {}
+  for child in path.iterdir():
+    if child.is_dir():
+      items[child.name] = "PyTreeCheckpointHandler" if (child / "_METADATA").exists() else "JsonCheckpointHandler"
+  return items
+
+
+def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
+  path = step_dir(checkpoints, step)
+  metadata = read_step_metadata(path)
+  return StepDetails(
+      step=step,
+      path=path,
+      time=read_step_time(path, metadata),
+      metrics=read_step_metrics(path),
+      items=read_item_names(path, metadata),
+  )
+
+
+def folder_size(path: epath.Path) -> int:
+  """Bytes under `path` (walks the folder: call only when asked for a size)."""
+  total = 0
+  for root, _, files in path.walk():
+    for name in files:
+      try:
+        total += (root / name).stat().length
+      except (FileNotFoundError, OSError):
+        pass  # deleted while walking
+  return total
+
+
+def steps_repr(steps: Sequence[Step], limit: int = 8) -> str:
+  """``[0, 10, 20, ..., 990]``: a short form of a long list of steps."""
+  if len(steps) <= limit:
+    return str(list(steps))
+  head = ", ".join(map(str, steps[: limit // 2]))
+  tail = ", ".join(map(str, steps[-(limit // 2) :]))
+  return f"[{head}, ... {len(steps) - limit} more ..., {tail}]"

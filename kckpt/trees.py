@@ -1,0 +1,118 @@
+"""Pytree paths and the comparison of a restore target with a saved tree.
+
+Paths are dotted strings built from JAX key paths, the form Orbax uses in its
+metadata: ``params.dense.w``, ``opt_state.0.mu.w`` (tuple and list entries
+by index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from kckpt._types import PyTree
+
+
+def key_str(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(keypath: tuple[Any, ...]) -> str:
+  return ".".join(key_str(k) for k in keypath) or "<root>"
+
+
+def flatten_with_paths(tree: PyTree) -> dict[str, Any]:
+  """``{"params.dense.w": leaf, ...}`` for every leaf of `tree`."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {path_str(path): leaf for path, leaf in leaves}
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """Shape and dtype of one leaf (dtype None: a Python scalar or string)."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype | None
+
+  def __str__(self) -> str:
+    return f"{self.shape} {self.dtype if self.dtype is not None else 'scalar'}"
+
+
+def _is_key_dtype(dtype: Any) -> bool:
+  try:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  except TypeError:
+    return False
+
+
+def leaf_spec(leaf: Any) -> LeafSpec:
+  """The spec of a target leaf, as it is stored on disk.
+
+  Typed PRNG keys are stored as their key data (``uint32`` with a trailing
+  dimension), so their spec is that of the key data.
+  """
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is not None and hasattr(leaf, "shape"):
+    if _is_key_dtype(dtype):
+      data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, dtype))
+      return LeafSpec(tuple(data.shape), np.dtype(data.dtype))
+    return LeafSpec(tuple(leaf.shape), np.dtype(dtype))
+  return LeafSpec((), None)
+
+
+def _castable(saved: np.dtype | None, target: np.dtype | None) -> bool:
+  if saved is None or target is None:
+    return True
+  kinds = {"f": "num", "c": "num", "i": "num", "u": "num", "b": "num", "V": "num"}
+  return kinds.get(saved.kind, saved.kind) == kinds.get(target.kind, target.kind)
+
+
+def compare_trees(
+    saved: Mapping[str, LeafSpec],
+    target: Mapping[str, LeafSpec],
+    *,
+    prefix: str = "",
+) -> list[str]:
+  """One line per leaf at fault: missing, unexpected, mis-shaped or mis-typed.
+
+  `saved` and `target` map paths to specs. Dtypes that can be cast into each
+  other (float32 saved, bfloat16 wanted) are not a fault.
+  """
+  problems = []
+  for path in sorted(saved.keys() - target.keys()):
+    problems.append(f"{prefix}{path}: in the checkpoint ({saved[path]}) but not in the target")
+  for path in sorted(target.keys() - saved.keys()):
+    problems.append(f"{prefix}{path}: in the target ({target[path]}) but not in the checkpoint")
+  for path in sorted(saved.keys() & target.keys()):
+    s, t = saved[path], target[path]
+    if s.dtype is None or t.dtype is None:
+      continue  # Python scalars restore into whatever the target holds.
+    if s.shape != t.shape or not _castable(s.dtype, t.dtype):
+      problems.append(f"{prefix}{path}: saved {s}, target {t}")
+  return problems
+
+
+def is_saveable_leaf(leaf: Any) -> bool:
+  return (
+      isinstance(leaf, (jax.Array, np.ndarray, np.generic, str, numbers.Number))
+      or leaf is None
+  )
+
+
+def unsaveable_leaves(tree: PyTree) -> list[str]:
+  """One line per leaf that Orbax cannot write: its path and why."""
+  problems = []
+  for path, leaf in flatten_with_paths(tree).items():
+    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+      problems.append(f"{path}: the array was deleted (donated to a restore, or freed)")
+    elif not is_saveable_leaf(leaf):
+      problems.append(f"{path}: {type(leaf).__module__}.{type(leaf).__qualname__} is not an array or scalar")
+  return problems
