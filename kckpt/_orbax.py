@@ -254,9 +254,20 @@ def abstract_target(tree: PyTree) -> PyTree:
       return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
       return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_default_sharding())
+    if isinstance(leaf, np.generic):  # Orbax restores NumPy scalars as 0-d arrays
+      return np.asarray(leaf)
     return leaf
 
   return jax.tree.map(convert, tree)
+
+
+def match_scalar_types(target: PyTree, restored: PyTree) -> PyTree:
+  """Gives NumPy-scalar leaves of `target` back their type (e.g. `np.int32`)."""
+
+  def convert(wanted, value):
+    return type(wanted)(value) if isinstance(wanted, np.generic) else value
+
+  return jax.tree.map(convert, target, restored)
 
 
 def _restore_args(read: ItemRead, item_dir: epath.Path) -> ocp.args.CheckpointArgs:

@@ -646,7 +646,10 @@ class Checkpointer(BaseCheckpointer):
     raw = _orbax.read_items(
         step_path, [_orbax.ItemRead(name=name, format=fmt, target=abstract[name]) for name, _, fmt, _ in reads]
     )
-    restored = {name: (item.from_restored(raw[name]) if item is not None else raw[name]) for name, item, _, _ in reads}
+    restored = {}
+    for name, item, _, target in reads:
+      value = raw[name] if target is None else _orbax.match_scalar_types(target, raw[name])
+      restored[name] = item.from_restored(value) if item is not None else value
     return layout.rebuild(restored)
 
   def item_metadata(self, step: StepSpec = -1) -> Any:

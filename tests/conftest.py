@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests run on the CPU with real Orbax and real files."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  """A fresh run folder (not created: kckpt creates it on the first save)."""
+  return tmp_path / "run"
+
+
+def snapshot(path):
+  """Every file and folder under `path` with size and mtime: to prove nothing changed."""
+  result = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      full = os.path.join(root, name)
+      st = os.stat(full)
+      result[os.path.relpath(full, path)] = (st.st_size, st.st_mtime_ns)
+  return result
