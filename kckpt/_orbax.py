@@ -162,20 +162,26 @@ class Writer:
       try:
         self._manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-exception-caught
+        # The manager dropped the steps it meant to delete from its cache although
+        # the failed save deleted nothing: list them again so retention sees them.
+        self._refresh_known_steps()
         raise BackgroundSaveError(
             f"Saving step {step} to {self.directory} failed in the background: {type(e).__name__}: {e}."
             " The step was not written; earlier steps are intact.",
             step=step,
         ) from e
 
+  def _refresh_known_steps(self) -> None:
+    # Orbax 0.12 internal: the manager's cache of steps; `reload()` would read
+    # every step's metadata, this lists the folder only.
+    self._manager._checkpoints.set(  # pylint: disable=protected-access
+        self._manager._load_checkpoint_infos(skip_metadata_read=True)  # pylint: disable=protected-access
+    )
+
   def delete(self, step: Step) -> None:
     self.wait()
-    # Orbax 0.12 internal: the manager caches the steps it knows; steps written
-    # by an earlier process must be known to it before `delete`.
-    if step not in self._manager.all_steps():
-      self._manager._checkpoints.set(  # pylint: disable=protected-access
-          self._manager._load_checkpoint_infos(skip_metadata_read=True)  # pylint: disable=protected-access
-      )
+    if step not in self._manager.all_steps():  # written by an earlier process
+      self._refresh_known_steps()
     self._manager.delete(step)
 
   def close(self) -> None:

@@ -443,6 +443,11 @@ def test_background_error_raised_at_next_call_naming_step(workdir, monkeypatch, 
   assert ckpt.save({"x": np.ones(3)}, step=5)
   ckpt.wait_until_finished()
   assert ckpt.all_steps == [1, 5]
+  # Retention still sees step 1 after the failure (max_to_keep=3 keeps it until then).
+  for step in (6, 7):
+    ckpt.save({"x": np.ones(3)}, step=step)
+  ckpt.wait_until_finished()
+  assert ckpt.all_steps == [5, 6, 7]
 
 
 def _until_raises(call, attempts=200):
