@@ -23,6 +23,7 @@ from etils import epath
 
 from kckpt import _orbax
 from kckpt import items as items_lib
+from kckpt import markers
 from kckpt import multihost
 from kckpt import policies
 from kckpt import steps as steps_lib
@@ -519,6 +520,29 @@ class Checkpointer(BaseCheckpointer):
     self._rt.records.pop(step, None)
     self.reload()
 
+  def delete_all_steps(self) -> list[Step]:
+    """Starts the run over: deletes every step folder (and leftovers of crashed saves).
+
+    Explicit and never automatic (a preempted job that restarts must not wipe
+    its progress). Only ``ckpt_<step>`` folders of this layout and their
+    temporary folders are removed; other files in the workdir are left alone.
+
+    Returns:
+      The steps that were deleted.
+    """
+    writer = self._writer()
+    writer.wait()
+    listing = self._listing(fresh=True)
+    for step in listing.finished:
+      writer.delete(step)
+      self._rt.records.pop(step, None)
+    if multihost.is_primary():
+      for name in listing.unfinished:
+        (self.directory / name).rmtree(missing_ok=True)
+    markers.clear_end_marker(self.workdir)
+    self.reload()
+    return list(listing.finished)
+
   def wait_until_finished(self) -> None:
     """Blocks until the pending async save is durable; raises its error, naming the step."""
     writer = self._rt.writer
@@ -616,6 +640,18 @@ class Checkpointer(BaseCheckpointer):
       return state
     step = self._require_step(step)
     step_path = steps_lib.step_dir(self.directory, step)
+    try:
+      return self._restore_step(state, step, step_path, donate=donate)
+    except TreeMismatchError:
+      raise
+    except Exception as e:
+      if not step_path.exists():  # e.g. the trainer's retention removed it mid-read
+        raise CheckpointNotFoundError(
+            f"Step {step} was deleted from {self.directory} while it was being restored"
+        ) from e
+      raise
+
+  def _restore_step(self, state: Any, step: Step, step_path: epath.Path, *, donate: bool) -> Any:
     saved_items = _orbax.item_handler_names(step_path)
     layout = _restore_layout(state, saved_items)
     reads, problems = [], []

@@ -485,3 +485,32 @@ def test_iter_new_checkpoints_in_process(workdir):
   reader = kckpt.Checkpointer.open(workdir)
   assert list(reader.iter_new_checkpoints(timeout=5, timeout_fn=lambda: kckpt.trainer_finished(workdir), poll_interval_secs=0.01)) == [2]
   assert list(reader.iter_new_checkpoints(after=0, timeout_fn=lambda: True, poll_interval_secs=0.01)) == [1, 2]
+
+
+def test_delete_all_steps_starts_over_and_touches_nothing_else(workdir):
+  ckpt = ckpt_for(workdir, max_to_keep=None)
+  for s in (1, 2):
+    ckpt.save({"x": np.ones(1)}, step=s)
+  ckpt.wait_until_finished()
+  (workdir / "checkpoints" / "ckpt_3.orbax-checkpoint-tmp").mkdir()
+  (workdir / "notes.txt").write_text("keep me")
+  (workdir / "checkpoints" / "other").mkdir()
+  kckpt.write_end_marker(workdir, step=2)
+  assert ckpt.delete_all_steps() == [1, 2]
+  assert ckpt.all_steps == [] and not kckpt.trainer_finished(workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["other"]
+  assert (workdir / "notes.txt").read_text() == "keep me"
+  assert ckpt.save({"x": np.ones(1)}, step=1)
+  with pytest.raises(PermissionError):
+    kckpt.Checkpointer.open(workdir).delete_all_steps()
+
+
+def test_restore_of_a_step_deleted_under_the_reader_is_not_found(workdir):
+  ckpt = ckpt_for(workdir)
+  ckpt.save({"x": np.ones(1)}, step=1)
+  ckpt.wait_until_finished()
+  reader = kckpt.Checkpointer.open(workdir)
+  assert reader.all_steps == [1]
+  ckpt.delete(1)
+  with pytest.raises(FileNotFoundError, match="Step 1"):
+    reader.restore({"x": np.zeros(1)}, step=1)
