@@ -711,6 +711,55 @@ class Checkpointer(BaseCheckpointer):
     """Time, metrics and items of one step (reads its small files, no arrays)."""
     return steps_lib.read_step_details(self.directory, self._require_step(step))
 
+  # -- Looking at a run -----------------------------------------------------
+
+  def _summary_rows(self, max_rows: int) -> tuple[steps_lib.StepListing, list[steps_lib.StepDetails]]:
+    listing = self._listing(fresh=True)
+    shown = listing.finished[-max_rows:][::-1]
+    details = []
+    for step in shown:
+      try:
+        details.append(steps_lib.read_step_details(self.directory, step))
+      except FileNotFoundError:
+        continue  # deleted since the listing
+    return listing, details
+
+  def summary(self, *, max_rows: int = 10) -> str:
+    """A few lines on the run: its steps, and the newest ones with time and metrics.
+
+    Reads one listing and the small files of at most `max_rows` steps; no array.
+    """
+    listing, details = self._summary_rows(max_rows)
+    lines = [f"{self.directory}: {len(listing.finished)} step(s) {steps_lib.steps_repr(listing.finished)}"]
+    if listing.unfinished:
+      lines.append(f"  being written (or left by a crash): {', '.join(listing.unfinished)}")
+    for d in details:
+      when = d.time.strftime("%Y-%m-%d %H:%M:%S UTC") if d.time else "?"
+      metrics = _flat_metrics(d.metrics)
+      lines.append(f"  step {d.step:>8}  {when}  items: {', '.join(d.user_items)}" + (f"  {metrics}" if metrics else ""))
+    return "\n".join(lines)
+
+  def _repr_html_(self) -> str:
+    """Notebook view: the steps, and the newest ones with time and metrics (no array read)."""
+    import html  # pylint: disable=g-import-not-at-top
+
+    if self.workdir is None:
+      return f"<pre>{html.escape(repr(self))}</pre>"
+    listing, details = self._summary_rows(10)
+    rows = "".join(
+        f"<tr><td>{d.step}</td><td>{html.escape(d.time.strftime('%Y-%m-%d %H:%M:%S UTC') if d.time else '?')}</td>"
+        f"<td>{html.escape(', '.join(d.user_items))}</td><td>{html.escape(_flat_metrics(d.metrics))}</td></tr>"
+        for d in details
+    )
+    return (
+        f"<div><b>kckpt.Checkpointer</b> <code>{html.escape(str(self.directory))}</code><br>"
+        f"{len(listing.finished)} step(s): {html.escape(steps_lib.steps_repr(listing.finished))}"
+        + (f"; being written: {html.escape(', '.join(listing.unfinished))}" if listing.unfinished else "")
+        + "<table><tr><th>step</th><th>saved</th><th>items</th><th>metrics</th></tr>"
+        + rows
+        + "</table></div>"
+    )
+
   # -- Watching -------------------------------------------------------------
 
   def iter_new_checkpoints(
@@ -754,6 +803,18 @@ class Checkpointer(BaseCheckpointer):
         poll_interval_secs=poll_interval_secs,
         only_newest=only_newest,
     )
+
+
+def _flat_metrics(metrics: Mapping[str, Any] | None, prefix: str = "") -> str:
+  if not metrics:
+    return ""
+  parts = []
+  for key, value in metrics.items():
+    if isinstance(value, Mapping):
+      parts.append(_flat_metrics(value, f"{prefix}{key}."))
+    else:
+      parts.append(f"{prefix}{key}={value:.4g}" if isinstance(value, float) else f"{prefix}{key}={value}")
+  return " ".join(p for p in parts if p)
 
 
 def _item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:

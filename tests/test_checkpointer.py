@@ -514,3 +514,20 @@ def test_restore_of_a_step_deleted_under_the_reader_is_not_found(workdir):
   ckpt.delete(1)
   with pytest.raises(FileNotFoundError, match="Step 1"):
     reader.restore({"x": np.zeros(1)}, step=1)
+
+
+def test_summary_and_html_show_steps_time_and_metrics(workdir):
+  ckpt = ckpt_for(workdir, max_to_keep=None)
+  for s in range(1, 4):
+    ckpt.save({"x": np.ones(1)}, step=s, metrics={"eval": {"loss": 1.0 / s}})
+  ckpt.wait_until_finished()
+  (workdir / "checkpoints" / "ckpt_4.orbax-checkpoint-tmp").mkdir()
+  reader = kckpt.Checkpointer.open(workdir)
+  text = reader.summary(max_rows=2)
+  assert "3 step(s) [1, 2, 3]" in text
+  assert "step        3" in text and "eval.loss=0.3333" in text and "items: default" in text
+  assert "step        1" not in text  # only the newest max_rows
+  assert "ckpt_4.orbax-checkpoint-tmp" in text
+  html = reader._repr_html_()
+  assert "<table>" in html and "eval.loss=0.5" in html and "[1, 2, 3]" in html
+  assert "Checkpointer(" in repr(reader) and "ckpt_" not in repr(reader)  # repr stays the config: no I/O
