@@ -47,12 +47,14 @@ def to_json_metrics(metrics: Any, *, path: str = "metrics") -> Any:
     return {str(k): to_json_metrics(v, path=f"{path}.{k}") for k, v in metrics.items()}
   if isinstance(metrics, (list, tuple)):
     return [to_json_metrics(v, path=f"{path}[{i}]") for i, v in enumerate(metrics)]
-  if metrics is None or isinstance(metrics, (bool, str)):
+  if metrics is None or isinstance(metrics, bool):
     return metrics
   if isinstance(metrics, numbers.Integral):
     return int(metrics)
   if isinstance(metrics, numbers.Real):
     return float(metrics)
+  if isinstance(metrics, str):
+    return str(metrics)
   if hasattr(metrics, "shape") and hasattr(metrics, "dtype"):  # NumPy or JAX array
     if tuple(metrics.shape) not in ((), (1,)):
       raise ValueError(f"{path}: metrics must be scalars, got an array of shape {tuple(metrics.shape)}")
@@ -184,6 +186,12 @@ class RetentionPolicy:
   best_fn: Callable[[Metrics], float] | None = None
   best_mode: BestMode = "max"
 
+  def __post_init__(self):
+    if self.max_to_keep is not None and (isinstance(self.max_to_keep, bool) or self.max_to_keep < 1):
+      raise ValueError(f"max_to_keep must be a positive int or None, got {self.max_to_keep!r}")
+    if self.best_mode not in BEST_MODES:
+      raise ValueError(f"best_mode must be one of {BEST_MODES}, got {self.best_mode!r}")
+
   @property
   def ranks_by_metric(self) -> bool:
     return self.best_metric_path is not None or self.best_fn is not None
@@ -223,8 +231,11 @@ class KeepDecision:
 
 
 def decide_retention(policy: RetentionPolicy, records: Iterable[StepRecord]) -> list[KeepDecision]:
-  """Decides, for each step, whether it stays and why. Sorted by step."""
-  records = sorted(records, key=lambda r: r.step)
+  """Decides, for each step, whether it stays and why. Sorted by step.
+
+  Each step appears once (the last record given for a step wins).
+  """
+  records = sorted({r.step: r for r in records}.values(), key=lambda r: r.step)
   reasons: dict[Step, list[str]] = {r.step: [] for r in records}
   if not records:
     return []

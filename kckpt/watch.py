@@ -51,6 +51,11 @@ def new_steps(
   while True:
     pending = [s for s in list_steps() if last is None or s > last]
     if pending:
+      if only_newest and last_yield_time is not None and min_interval_secs:
+        wait = last_yield_time + min_interval_secs - clock()
+        if wait > 0:  # wait first, then take the newest step there is by then
+          sleep(wait)
+          pending = [s for s in list_steps() if last is None or s > last] or pending
       batch = pending[-1:] if only_newest else pending
       for step in batch:
         if last_yield_time is not None and min_interval_secs:
