@@ -531,3 +531,17 @@ def test_summary_and_html_show_steps_time_and_metrics(workdir):
   html = reader._repr_html_()
   assert "<table>" in html and "eval.loss=0.5" in html and "[1, 2, 3]" in html
   assert "Checkpointer(" in repr(reader) and "ckpt_" not in repr(reader)  # repr stays the config: no I/O
+
+
+def test_time_based_saving(workdir):
+  import time
+
+  ckpt = ckpt_for(workdir, save_interval_steps=None, save_interval_secs=0.3, max_to_keep=None)
+  assert not ckpt.should_save(1)  # the clock starts when the Checkpointer is first used
+  time.sleep(0.35)
+  assert ckpt.maybe_save({"x": np.ones(1)}, step=2)
+  assert not ckpt.maybe_save({"x": np.ones(1)}, step=3)  # the clock restarts at each save
+  time.sleep(0.35)
+  assert ckpt.should_save(4)
+  ckpt.wait_until_finished()
+  assert ckpt.all_steps == [2]
