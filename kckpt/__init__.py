@@ -16,7 +16,7 @@ from kckpt.errors import (
     StepAlreadyExistsError,
     TreeMismatchError,
 )
-from kckpt.markers import trainer_finished, write_end_marker
+from kckpt.markers import clear_end_marker, trainer_finished, write_end_marker
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "TreeMismatchError",
     "items",
     "policies",
+    "clear_end_marker",
     "trainer_finished",
     "write_end_marker",
 ]

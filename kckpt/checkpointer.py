@@ -15,7 +15,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 import jax
@@ -29,7 +29,7 @@ from kckpt import policies
 from kckpt import steps as steps_lib
 from kckpt import trees
 from kckpt import watch
-from kckpt._types import Metrics, PathLike, PyTree, Step
+from kckpt._types import Metrics, PathLike, Step
 from kckpt.errors import (
     CheckpointNotFoundError,
     ReadOnlyCheckpointerError,
@@ -309,6 +309,8 @@ class Checkpointer(BaseCheckpointer):
         directory = self.directory
         if epath.Path(self.workdir).exists() and not epath.Path(self.workdir).is_dir():
           raise ValueError(f"Checkpointer.workdir {self.workdir} exists and is not a folder")
+        if multihost.is_primary():
+          markers.clear_end_marker(self.workdir)  # saving again: the run is not finished
         rt.writer = _orbax.Writer(
             directory,
             async_save=self.async_save,
@@ -786,7 +788,8 @@ class Checkpointer(BaseCheckpointer):
         marker"). With no `timeout`, the loop ends as soon as it is true and
         every step is yielded.
       poll_interval_secs: sleep between listings.
-      after: yield only steps after this one.
+      after: yield only steps after this one (``after=-1``: every step from
+        the first, e.g. for an eval job that must see them all).
       only_newest: at each poll, yield only the newest new step (for an
         evaluator slower than the trainer).
     """

@@ -22,7 +22,7 @@ import abc
 import dataclasses
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal
 
 from kckpt import steps
 from kckpt._types import PyTree

@@ -1,6 +1,8 @@
 """The end-of-training marker: how a trainer tells its eval jobs it is done.
 
-The trainer calls `write_end_marker(workdir)` after its final save; an eval
+The trainer calls `write_end_marker(workdir)` after its final save (a
+`Checkpointer` that starts saving again removes it: the run is not finished
+any more); an eval
 job passes ``timeout_fn=lambda: trainer_finished(workdir)`` to
 `Checkpointer.iter_new_checkpoints`, which then stops once every step has
 been yielded.
@@ -17,6 +19,7 @@ True
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from kckpt import steps as steps_lib
@@ -31,7 +34,12 @@ def write_end_marker(workdir: PathLike, *, step: Step | None = None) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   tmp = directory / f".{END_MARKER}.tmp"
   tmp.write_text(json.dumps({"final_step": step, "time": time.time()}))
-  tmp.rename(directory / END_MARKER)
+  final = directory / END_MARKER
+  if "://" not in str(final):
+    os.replace(tmp, final)  # atomic, and overwrites the marker of an earlier run
+  else:
+    final.write_text(tmp.read_text())
+    tmp.unlink()
 
 
 def trainer_finished(workdir: PathLike) -> bool:

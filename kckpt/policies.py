@@ -25,6 +25,8 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
+
 from kckpt._types import Metrics, Step
 
 BestMode = Literal["max", "min"]
@@ -58,7 +60,7 @@ def to_json_metrics(metrics: Any, *, path: str = "metrics") -> Any:
   if hasattr(metrics, "shape") and hasattr(metrics, "dtype"):  # NumPy or JAX array
     if tuple(metrics.shape) not in ((), (1,)):
       raise ValueError(f"{path}: metrics must be scalars, got an array of shape {tuple(metrics.shape)}")
-    value = metrics.reshape(()).item() if hasattr(metrics, "reshape") else metrics.item()
+    value = np.asarray(metrics).reshape(()).item()  # no JAX op: nothing to compile
     return to_json_metrics(value, path=path)
   raise ValueError(f"{path}: metrics must be numbers, got {type(metrics).__name__}: {metrics!r}")
 

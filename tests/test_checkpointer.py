@@ -545,3 +545,14 @@ def test_time_based_saving(workdir):
   assert ckpt.should_save(4)
   ckpt.wait_until_finished()
   assert ckpt.all_steps == [2]
+
+
+def test_end_marker_rewritten_and_cleared_when_saving_again(workdir):
+  kckpt.write_end_marker(workdir, step=1)
+  kckpt.write_end_marker(workdir, step=2)  # a finished run finished again
+  assert kckpt.trainer_finished(workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["TRAINING_FINISHED.json"]
+  ckpt = ckpt_for(workdir)
+  ckpt.save({"x": np.ones(1)}, step=3)  # training goes on: not finished any more
+  assert not kckpt.trainer_finished(workdir)
+  ckpt.close()

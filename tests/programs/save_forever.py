@@ -7,7 +7,6 @@ Prints "SAVED 1" once step 1 is durable and "SAVING n" as each later save starts
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 
 import kckpt
 
