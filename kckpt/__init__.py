@@ -16,6 +16,7 @@ from kckpt.errors import (
     StepAlreadyExistsError,
     TreeMismatchError,
 )
+from kckpt.transplant import PartialLoader, TransplantError
 from kckpt.markers import clear_end_marker, trainer_finished, write_end_marker
 
 __version__ = "0.1.0"
@@ -26,8 +27,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "Checkpointer",
     "NoopCheckpointer",
+    "PartialLoader",
     "ReadOnlyCheckpointerError",
     "StepAlreadyExistsError",
+    "TransplantError",
     "TreeMismatchError",
     "items",
     "policies",

@@ -136,10 +136,14 @@ class Writer:
     """The step whose async save was started and not yet waited for."""
     return self._in_flight
 
-  def save(self, step: Step, writes: Sequence[ItemWrite], metrics: Metrics | None) -> None:
+  def save(
+      self, step: Step, writes: Sequence[ItemWrite], metrics: Metrics | None, custom_metadata: Mapping[str, Any] | None = None
+  ) -> None:
     self.wait()  # Surfaces an earlier failure before starting the next save.
     args = ocp.args.Composite(**{w.name: _save_args(w) for w in writes})
-    saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+    saved = self._manager.save(
+        step, args=args, metrics=metrics, force=True, custom_metadata=dict(custom_metadata) if custom_metadata else None
+    )
     if not saved:  # Orbax refuses silently only when read-only; never expected here.
       raise RuntimeError(f"Orbax did not save step {step} in {self.directory}")
     self._in_flight = step
@@ -286,6 +290,32 @@ def _restore_args(read: ItemRead, item_dir: epath.Path) -> ocp.args.CheckpointAr
       item=read.target,
       restore_args=ocp.checkpoint_utils.construct_restore_args(read.target),
   )
+
+
+def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any]) -> dict[str, Any]:
+  """Reads only the leaves at the paths of `wanted` from one pytree item.
+
+  `wanted` maps a saved leaf's path to its abstract target (a
+  `jax.ShapeDtypeStruct` with a sharding, a NumPy array for a host array, a
+  Python scalar) or to None (read as saved, as NumPy). Every other leaf is an
+  Orbax placeholder and is not read.
+  """
+
+  def select(keypath, meta):
+    path = trees.path_str(keypath)
+    if path not in wanted:
+      return ocp.PLACEHOLDER
+    target = wanted[path]
+    if target is None:
+      shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+      return np.zeros(shape, dtype) if shape is not None and dtype is not None else meta
+    return target
+
+  item = jax.tree_util.tree_map_with_path(select, pytree_metadata(item_dir))
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+    restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+  return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
 
 
 def read_items(step_path: epath.Path, reads: Sequence[ItemRead]) -> dict[str, Any]:

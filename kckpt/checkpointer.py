@@ -394,7 +394,9 @@ class Checkpointer(BaseCheckpointer):
     if writer is not None:
       writer.poll()
 
-  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+  def save(
+      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+  ) -> bool:
     """Saves `state` as `step` now (in the background when `async_save`).
 
     Args:
@@ -405,6 +407,8 @@ class Checkpointer(BaseCheckpointer):
         (a final save at the end of training that may repeat the last one).
       metrics: nested dict of numbers (Python, NumPy or JAX scalars), stored
         with the step and used by `best_metric_path` / `best_fn`.
+      tag: a name for the step (``"E10_U200_S800"``, ``"before-lr-drop"``)
+        that `restore(step=tag)` accepts; the newest step with it wins.
 
     Returns:
       True when a save was started; False when `force` and the step exists.
@@ -421,6 +425,7 @@ class Checkpointer(BaseCheckpointer):
     layout = items_lib.layout_of(state)
     writes = _item_writes(layout)
     json_metrics = self._check_metrics(metrics, step)
+    _check_tag(tag)
     if self._step_exists(step):
       if force:
         log.info("Step %d already exists in %s: not saved again.", step, self.directory)
@@ -433,7 +438,8 @@ class Checkpointer(BaseCheckpointer):
     now = time.time()
     rt.records[step] = policies.StepRecord(step=step, time=now, metrics=json_metrics)
     try:
-      writer.save(step, writes, json_metrics)
+      custom = {steps_lib.KCKPT_METADATA_KEY: {"tag": tag}} if tag is not None else None
+      writer.save(step, writes, json_metrics, custom_metadata=custom)
     except BaseException:
       rt.records.pop(step, None)
       raise
@@ -444,13 +450,17 @@ class Checkpointer(BaseCheckpointer):
       writer.wait()
     return True
 
-  def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
+  def maybe_save(
+      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+  ) -> bool:
     """Saves when `should_save(step)`, or when `force` (unless the step exists).
 
     Also raises the error of a failed background save, if any.
     """
     self._poll_background_errors()
-    return super().maybe_save(state, step=step, force=force, metrics=metrics)
+    if force or self.should_save(step):
+      return self.save(state, step=step, force=True, metrics=metrics, tag=tag)
+    return False
 
   def _check_metrics(self, metrics: Metrics | None, step: Step) -> Any:
     if metrics is None:
@@ -575,10 +585,22 @@ class Checkpointer(BaseCheckpointer):
       elif step == "best":
         return self.best_step
       else:
-        raise ValueError(f"step must be an int, -1, 'latest' or 'best', got {step!r}")
+        return self._step_with_tag(step)
     if step == -1:
       return self._fresh_latest()
     return _check_step(step)
+
+  def _step_with_tag(self, tag: str) -> Step:
+    """The newest step saved with `tag` (reads the small metadata file of steps, newest first)."""
+    finished = self._listing(fresh=True).finished
+    for step in reversed(finished):
+      if steps_lib.step_tag(steps_lib.read_step_metadata(steps_lib.step_dir(self.directory, step))) == tag:
+        return step
+    raise CheckpointNotFoundError(
+        f"No step of {self.directory} has the tag {tag!r} (steps: {steps_lib.steps_repr(finished)});"
+        " step must be an int, -1, 'latest', 'best' or a tag given to save",
+        available_steps=finished,
+    )
 
   def _fresh_latest(self) -> Step | None:
     finished = self._listing(fresh=True).finished
@@ -615,7 +637,15 @@ class Checkpointer(BaseCheckpointer):
       )
     return resolved
 
-  def restore(self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True) -> Any:
+  def restore(
+      self,
+      state: Any = None,
+      *,
+      step: StepSpec = -1,
+      noop_if_missing: bool = False,
+      donate: bool = True,
+      partial: bool = False,
+  ) -> Any:
     """Restores a step into the structure, shapes, dtypes and shardings of `state`.
 
     Args:
@@ -630,6 +660,10 @@ class Checkpointer(BaseCheckpointer):
         raises.
       donate: free the arrays of `state` before reading, so memory does not
         double; done only once the step exists and the tree matches.
+      partial: restore the leaves that both the target and the checkpoint
+        have, and return the target's other leaves as they were (e.g. a new
+        layer added since the checkpoint). Only those leaves are read; a
+        shape mismatch on a common leaf is still an error.
 
     Raises:
       CheckpointNotFoundError: (a `FileNotFoundError`) no such step.
@@ -643,7 +677,7 @@ class Checkpointer(BaseCheckpointer):
     step = self._require_step(step)
     step_path = steps_lib.step_dir(self.directory, step)
     try:
-      return self._restore_step(state, step, step_path, donate=donate)
+      return self._restore_step(state, step, step_path, donate=donate, partial=partial)
     except TreeMismatchError:
       raise
     except Exception as e:
@@ -653,10 +687,11 @@ class Checkpointer(BaseCheckpointer):
         ) from e
       raise
 
-  def _restore_step(self, state: Any, step: Step, step_path: epath.Path, *, donate: bool) -> Any:
+  def _restore_step(self, state: Any, step: Step, step_path: epath.Path, *, donate: bool, partial: bool) -> Any:
     saved_items = _orbax.item_handler_names(step_path)
     layout = _restore_layout(state, saved_items)
     reads, problems = [], []
+    common: dict[str, set[str]] = {}  # partial restore: item -> paths read
     for name, item in layout.items.items():
       if name not in saved_items:
         problems.append(f"{name}: no such item in step {step} (it has: {sorted(n for n in saved_items if n not in steps_lib.RESERVED_ITEMS)})")
@@ -667,28 +702,47 @@ class Checkpointer(BaseCheckpointer):
         saved = _orbax.saved_leaf_specs(step_path / name)
         wanted = {path: trees.leaf_spec(leaf) for path, leaf in trees.flatten_with_paths(target).items()}
         prefix = "" if layout.kind == "single" else f"{name}/"
+        if partial:
+          common[name] = saved.keys() & wanted.keys()
+          saved = {p: saved[p] for p in common[name]}
+          wanted = {p: wanted[p] for p in common[name]}
         problems.extend(trees.compare_trees(saved, wanted, prefix=prefix))
       reads.append((name, item, fmt, target))
     if problems:
       raise TreeMismatchError(
           f"Cannot restore step {step} of {self.directory}: the target does not match the checkpoint"
           f" ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems)
-          + "\nTo restore only some items, ask for them by name with kckpt.items.Composite(name=...).",
+          + "\nTo restore only some items, ask for them by name with kckpt.items.Composite(name=...);"
+          " to keep target leaves the checkpoint lacks, pass partial=True.",
           problems=problems,
       )
-    abstract = {name: _orbax.abstract_target(target) if target is not None else None for name, _, _, target in reads}
+    restored = {}
+    whole = []
+    for name, item, fmt, target in reads:
+      if name not in common:
+        whole.append((name, item, fmt, target))
+        continue
+      # Partial: read the leaves both trees have; keep the target's other leaves.
+      leaves = trees.flatten_with_paths(target)
+      abstract = {p: _orbax.abstract_target(leaves[p]) for p in common[name]}
+      if donate:
+        _orbax.release([leaves[p] for p in common[name]])
+      read = _orbax.read_leaves(step_path / name, abstract) if abstract else {}
+      value = trees.replace_leaves(target, read)
+      restored[name] = item.from_restored(_orbax.match_scalar_types(target, value))
+    abstract = {name: _orbax.abstract_target(target) if target is not None else None for name, _, _, target in whole}
     if donate:
-      for _, _, _, target in reads:
+      for _, _, _, target in whole:
         if target is not None:
           _orbax.release(target)
-    raw = _orbax.read_items(
-        step_path, [_orbax.ItemRead(name=name, format=fmt, target=abstract[name]) for name, _, fmt, _ in reads]
-    )
-    restored = {}
-    for name, item, _, target in reads:
-      value = raw[name] if target is None else _orbax.match_scalar_types(target, raw[name])
-      restored[name] = item.from_restored(value) if item is not None else value
-    return layout.rebuild(restored)
+    if whole:
+      raw = _orbax.read_items(
+          step_path, [_orbax.ItemRead(name=name, format=fmt, target=abstract[name]) for name, _, fmt, _ in whole]
+      )
+      for name, item, _, target in whole:
+        value = raw[name] if target is None else _orbax.match_scalar_types(target, raw[name])
+        restored[name] = item.from_restored(value) if item is not None else value
+    return layout.rebuild({name: restored[name] for name, _, _, _ in reads})
 
   def item_metadata(self, step: StepSpec = -1) -> Any:
     """Shapes and dtypes of the saved leaves (`jax.ShapeDtypeStruct`), no array read.
@@ -806,6 +860,13 @@ class Checkpointer(BaseCheckpointer):
         poll_interval_secs=poll_interval_secs,
         only_newest=only_newest,
     )
+
+
+def _check_tag(tag: str | None) -> None:
+  if tag is None:
+    return
+  if not isinstance(tag, str) or not tag or tag in ("latest", "best") or tag.lstrip("-").isdigit():
+    raise ValueError(f"tag must be a non-empty name other than 'latest', 'best' or a number, got {tag!r}")
 
 
 def _flat_metrics(metrics: Mapping[str, Any] | None, prefix: str = "") -> str:

@@ -119,6 +119,7 @@ class StepDetails:
     time: when it was committed (UTC), if recorded.
     metrics: the metrics given to `save`, if any.
     items: names of the items in the step, and the Orbax handler of each.
+    tag: the user tag given to `save`, if any.
   """
 
   step: Step
@@ -126,6 +127,7 @@ class StepDetails:
   time: datetime.datetime | None
   metrics: Mapping[str, Any] | None
   items: Mapping[str, str]
+  tag: str | None = None
 
   @property
   def user_items(self) -> tuple[str, ...]:
@@ -179,6 +181,15 @@ def read_item_names(path: epath.Path, metadata: Mapping[str, Any] | None = None)
   return items
 
 
+KCKPT_METADATA_KEY = "kckpt"  # kckpt's entry in Orbax's per-step custom metadata
+
+
+def step_tag(metadata: Mapping[str, Any]) -> str | None:
+  custom = metadata.get("custom_metadata") or {}
+  own = custom.get(KCKPT_METADATA_KEY) if isinstance(custom, Mapping) else None
+  return own.get("tag") if isinstance(own, Mapping) else None
+
+
 def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
   path = step_dir(checkpoints, step)
   metadata = read_step_metadata(path)
@@ -188,6 +199,7 @@ def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
       time=read_step_time(path, metadata),
       metrics=read_step_metrics(path),
       items=read_item_names(path, metadata),
+      tag=step_tag(metadata),
   )
 
 

@@ -35,6 +35,11 @@ def flatten_with_paths(tree: PyTree) -> dict[str, Any]:
   return {path_str(path): leaf for path, leaf in leaves}
 
 
+def replace_leaves(tree: PyTree, new_leaves: Mapping[str, Any]) -> PyTree:
+  """`tree` with the leaves at the paths of `new_leaves` replaced."""
+  return jax.tree_util.tree_map_with_path(lambda kp, leaf: new_leaves.get(path_str(kp), leaf), tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafSpec:
   """Shape and dtype of one leaf (dtype None: a Python scalar or string)."""
@@ -68,11 +73,32 @@ def leaf_spec(leaf: Any) -> LeafSpec:
   return LeafSpec((), None)
 
 
+def _dtype_family(dtype: np.dtype) -> str:
+  for family, generic in (("bool", np.bool_), ("integer", np.integer), ("floating", np.floating), ("complex", np.complexfloating)):
+    if jax.numpy.issubdtype(dtype, generic):
+      return family
+  return str(dtype)
+
+
 def _castable(saved: np.dtype | None, target: np.dtype | None) -> bool:
+  """Floats cast into floats (float32 saved, bfloat16 wanted), integers into integers."""
   if saved is None or target is None:
     return True
-  kinds = {"f": "num", "c": "num", "i": "num", "u": "num", "b": "num", "V": "num"}
-  return kinds.get(saved.kind, saved.kind) == kinds.get(target.kind, target.kind)
+  return _dtype_family(saved) == _dtype_family(target)
+
+
+def tree_nbytes(tree: PyTree) -> int:
+  """Bytes of all array leaves of `tree` (works on `jax.ShapeDtypeStruct` trees too).
+
+  >>> tree_nbytes({"w": jax.ShapeDtypeStruct((2, 3), np.float32)})
+  24
+  """
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is not None and dtype is not None:
+      total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  return total
 
 
 def compare_trees(

@@ -1,0 +1,221 @@
+"""Restoring anything: strict errors, partial restores, other shardings and dtypes, tags, transplants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import kckpt
+from kckpt import items
+from kckpt import trees
+
+
+def saved_run(workdir, state, step=1, **kwargs):
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None)
+  ckpt.save(state, step=step, **kwargs)
+  ckpt.wait_until_finished()
+  return ckpt
+
+
+# -- Strict by default ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ({"a": jnp.zeros(3)}, "b.c: in the checkpoint ((2,) int32) but not in the target"),
+        ({"a": jnp.zeros(3), "b": {"c": jnp.zeros(2, jnp.int32)}, "d": jnp.zeros(1)}, "d: in the target ((1,) float32) but not in the checkpoint"),
+        ({"a": jnp.zeros(4), "b": {"c": jnp.zeros(2, jnp.int32)}}, "a: saved (3,) float32, target (4,) float32"),
+        ({"a": jnp.zeros(3, bool), "b": {"c": jnp.zeros(2, jnp.int32)}}, "a: saved (3,) float32, target (3,) bool"),
+        ({"a": jnp.zeros(3), "b": {"c": jnp.zeros(2, jnp.float32)}}, "b.c: saved (2,) int32, target (2,) float32"),
+    ],
+    ids=["missing", "unexpected", "mis-shaped", "mis-typed-bool", "mis-typed-int-to-float"],
+)
+def test_each_mismatch_kind_is_named(workdir, target, expected):
+  ckpt = saved_run(workdir, {"a": jnp.ones(3), "b": {"c": jnp.ones(2, jnp.int32)}})
+  with pytest.raises(kckpt.TreeMismatchError) as info:
+    ckpt.restore(target)
+  assert expected in info.value.problems
+  assert len(info.value.problems) == 1
+
+
+def test_castable_dtypes_are_not_a_mismatch(workdir):
+  ckpt = saved_run(workdir, {"w": jnp.arange(3, dtype=jnp.float32), "i": jnp.arange(3, dtype=jnp.int32)})
+  out = ckpt.restore({"w": jnp.zeros(3, jnp.bfloat16), "i": jnp.zeros(3, jnp.int16)})
+  assert out["w"].dtype == jnp.bfloat16 and out["i"].dtype == jnp.int16
+  np.testing.assert_array_equal(np.asarray(out["i"]), [0, 1, 2])
+
+
+def test_partial_restore_keeps_target_leaves_the_checkpoint_lacks(workdir):
+  old = {"encoder": {"w": jnp.ones((2, 2))}, "old_head": jnp.ones(3)}
+  ckpt = saved_run(workdir, old)
+  new = {"encoder": {"w": jnp.zeros((2, 2))}, "new_head": jnp.full(4, 7.0)}
+  out = ckpt.restore(new, partial=True)
+  np.testing.assert_array_equal(out["encoder"]["w"], np.ones((2, 2)))
+  np.testing.assert_array_equal(out["new_head"], np.full(4, 7.0))
+  assert set(out) == {"encoder", "new_head"}
+  assert new["encoder"]["w"].is_deleted() and not new["new_head"].is_deleted()  # only read leaves are donated
+  with pytest.raises(kckpt.TreeMismatchError, match="encoder.w: saved"):
+    ckpt.restore({"encoder": {"w": jnp.zeros((3, 2))}, "new_head": jnp.zeros(4)}, partial=True)
+
+
+# -- Any layout ------------------------------------------------------------------
+
+
+def test_restore_onto_other_shardings_and_devices(workdir):
+  devices = np.array(jax.devices())
+  assert len(devices) >= 4, "tests/conftest.py asks for 4 CPU devices"
+  mesh = Mesh(devices[:4].reshape(2, 2), ("data", "model"))
+  value = np.arange(32, dtype=np.float32).reshape(8, 4)
+  sharded = jax.device_put(value, NamedSharding(mesh, P("data", "model")))
+  ckpt = saved_run(workdir, {"w": sharded})
+  targets = {
+      "replicated": NamedSharding(mesh, P()),
+      "other mesh": NamedSharding(Mesh(devices[:4].reshape(4, 1), ("x", "y")), P("x", None)),
+      "two devices": NamedSharding(Mesh(devices[2:4], ("d",)), P(None, "d")),
+      "one cpu": jax.sharding.SingleDeviceSharding(jax.devices()[3]),
+  }
+  for name, sharding in targets.items():
+    out = ckpt.restore({"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding)})["w"]
+    assert out.sharding == sharding, name
+    np.testing.assert_array_equal(np.asarray(out), value)
+
+
+def test_restore_single_device_save_onto_sharded_target(workdir):
+  ckpt = saved_run(workdir, {"w": jnp.arange(8.0)})
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+  target = jax.device_put(jnp.zeros(8), NamedSharding(mesh, P("d")))
+  out = ckpt.restore({"w": target})["w"]
+  assert len(out.sharding.device_set) == 4
+  np.testing.assert_array_equal(np.asarray(out), np.arange(8.0))
+
+
+# -- No target, metadata ----------------------------------------------------------
+
+
+def test_no_target_and_metadata_sizes(workdir):
+  state = {"w": jnp.ones((16, 8), jnp.bfloat16), "k": jax.random.key(0), "n": np.arange(10, dtype=np.int64)}
+  ckpt = saved_run(workdir, state)
+  meta = ckpt.item_metadata()
+  assert meta["w"] == jax.ShapeDtypeStruct((16, 8), jnp.bfloat16)
+  assert trees.tree_nbytes(meta) == 16 * 8 * 2 + 2 * 4 + 10 * 8
+  raw = ckpt.restore()
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(raw))
+  assert raw["k"].dtype == np.uint32  # typed keys come back as their key data without a target
+  restored = ckpt.restore(jax.tree.map(lambda x: x, state), donate=False)
+  assert jax.dtypes.issubdtype(restored["k"].dtype, jax.dtypes.prng_key)
+
+
+# -- Tags ---------------------------------------------------------------------------
+
+
+def test_tags_latest_and_best(workdir):
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=5, best_metric_path="acc")
+  for step, acc, tag in ((10, 0.5, "E1_U10"), (20, 0.9, "before-lr-drop"), (30, 0.7, None)):
+    ckpt.save({"v": np.asarray(float(step))}, step=step, metrics={"acc": acc}, tag=tag)
+  ckpt.wait_until_finished()
+  value = lambda step: float(ckpt.restore({"v": np.zeros(())}, step=step)["v"])  # noqa: E731
+  assert value("latest") == 30 and value(-1) == 30
+  assert value("best") == 20
+  assert value("E1_U10") == 10 and value("before-lr-drop") == 20
+  assert ckpt.step_details(20).tag == "before-lr-drop" and ckpt.step_details(30).tag is None
+  with pytest.raises(FileNotFoundError, match="No step .* has the tag 'nope'"):
+    ckpt.restore({"v": np.zeros(())}, step="nope")
+  for bad in ("", "latest", "12"):
+    with pytest.raises(ValueError, match="tag must be"):
+      ckpt.save({"v": np.zeros(())}, step=40, tag=bad)
+
+
+# -- PartialLoader --------------------------------------------------------------------
+
+
+def pretrained(workdir):
+  params = {
+      "encoder": {"layer_0": {"w": jnp.full((2, 3), 1.0), "b": jnp.full(3, 1.5)}, "layer_1": {"w": jnp.full((3, 3), 2.0), "b": jnp.full(3, 2.5)}},
+      "head": {"w": jnp.full((3, 1), 9.0)},
+  }
+  saved_run(workdir, {"params": params, "opt_state": optax.adam(0.1).init(params)}, step=100)
+  return params
+
+
+def fresh_state():
+  params = {
+      "encoder": {"layer_0": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "layer_1": {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}},
+      "decoder": {"block_0": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "block_1": {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}},
+      "head": {"w": jnp.zeros((3, 1))},
+  }
+  return {"params": params, "opt_state": optax.adam(0.1).init(params)}
+
+
+def test_partial_loader_encoder_to_decoder_with_globs(tmp_path):
+  pretrained(tmp_path / "pre")
+  loader = kckpt.PartialLoader(
+      workdir=tmp_path / "pre",
+      new_to_old={"params.encoder": "params.encoder", "params.decoder.block_*": "params.encoder.layer_*"},
+  )
+  state = fresh_state()
+  out = loader.transform(state)
+  np.testing.assert_array_equal(out["params"]["decoder"]["block_1"]["w"], np.full((3, 3), 2.0))
+  np.testing.assert_array_equal(out["params"]["encoder"]["layer_0"]["b"], np.full(3, 1.5))
+  np.testing.assert_array_equal(out["params"]["head"]["w"], np.zeros((3, 1)))  # not mapped
+  assert jax.tree.structure(out["opt_state"]) == jax.tree.structure(state["opt_state"])
+  np.testing.assert_array_equal(out["opt_state"][0].mu["encoder"]["layer_0"]["w"], np.zeros((2, 3)))  # opt_state left alone
+  assert loader.mapping(state)["params.decoder.block_0.b"] == "params.encoder.layer_0.b"
+
+
+def test_partial_loader_double_star_and_ignore_lists(tmp_path):
+  pretrained(tmp_path / "pre")
+  loader = kckpt.PartialLoader(
+      workdir=tmp_path / "pre", step=100,
+      new_to_old={"params.**": "params.**"},
+      ignore_new=["params.decoder"], ignore_old=["params.head"],
+  )
+  out = loader.transform(fresh_state())
+  np.testing.assert_array_equal(out["params"]["encoder"]["layer_1"]["b"], np.full(3, 2.5))
+  np.testing.assert_array_equal(out["params"]["head"]["w"], np.zeros((3, 1)))  # ignored on the source side
+  np.testing.assert_array_equal(out["params"]["decoder"]["block_0"]["w"], np.zeros((2, 3)))  # ignored on the target side
+
+
+def test_partial_loader_errors_name_the_key(tmp_path):
+  pretrained(tmp_path / "pre")
+  state = fresh_state()
+  with pytest.raises(kckpt.TransplantError, match="key 'params.nothing' matches no leaf"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.nothing": "params.encoder"}).transform(state)
+  with pytest.raises(kckpt.TransplantError, match="key 'params.decoder': target leaf params.decoder.block_0.b maps to params.missing.block_0.b"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.decoder": "params.missing"}).transform(state)
+  with pytest.raises(kckpt.TransplantError, match=r"key 'params.decoder.block_1': params.encoder.layer_0.w is \(2, 3\) float32 .* but params.decoder.block_1.w is \(3, 3\)"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.decoder.block_1": "params.encoder.layer_0"}).transform(state)
+  with pytest.raises(kckpt.TransplantError, match="same number of globs"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.*": "params.encoder"})
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    kckpt.PartialLoader(workdir=tmp_path / "empty", new_to_old={"params": "params"}).transform(state)
+
+
+def test_partial_loader_warm_starts_then_resume_is_normal(tmp_path):
+  pretrained(tmp_path / "pre")
+  loader = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.encoder": "params.encoder"})
+  ckpt = kckpt.Checkpointer(workdir=tmp_path / "new", save_interval_steps=1)
+
+  def start():
+    state = fresh_state()
+    return loader.transform(state) if ckpt.latest_step is None else ckpt.restore(state)
+
+  state = start()
+  np.testing.assert_array_equal(state["params"]["encoder"]["layer_0"]["w"], np.ones((2, 3)))
+  state["params"]["head"]["w"] = jnp.full((3, 1), 4.0)  # "training"
+  ckpt.save(state, step=1)
+  ckpt.wait_until_finished()
+  resumed = start()
+  np.testing.assert_array_equal(resumed["params"]["head"]["w"], np.full((3, 1), 4.0))
+
+
+def test_partial_loader_reads_only_the_mapped_item(tmp_path):
+  params = {"w": jnp.ones(3)}
+  saved_run(tmp_path / "pre", items.Composite(params=params, opt_state=optax.sgd(0.1).init(params)))
+  import shutil
+
+  shutil.rmtree(tmp_path / "pre" / "checkpoints" / "ckpt_1" / "opt_state")
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", item="params", new_to_old={"w": "w"}).transform({"w": jnp.zeros(3)})
+  np.testing.assert_array_equal(out["w"], np.ones(3))
