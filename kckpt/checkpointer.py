@@ -692,6 +692,7 @@ class Checkpointer(BaseCheckpointer):
     layout = _restore_layout(state, saved_items)
     reads, problems = [], []
     common: dict[str, set[str]] = {}  # partial restore: item -> paths read
+    metadata: dict[str, Any] = {}
     for name, item in layout.items.items():
       if name not in saved_items:
         problems.append(f"{name}: no such item in step {step} (it has: {sorted(n for n in saved_items if n not in steps_lib.RESERVED_ITEMS)})")
@@ -699,7 +700,8 @@ class Checkpointer(BaseCheckpointer):
       fmt = _orbax.item_format(saved_items[name]) if item is None else item.format
       target = None if item is None or fmt == "json" else item.restore_target()
       if target is not None:
-        saved = _orbax.saved_leaf_specs(step_path / name)
+        metadata[name] = _orbax.pytree_metadata(step_path / name)
+        saved = _orbax.saved_leaf_specs(step_path / name, metadata[name])
         wanted = {path: trees.leaf_spec(leaf) for path, leaf in trees.flatten_with_paths(target).items()}
         prefix = "" if layout.kind == "single" else f"{name}/"
         if partial:
@@ -717,31 +719,23 @@ class Checkpointer(BaseCheckpointer):
           problems=problems,
       )
     restored = {}
-    whole = []
-    for name, item, fmt, target in reads:
-      if name not in common:
-        whole.append((name, item, fmt, target))
-        continue
-      # Partial: read the leaves both trees have; keep the target's other leaves.
-      leaves = trees.flatten_with_paths(target)
-      abstract = {p: _orbax.abstract_target(leaves[p]) for p in common[name]}
-      if donate:
-        _orbax.release([leaves[p] for p in common[name]])
-      read = _orbax.read_leaves(step_path / name, abstract) if abstract else {}
-      value = trees.replace_leaves(target, read)
-      restored[name] = item.from_restored(_orbax.match_scalar_types(target, value))
-    abstract = {name: _orbax.abstract_target(target) if target is not None else None for name, _, _, target in whole}
-    if donate:
-      for _, _, _, target in whole:
-        if target is not None:
-          _orbax.release(target)
-    if whole:
-      raw = _orbax.read_items(
-          step_path, [_orbax.ItemRead(name=name, format=fmt, target=abstract[name]) for name, _, fmt, _ in whole]
-      )
-      for name, item, _, target in whole:
-        value = raw[name] if target is None else _orbax.match_scalar_types(target, raw[name])
-        restored[name] = item.from_restored(value) if item is not None else value
+    # Items read as saved (JSON, or no target) in one Orbax call.
+    as_saved = [(name, fmt) for name, _, fmt, target in reads if target is None]
+    if as_saved:
+      raw = _orbax.read_items(step_path, [_orbax.ItemRead(name=name, format=fmt) for name, fmt in as_saved])
+      restored.update(raw)
+    for name, item, _, target in reads:
+      if target is not None:
+        if name in common:  # partial: read the leaves both trees have, keep the target's others
+          leaves = trees.flatten_with_paths(target)
+          subset = {p: leaves[p] for p in sorted(common[name])}  # keyed by path: flattens to the same paths
+          read = _orbax.read_tree_into(step_path / name, subset, donate=donate, metadata=metadata[name]) if subset else {}
+          value = trees.replace_leaves(target, read)
+        else:
+          value = _orbax.read_tree_into(step_path / name, target, donate=donate, metadata=metadata[name])
+        restored[name] = _orbax.match_scalar_types(target, value)
+      if item is not None:
+        restored[name] = item.from_restored(restored[name])
     return layout.rebuild({name: restored[name] for name, _, _, _ in reads})
 
   def item_metadata(self, step: StepSpec = -1) -> Any:

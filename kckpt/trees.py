@@ -95,9 +95,9 @@ def tree_nbytes(tree: PyTree) -> int:
   """
   total = 0
   for leaf in jax.tree.leaves(tree):
-    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
-    if shape is not None and dtype is not None:
-      total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    spec = leaf_spec(leaf)  # typed PRNG keys count as their key data
+    if spec.dtype is not None:
+      total += int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.itemsize
   return total
 
 

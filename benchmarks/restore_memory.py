@@ -1,0 +1,99 @@
+"""Peak memory of a restore: kckpt with and without donation, next to raw Orbax.
+
+Each restore runs in a fresh process that first builds the target state (as a
+training job would), then restores into it; the number reported is how much
+the process's peak resident memory grew during the restore, as a fraction of
+the state's size. Goal: a donated restore adds less than 25% of the state.
+
+    python -m benchmarks.restore_memory [--mb 512] [--leaves 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODES = ("kckpt_donate", "kckpt_no_donate", "orbax")
+
+
+def make_state(megabytes: int, leaves: int, fill: float):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  n = megabytes * 1024 * 1024 // 4 // leaves
+  return {f"w{i}": jnp.full((n,), fill + i, jnp.float32) for i in range(leaves)}
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def child(workdir: str, mode: str, megabytes: int, leaves: int) -> dict:
+  """Builds the target, restores into it, returns the growth of peak RSS."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  target = make_state(megabytes, leaves, fill=0.0)
+  jax.block_until_ready(target)
+  before = peak_rss_bytes()
+  if mode == "orbax":
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    with ocp.CheckpointManager(Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(step_prefix="ckpt", create=False)) as mngr:
+      restored = mngr.restore(1, args=ocp.args.StandardRestore(target))
+  else:
+    import kckpt  # pylint: disable=g-import-not-at-top
+
+    restored = kckpt.Checkpointer.open(workdir).restore(target, donate=mode == "kckpt_donate")
+  jax.block_until_ready(restored)
+  after = peak_rss_bytes()
+  assert float(restored["w1"][0]) == 1.0 + 1.0
+  return {"mode": mode, "added_bytes": after - before, "state_bytes": megabytes * 1024 * 1024}
+
+
+def measure(megabytes: int = 512, leaves: int = 8) -> dict:
+  import kckpt  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory(prefix="kckpt_bench_mem_") as workdir:
+    with kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False) as ckpt:
+      ckpt.save(make_state(megabytes, leaves, fill=1.0), step=1)
+    results = {}
+    for mode in MODES:
+      out = subprocess.run(
+          [sys.executable, "-m", "benchmarks.restore_memory", "--child", mode, "--workdir", workdir,
+           "--mb", str(megabytes), "--leaves", str(leaves)],
+          capture_output=True, text=True, timeout=600,
+          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      )
+      if out.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{out.stderr[-3000:]}")
+      results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+  return {"state_mb": megabytes, "leaves": leaves, "results": results}
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--mb", type=int, default=512)
+  parser.add_argument("--leaves", type=int, default=8)
+  parser.add_argument("--json", type=Path, default=None)
+  parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+  parser.add_argument("--workdir", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    print(json.dumps(child(args.workdir, args.child, args.mb, args.leaves)))
+    return {}
+  report = measure(args.mb, args.leaves)
+  print(f"restore of a {args.mb} MB float32 state in {args.leaves} arrays: growth of peak RSS during restore")
+  for mode, r in report["results"].items():
+    print(f"  {mode:>16}: {r['added_bytes'] / 2**20:8.1f} MB  ({r['added_bytes'] / r['state_bytes']:.0%} of the state)")
+  if args.json:
+    args.json.write_text(json.dumps(report, indent=2))
+  return report
+
+
+if __name__ == "__main__":
+  main()
