@@ -8,6 +8,7 @@
 
 from kckpt import items
 from kckpt import policies
+from kckpt import trees
 from kckpt.checkpointer import BaseCheckpointer, Checkpointer, NoopCheckpointer
 from kckpt.errors import (
     BackgroundSaveError,
@@ -34,6 +35,7 @@ __all__ = [
     "TreeMismatchError",
     "items",
     "policies",
+    "trees",
     "clear_end_marker",
     "trainer_finished",
     "write_end_marker",

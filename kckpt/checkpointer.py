@@ -786,7 +786,8 @@ class Checkpointer(BaseCheckpointer):
     for d in details:
       when = d.time.strftime("%Y-%m-%d %H:%M:%S UTC") if d.time else "?"
       metrics = _flat_metrics(d.metrics)
-      lines.append(f"  step {d.step:>8}  {when}  items: {', '.join(d.user_items)}" + (f"  {metrics}" if metrics else ""))
+      tag = f"  tag: {d.tag}" if d.tag else ""
+      lines.append(f"  step {d.step:>8}  {when}  items: {', '.join(d.user_items)}{tag}" + (f"  {metrics}" if metrics else ""))
     return "\n".join(lines)
 
   def _repr_html_(self) -> str:
