@@ -13,6 +13,8 @@ from kckpt.checkpointer import BaseCheckpointer, Checkpointer, NoopCheckpointer
 from kckpt.errors import (
     BackgroundSaveError,
     CheckpointNotFoundError,
+    CheckpointReadError,
+    ConcurrentWriterError,
     ReadOnlyCheckpointerError,
     StepAlreadyExistsError,
     TreeMismatchError,
@@ -26,6 +28,8 @@ __all__ = [
     "BackgroundSaveError",
     "BaseCheckpointer",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
+    "ConcurrentWriterError",
     "Checkpointer",
     "NoopCheckpointer",
     "PartialLoader",

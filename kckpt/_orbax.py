@@ -13,8 +13,11 @@ rejects `Composite` args once it sees a ``default/`` folder).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,6 +31,7 @@ from kckpt import steps as steps_lib
 from kckpt import trees
 from kckpt._types import Metrics, PyTree, Step
 from kckpt.errors import BackgroundSaveError
+from orbax.checkpoint._src.path import atomicity as _atomicity  # Orbax 0.12 internal: see DurableRenameTemporaryPath
 
 MultiprocessingOptions = ocp.options.MultiprocessingOptions
 
@@ -73,6 +77,95 @@ class _Preservation:
     return list(self._decide([c.step for c in checkpoints]))
 
 
+DELETING_SUFFIX = steps_lib.TMP_MARKER + "-deleted"
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in str(path)
+
+
+class _RenameThenDelete:
+  """Deletes a step by renaming it out of sight first, then removing it.
+
+  Orbax removes a step folder file by file, so a reader could list the step
+  and then find half of it gone. Renaming first is atomic on a local or POSIX
+  file system: a reader sees the whole step or no step. The new name carries
+  Orbax's temporary-folder marker, so a crash mid-delete leaves a folder that
+  the next writer cleans up. Object stores keep Orbax's own deleter.
+  """
+
+  def __init__(self, directory: epath.Path, primary_host: int | None):
+    self._directory = directory
+    self._primary_host = primary_host
+
+  def _is_primary(self) -> bool:
+    return self._primary_host is None or jax.process_index() == self._primary_host
+
+  def delete(self, step: Step) -> None:
+    if not self._is_primary():
+      return
+    path = steps_lib.step_dir(self._directory, step)
+    doomed = path.parent / f"{path.name}{DELETING_SUFFIX}"
+    try:
+      os.rename(path, doomed)
+    except FileNotFoundError:
+      logging.getLogger("kckpt").warning("Step %d was already gone from %s", step, self._directory)
+      return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+  def delete_steps(self, steps: Sequence[Step]) -> None:
+    for step in steps:
+      self.delete(step)
+
+  def close(self) -> None:
+    pass
+
+
+def _fsync_tree(root: str) -> None:
+  """fsyncs every file and folder under `root` (and `root` itself)."""
+  for folder, _, files in os.walk(root):
+    for name in files:
+      _fsync_path(os.path.join(folder, name))
+    _fsync_path(folder)
+
+
+def _fsync_path(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except FileNotFoundError:
+    return
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _fsync_after_rename(final: str) -> None:
+  """The files `finalize` wrote last, the step folder and its parent (the rename)."""
+  for name in (steps_lib.COMMIT_MARKER, steps_lib.STEP_METADATA_FILE):
+    _fsync_path(os.path.join(final, name))
+  _fsync_path(final)
+  _fsync_path(os.path.dirname(final))
+
+
+class DurableRenameTemporaryPath(_atomicity.AtomicRenameTemporaryPath):
+  """Orbax's atomic rename, with everything flushed to stable storage first.
+
+  TensorStore already fsyncs array data, but the JSON files (tree metadata,
+  metrics, step metadata) and the folders are written without it, so after a
+  power loss a step that was renamed "finished" could hold empty files.
+  Before the rename every file and folder of the step is fsynced; after it,
+  the step and its parent folder (so that the rename itself is durable).
+  """
+
+  async def finalize(self, *args, **kwargs):
+    tmp = str(self.get())
+    await asyncio.to_thread(_fsync_tree, tmp)
+    await super().finalize(*args, **kwargs)
+    final = str(self.get_final())
+    await asyncio.to_thread(_fsync_after_rename, final)
+
+
 def _host_local_to_numpy(tree: PyTree) -> PyTree:
   """In a multi-process run, arrays held by one process are saved as replicated.
 
@@ -108,7 +201,9 @@ class Writer:
       multiprocessing_options: MultiprocessingOptions | None,
       decide_preservation: Callable[[Sequence[Step]], Sequence[bool]],
       async_timeout_secs: int | None = None,
+      durable: bool = True,
   ):
+    local = _is_local(directory)
     options = ocp.CheckpointManagerOptions(
         step_prefix=steps_lib.STEP_PREFIX,
         create=True,
@@ -125,9 +220,16 @@ class Writer:
         lightweight_initialize=True,
         # A crash mid-save leaves a temporary folder; remove it before saving again.
         cleanup_tmp_directories=True,
+        temporary_path_class=DurableRenameTemporaryPath if (durable and local) else None,
     )
     self.directory = directory
     self._manager = ocp.CheckpointManager(directory, options=options)
+    if local:
+      # Orbax 0.12 internal: the manager's deleter, replaced so that readers
+      # never see a half-deleted step (see _RenameThenDelete).
+      self._manager._checkpoint_deleter = _RenameThenDelete(  # pylint: disable=protected-access
+          directory, (multiprocessing_options or MultiprocessingOptions()).primary_host
+      )
     self._in_flight: Step | None = None
     self._lock = threading.Lock()
 
@@ -351,9 +453,35 @@ def read_tree_into(item_dir: epath.Path, target: PyTree, *, donate: bool, metada
     release(list(leaves.values()))
   restored: dict[str, Any] = {}
   for batch in batches:
-    if batch:
+    if not batch:
+      continue
+    try:
       restored.update(read_leaves(item_dir, {path: abstract[path] for path in batch}, metadata=metadata))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise LeafReadError(_unreadable_leaves(item_dir, batch, abstract, metadata), e) from e
   return trees.replace_leaves(target, restored)
+
+
+class LeafReadError(Exception):
+  """Some leaves of an item could not be read; names them."""
+
+  def __init__(self, leaves: Sequence[str], cause: BaseException):
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0].split(" See full TensorStore")[0]
+    if len(first_line) > 300:
+      first_line = first_line[:300] + "..."
+    super().__init__(f"unreadable leaves {list(leaves)}: {type(cause).__name__}: {first_line}")
+    self.leaves = tuple(leaves)
+
+
+def _unreadable_leaves(item_dir: epath.Path, paths: Sequence[str], abstract: Mapping[str, Any], metadata: PyTree) -> list[str]:
+  """On the error path only: reads the leaves one by one to name those at fault."""
+  bad = []
+  for path in paths:
+    try:
+      read_leaves(item_dir, {path: abstract[path]}, metadata=metadata)
+    except Exception:  # pylint: disable=broad-exception-caught
+      bad.append(path)
+  return bad or list(paths)
 
 
 def read_items(step_path: epath.Path, reads: Sequence[ItemRead]) -> dict[str, Any]:

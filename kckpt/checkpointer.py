@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -23,6 +24,7 @@ from etils import epath
 
 from kckpt import _orbax
 from kckpt import items as items_lib
+from kckpt import lock as lock_lib
 from kckpt import markers
 from kckpt import multihost
 from kckpt import policies
@@ -32,6 +34,7 @@ from kckpt import watch
 from kckpt._types import Metrics, PathLike, Step
 from kckpt.errors import (
     CheckpointNotFoundError,
+    CheckpointReadError,
     ReadOnlyCheckpointerError,
     StepAlreadyExistsError,
     TreeMismatchError,
@@ -147,6 +150,7 @@ class _Runtime:
   """Mutable state of one `Checkpointer` instance (never part of its identity)."""
 
   writer: _orbax.Writer | None = None
+  writer_lock: lock_lib.WriterLock | None = None
   listing: steps_lib.StepListing | None = None
   records: dict[Step, policies.StepRecord] = dataclasses.field(default_factory=dict)
   last_save_time: float = dataclasses.field(default_factory=time.time)
@@ -188,6 +192,12 @@ class Checkpointer(BaseCheckpointer):
       returns the score.
     async_timeout_secs: how long a background save may wait for the other
       processes before failing (None: Orbax's default).
+    durable: flush every file of a step to stable storage before it is marked
+      finished (local file systems), so a power loss cannot leave a finished
+      step with empty files.
+    lock_stale_secs: a second writer on this workdir fails at its first save
+      (`ConcurrentWriterError`) unless the first one's lock has not been
+      refreshed for this long (see `kckpt.lock`).
 
   Example:
 
@@ -216,6 +226,8 @@ class Checkpointer(BaseCheckpointer):
   never_save_step_zero: bool = False
   best_fn: Callable[[Metrics], float] | None = None
   async_timeout_secs: int | None = None
+  durable: bool = True
+  lock_stale_secs: float = 60.0
 
   def __post_init__(self):
     _check_positive_int("save_interval_steps", self.save_interval_steps)
@@ -310,6 +322,11 @@ class Checkpointer(BaseCheckpointer):
         if epath.Path(self.workdir).exists() and not epath.Path(self.workdir).is_dir():
           raise ValueError(f"Checkpointer.workdir {self.workdir} exists and is not a folder")
         if multihost.is_primary():
+          # Before the Orbax manager: opening it cleans up temporary folders,
+          # which could be another live writer's step in progress.
+          writer_lock = lock_lib.WriterLock(directory, stale_secs=self.lock_stale_secs)
+          writer_lock.acquire()
+          rt.writer_lock = writer_lock
           markers.clear_end_marker(self.workdir)  # saving again: the run is not finished
         rt.writer = _orbax.Writer(
             directory,
@@ -317,6 +334,7 @@ class Checkpointer(BaseCheckpointer):
             multiprocessing_options=self.multiprocessing_options,
             decide_preservation=self._decide_preservation,
             async_timeout_secs=self.async_timeout_secs,
+            durable=self.durable,
         )
       return rt.writer
 
@@ -422,6 +440,8 @@ class Checkpointer(BaseCheckpointer):
     step = _check_step(step)
     writer = self._writer()
     writer.poll()
+    if self._rt.writer_lock is not None:
+      self._rt.writer_lock.check()
     layout = items_lib.layout_of(state)
     writes = _item_writes(layout)
     json_metrics = self._check_metrics(metrics, step)
@@ -569,11 +589,14 @@ class Checkpointer(BaseCheckpointer):
     rt = self._rt
     with rt.lock:
       writer, rt.writer = rt.writer, None
-    if writer is not None:
-      try:
+      writer_lock, rt.writer_lock = rt.writer_lock, None
+    try:
+      if writer is not None:
         writer.close()
-      finally:
-        self.reload()
+    finally:
+      if writer_lock is not None:
+        writer_lock.release()
+      self.reload()
 
   # -- Restoring ------------------------------------------------------------
 
@@ -678,9 +701,7 @@ class Checkpointer(BaseCheckpointer):
     step_path = steps_lib.step_dir(self.directory, step)
     try:
       return self._restore_step(state, step, step_path, donate=donate, partial=partial)
-    except TreeMismatchError:
-      raise
-    except Exception as e:
+    except (CheckpointReadError, FileNotFoundError) as e:
       if not step_path.exists():  # e.g. the trainer's retention removed it mid-read
         raise CheckpointNotFoundError(
             f"Step {step} was deleted from {self.directory} while it was being restored"
@@ -689,6 +710,12 @@ class Checkpointer(BaseCheckpointer):
 
   def _restore_step(self, state: Any, step: Step, step_path: epath.Path, *, donate: bool, partial: bool) -> Any:
     saved_items = _orbax.item_handler_names(step_path)
+    if not any(name not in steps_lib.RESERVED_ITEMS for name in saved_items):
+      raise CheckpointReadError(
+          f"Cannot read step {step} of {self.directory}: {step_path} holds no checkpoint item"
+          " (no _CHECKPOINT_METADATA and no item folder)",
+          step=step,
+      )
     layout = _restore_layout(state, saved_items)
     reads, problems = [], []
     common: dict[str, set[str]] = {}  # partial restore: item -> paths read
@@ -700,7 +727,8 @@ class Checkpointer(BaseCheckpointer):
       fmt = _orbax.item_format(saved_items[name]) if item is None else item.format
       target = None if item is None or fmt == "json" else item.restore_target()
       if target is not None:
-        metadata[name] = _orbax.pytree_metadata(step_path / name)
+        with _reading(step, name, step_path / name):
+          metadata[name] = _orbax.pytree_metadata(step_path / name)
         saved = _orbax.saved_leaf_specs(step_path / name, metadata[name])
         wanted = {path: trees.leaf_spec(leaf) for path, leaf in trees.flatten_with_paths(target).items()}
         prefix = "" if layout.kind == "single" else f"{name}/"
@@ -722,17 +750,20 @@ class Checkpointer(BaseCheckpointer):
     # Items read as saved (JSON, or no target) in one Orbax call.
     as_saved = [(name, fmt) for name, _, fmt, target in reads if target is None]
     if as_saved:
-      raw = _orbax.read_items(step_path, [_orbax.ItemRead(name=name, format=fmt) for name, fmt in as_saved])
+      with _reading(step, ", ".join(name for name, _ in as_saved), step_path):
+        raw = _orbax.read_items(step_path, [_orbax.ItemRead(name=name, format=fmt) for name, fmt in as_saved])
       restored.update(raw)
     for name, item, _, target in reads:
       if target is not None:
         if name in common:  # partial: read the leaves both trees have, keep the target's others
           leaves = trees.flatten_with_paths(target)
           subset = {p: leaves[p] for p in sorted(common[name])}  # keyed by path: flattens to the same paths
-          read = _orbax.read_tree_into(step_path / name, subset, donate=donate, metadata=metadata[name]) if subset else {}
+          with _reading(step, name, step_path / name):
+            read = _orbax.read_tree_into(step_path / name, subset, donate=donate, metadata=metadata[name]) if subset else {}
           value = trees.replace_leaves(target, read)
         else:
-          value = _orbax.read_tree_into(step_path / name, target, donate=donate, metadata=metadata[name])
+          with _reading(step, name, step_path / name):
+            value = _orbax.read_tree_into(step_path / name, target, donate=donate, metadata=metadata[name])
         restored[name] = _orbax.match_scalar_types(target, value)
       if item is not None:
         restored[name] = item.from_restored(restored[name])
@@ -855,6 +886,19 @@ class Checkpointer(BaseCheckpointer):
         poll_interval_secs=poll_interval_secs,
         only_newest=only_newest,
     )
+
+
+@contextlib.contextmanager
+def _reading(step: Step, item: str, path: epath.Path) -> Iterator[None]:
+  """Turns an error of Orbax/TensorStore while reading into one that names the step and item."""
+  try:
+    yield
+  except (CheckpointReadError, TreeMismatchError):
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointReadError(
+        f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}", step=step, item=item
+    ) from e
 
 
 def _check_tag(tag: str | None) -> None:

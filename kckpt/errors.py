@@ -48,3 +48,20 @@ class BackgroundSaveError(RuntimeError):
 
 class ReadOnlyCheckpointerError(PermissionError):
   """A write (save, delete) was asked of a `Checkpointer(create=False)`."""
+
+
+class CheckpointReadError(OSError):
+  """A step could not be read: a missing, truncated or corrupted file.
+
+  The message names the step, the item and the file or error at fault.
+  Other steps are not affected (`latest_step` and listing keep working).
+  """
+
+  def __init__(self, message: str, *, step: int | None = None, item: str | None = None):
+    super().__init__(message)
+    self.step = step
+    self.item = item
+
+
+class ConcurrentWriterError(RuntimeError):
+  """Another live process is already writing checkpoints to this workdir."""

@@ -63,3 +63,13 @@ def test_kill_during_save_leaves_no_partial_step(tmp_path, mode, delay):
   names = os.listdir(workdir / "checkpoints")
   assert not [n for n in names if "tmp" in n], names
   assert kckpt.Checkpointer.open(workdir).all_steps == steps + [next_step]
+
+
+STRESS_TRIALS = [("async" if i % 2 else "sync", round(0.05 * i, 2)) for i in range(20)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, delay", STRESS_TRIALS, ids=[f"{m}-{d}s" for m, d in STRESS_TRIALS])
+def test_kill_stress(tmp_path, mode, delay):
+  """20 kills spread over the whole save (0 to 1 s after it starts), async and sync."""
+  test_kill_during_save_leaves_no_partial_step(tmp_path, mode, delay)
