@@ -581,9 +581,6 @@ class StepRef:
   def path(self) -> epath.Path:
     return self.location.step_path(self.step)
 
-  def __str__(self) -> str:
-    return str(self.path)
-
 
 _RUN_AT_STEP = re.compile(r"^(?P<run>.*)@(?P<step>\d+|latest)$")
 
@@ -1033,8 +1030,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
       continue  # deleted by the run's retention before we looked
     metrics = flatten_metrics(details.metrics)
     if args.json:
-      json.dump({"step": step, "time": iso_time(details.time), "path": str(details.path),
-                 "items": list(details.user_items), "metrics": metrics}, sys.stdout)
+      json.dump(_jsonable({"step": step, "time": iso_time(details.time), "path": str(details.path),
+                           "items": list(details.user_items), "metrics": metrics}), sys.stdout)
       sys.stdout.write("\n")
     else:
       shown = "  ".join(f"{k}={format_number(v)}" for k, v in metrics.items())
