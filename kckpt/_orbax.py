@@ -501,3 +501,114 @@ def release(tree: PyTree) -> None:
 
 def item_handler_names(step_path: epath.Path) -> Mapping[str, str]:
   return steps_lib.read_item_names(step_path)
+
+
+# ---------------------------------------------------------------------------
+# Reading a few leaves at a time (the `kckpt` command: tree, diff, verify, export)
+# ---------------------------------------------------------------------------
+
+_LEAF_KINDS = {"ArrayMetadata": "array", "ScalarMetadata": "scalar", "StringMetadata": "string"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedLeaf:
+  """One saved leaf as the item's metadata describes it (no data read).
+
+  Attributes:
+    path: dotted pytree path (``params.dense.w``).
+    kind: ``"array"``, ``"scalar"`` or ``"string"`` (Orbax's metadata type
+      name for anything else).
+    shape: the shape (``()`` for a scalar; None when unknown, e.g. a string).
+    dtype: the dtype (None when unknown).
+  """
+
+  path: str
+  kind: str
+  shape: tuple[int, ...] | None
+  dtype: np.dtype | None
+
+  @property
+  def nbytes(self) -> int | None:
+    """Bytes of the leaf in memory (None for strings and unknown leaves)."""
+    if self.shape is None or self.dtype is None:
+      return None
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _saved_leaf(path: str, meta: Any) -> SavedLeaf:
+  kind = _LEAF_KINDS.get(type(meta).__name__, type(meta).__name__)
+  shape = getattr(meta, "shape", None)
+  dtype = getattr(meta, "dtype", None)
+  return SavedLeaf(
+      path=path,
+      kind=kind,
+      shape=tuple(shape) if shape is not None else None,
+      dtype=np.dtype(dtype) if dtype is not None else None,
+  )
+
+
+class LeafReader:
+  """Reads the leaves of one saved pytree item, a few at a time.
+
+  Orbax is asked for the named leaves only (every other leaf is a
+  `PLACEHOLDER`, which Orbax skips), so memory holds what one `read` returns,
+  never the whole tree. Arrays are read as NumPy arrays, scalars and strings
+  as Python values. Never writes.
+
+  Attributes:
+    item_dir: the item's folder (``.../ckpt_10/params``).
+    leaves: dotted path -> `SavedLeaf`, in the tree's order.
+  """
+
+  def __init__(self, item_dir: epath.Path):
+    self.item_dir = epath.Path(item_dir)
+    self._template = pytree_metadata(self.item_dir)
+    self._keypaths: dict[str, tuple[Any, ...]] = {}
+    self.leaves: dict[str, SavedLeaf] = {}
+    for keypath, meta in jax.tree_util.tree_flatten_with_path(self._template)[0]:
+      path = trees.path_str(keypath)
+      self._keypaths[path] = keypath
+      self.leaves[path] = _saved_leaf(path, meta)
+
+  def read(self, paths: Sequence[str]) -> dict[str, Any]:
+    """Reads the leaves at `paths` (dotted paths of `leaves`); only those."""
+    wanted = {self._keypaths[p] for p in paths}
+    if not wanted:
+      return {}
+
+    def restore_arg(keypath, meta):
+      if keypath not in wanted:
+        return ocp.PLACEHOLDER
+      if type(meta).__name__ == "ArrayMetadata":
+        return ocp.RestoreArgs(restore_type=np.ndarray)
+      return ocp.RestoreArgs()  # scalars and strings come back as Python values
+
+    item = jax.tree_util.tree_map_with_path(restore_arg, self._template)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      restored = handler.restore(self.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=item))
+    finally:
+      handler.close()
+    return {
+        trees.path_str(keypath): value
+        for keypath, value in jax.tree_util.tree_flatten_with_path(restored)[0]
+        if keypath in wanted
+    }
+
+  def rebuild(self, values: Mapping[str, Any], *, top_level_key: str | None = None) -> PyTree:
+    """The saved tree (or its `top_level_key` subtree) with `values` as leaves.
+
+    `values` maps dotted paths to leaves and must hold every leaf of the
+    (sub)tree.
+    """
+    template = self._template
+    if top_level_key is not None:
+      template = template[top_level_key]
+      prefix = (jax.tree_util.DictKey(top_level_key),)
+    else:
+      prefix = ()
+    return jax.tree_util.tree_map_with_path(lambda keypath, _: values[trees.path_str(prefix + keypath)], template)
+
+  def top_level_keys(self) -> list[str]:
+    """The keys of the saved tree's top level when it is a dict (else empty)."""
+    return [str(k) for k in self._template] if isinstance(self._template, Mapping) else []

@@ -222,3 +222,37 @@ def steps_repr(steps: Sequence[Step], limit: int = 8) -> str:
   head = ", ".join(map(str, steps[: limit // 2]))
   tail = ", ".join(map(str, steps[-(limit // 2) :]))
   return f"[{head}, ... {len(steps) - limit} more ..., {tail}]"
+
+
+DELETING_SUFFIX = f"{TMP_MARKER}-deleting"
+
+
+def remove_step_folder(checkpoints: epath.Path, step: Step) -> bool:
+  """Deletes one finished step folder so that no reader ever sees half of it.
+
+  On a local or POSIX file system the folder is first renamed to
+  ``ckpt_<step>.orbax-checkpoint-tmp-deleting`` (atomic: listings stop
+  reporting the step at once; a leftover after a crash is an unfinished folder
+  that Orbax cleans up), then removed. On object stores, where a rename is a
+  copy, the commit marker goes first, then the files. For tools that delete
+  steps without an Orbax manager (the ``kckpt gc`` command).
+
+  Returns:
+    False when the step was not there (deleted meanwhile by someone else).
+  """
+  path = step_dir(checkpoints, step)
+  if uses_commit_marker(path):
+    if not path.exists():
+      return False
+    (path / COMMIT_MARKER).unlink(missing_ok=True)
+    path.rmtree(missing_ok=True)
+    return True
+  doomed = checkpoints / f"{path.name}{DELETING_SUFFIX}"
+  if doomed.exists():  # left by an earlier deletion that was interrupted
+    doomed.rmtree(missing_ok=True)
+  try:
+    os.rename(path, doomed)
+  except FileNotFoundError:
+    return False
+  doomed.rmtree(missing_ok=True)
+  return True
