@@ -17,7 +17,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -77,41 +76,28 @@ class _Preservation:
     return list(self._decide([c.step for c in checkpoints]))
 
 
-DELETING_SUFFIX = steps_lib.TMP_MARKER + "-deleted"
-
-
 def _is_local(path: epath.Path) -> bool:
   return "://" not in str(path)
 
 
 class _RenameThenDelete:
-  """Deletes a step by renaming it out of sight first, then removing it.
+  """Orbax deleter that removes steps with `steps.remove_step_folder`.
 
   Orbax removes a step folder file by file, so a reader could list the step
-  and then find half of it gone. Renaming first is atomic on a local or POSIX
-  file system: a reader sees the whole step or no step. The new name carries
-  Orbax's temporary-folder marker, so a crash mid-delete leaves a folder that
-  the next writer cleans up. Object stores keep Orbax's own deleter.
+  and then find half of it gone; renaming first is atomic on a local or POSIX
+  file system, so a reader sees the whole step or no step. Only the primary
+  process deletes.
   """
 
   def __init__(self, directory: epath.Path, primary_host: int | None):
     self._directory = directory
     self._primary_host = primary_host
 
-  def _is_primary(self) -> bool:
-    return self._primary_host is None or jax.process_index() == self._primary_host
-
   def delete(self, step: Step) -> None:
-    if not self._is_primary():
+    if self._primary_host is not None and jax.process_index() != self._primary_host:
       return
-    path = steps_lib.step_dir(self._directory, step)
-    doomed = path.parent / f"{path.name}{DELETING_SUFFIX}"
-    try:
-      os.rename(path, doomed)
-    except FileNotFoundError:
+    if not steps_lib.remove_step_folder(self._directory, step):
       logging.getLogger("kckpt").warning("Step %d was already gone from %s", step, self._directory)
-      return
-    shutil.rmtree(doomed, ignore_errors=True)
 
   def delete_steps(self, steps: Sequence[Step]) -> None:
     for step in steps:
@@ -387,13 +373,20 @@ def match_scalar_types(target: PyTree, restored: PyTree) -> PyTree:
 def _restore_args(read: ItemRead, item_dir: epath.Path) -> ocp.args.CheckpointArgs:
   if read.format == "json":
     return ocp.args.JsonRestore()
-  if read.target is None:
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), pytree_metadata(item_dir))
-    return ocp.args.PyTreeRestore(item=None, restore_args=as_numpy)
+  if read.target is None:  # as saved: NumPy arrays, Python scalars, strings
+    as_saved = jax.tree.map(_as_saved_restore_args, pytree_metadata(item_dir))
+    return ocp.args.PyTreeRestore(item=None, restore_args=as_saved)
   return ocp.args.PyTreeRestore(
       item=read.target,
       restore_args=ocp.checkpoint_utils.construct_restore_args(read.target),
   )
+
+
+def _as_saved_restore_args(meta: Any) -> ocp.RestoreArgs:
+  """Restore arguments for one saved leaf with no target: arrays as NumPy, scalars and strings as Python."""
+  if type(meta).__name__ == "ArrayMetadata":
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=getattr(meta, "dtype", None))
+  return ocp.checkpoint_utils.construct_restore_args(meta)
 
 
 def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTree = None) -> dict[str, Any]:
@@ -410,15 +403,20 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
     if path not in wanted:
       return ocp.PLACEHOLDER
     target = wanted[path]
-    if target is None:
-      shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
-      return np.zeros(shape, dtype) if shape is not None and dtype is not None else meta
-    return target
+    # No target: the saved metadata, from which Orbax restores arrays as NumPy,
+    # scalars as Python numbers and strings as str.
+    return meta if target is None else target
 
   if metadata is None:
     metadata = pytree_metadata(item_dir)
   item = jax.tree_util.tree_map_with_path(select, metadata)
-  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+
+  def args_for(keypath, leaf):
+    if trees.path_str(keypath) in wanted and wanted[trees.path_str(keypath)] is None:
+      return _as_saved_restore_args(leaf)
+    return ocp.checkpoint_utils.construct_restore_args(leaf)
+
+  restore_args = jax.tree_util.tree_map_with_path(args_for, item)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
     restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
@@ -572,28 +570,7 @@ class LeafReader:
 
   def read(self, paths: Sequence[str]) -> dict[str, Any]:
     """Reads the leaves at `paths` (dotted paths of `leaves`); only those."""
-    wanted = {self._keypaths[p] for p in paths}
-    if not wanted:
-      return {}
-
-    def restore_arg(keypath, meta):
-      if keypath not in wanted:
-        return ocp.PLACEHOLDER
-      if type(meta).__name__ == "ArrayMetadata":
-        return ocp.RestoreArgs(restore_type=np.ndarray)
-      return ocp.RestoreArgs()  # scalars and strings come back as Python values
-
-    item = jax.tree_util.tree_map_with_path(restore_arg, self._template)
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      restored = handler.restore(self.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=item))
-    finally:
-      handler.close()
-    return {
-        trees.path_str(keypath): value
-        for keypath, value in jax.tree_util.tree_flatten_with_path(restored)[0]
-        if keypath in wanted
-    }
+    return read_leaves(self.item_dir, {p: None for p in paths}, metadata=self._template) if paths else {}
 
   def rebuild(self, values: Mapping[str, Any], *, top_level_key: str | None = None) -> PyTree:
     """The saved tree (or its `top_level_key` subtree) with `values` as leaves.

@@ -425,7 +425,7 @@ def test_gc_asks_on_a_terminal(composite_run, tmp_path):
   run = copy_run(composite_run, tmp_path)
   status, shown = run_on_terminal(["gc", run, "--max-to-keep", "3"], prompt="[y/N]", answer="y\n")
   assert status == 0, shown
-  assert f"Delete 1 step (" in shown and "deleted step 100" in shown
+  assert "Delete 1 step (" in shown and "deleted step 100" in shown
   assert kckpt.Checkpointer.open(run).all_steps == [200, 300, 400]
 
 

@@ -219,3 +219,10 @@ def test_partial_loader_reads_only_the_mapped_item(tmp_path):
   shutil.rmtree(tmp_path / "pre" / "checkpoints" / "ckpt_1" / "opt_state")
   out = kckpt.PartialLoader(workdir=tmp_path / "pre", item="params", new_to_old={"w": "w"}).transform({"w": jnp.zeros(3)})
   np.testing.assert_array_equal(out["w"], np.ones(3))
+
+
+def test_no_target_restore_of_strings_and_python_scalars(workdir):
+  ckpt = saved_run(workdir, {"name": "run-7", "lr": 0.5, "n": 3, "w": np.arange(3.0)})
+  out = ckpt.restore()
+  assert out["name"] == "run-7" and out["lr"] == 0.5 and out["n"] == 3
+  np.testing.assert_array_equal(out["w"], np.arange(3.0))
