@@ -12,6 +12,7 @@ from kckpt.checkpointer import BaseCheckpointer, Checkpointer, NoopCheckpointer
 from kckpt.errors import (
     BackgroundSaveError,
     CheckpointNotFoundError,
+    ProcessTimeoutError,
     ReadOnlyCheckpointerError,
     StepAlreadyExistsError,
     TreeMismatchError,
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "Checkpointer",
     "NoopCheckpointer",
+    "ProcessTimeoutError",
     "ReadOnlyCheckpointerError",
     "StepAlreadyExistsError",
     "TreeMismatchError",

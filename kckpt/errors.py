@@ -48,3 +48,16 @@ class BackgroundSaveError(RuntimeError):
 
 class ReadOnlyCheckpointerError(PermissionError):
   """A write (save, delete) was asked of a `Checkpointer(create=False)`."""
+
+
+class ProcessTimeoutError(TimeoutError):
+  """In a multi-process run, another process did not come to a point every process must reach.
+
+  A process died or is stuck. Raised after `Checkpointer.barrier_timeout_secs`
+  instead of waiting forever; `processes` holds the missing ones when the
+  coordination service names them.
+  """
+
+  def __init__(self, message: str, *, processes: Sequence[int] = ()):
+    super().__init__(message)
+    self.processes = tuple(processes)
