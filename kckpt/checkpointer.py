@@ -15,6 +15,7 @@ import operator
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
@@ -161,7 +162,7 @@ class _Runtime:
   lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
   preemption_requested: bool = False
   reached_preemption: bool = False
-  handles_sigterm: bool = False
+  sigterm_handler: weakref.finalize | None = None  # removes kckpt's SIGTERM handler (close, or GC)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -509,12 +510,12 @@ class Checkpointer(BaseCheckpointer):
     rt = self._rt
     if rt.reached_preemption:
       return False
-    if self.handle_sigterm and self.create and not rt.handles_sigterm:
-      rt.handles_sigterm = multihost.install_sigterm_handler()
+    if self.handle_sigterm and self.create and rt.sigterm_handler is None and multihost.install_sigterm_handler():
+      rt.sigterm_handler = weakref.finalize(self, multihost.uninstall_sigterm_handler)
     writer = rt.writer
     decision = multihost.vote(
         multihost.StepVote(
-            preempt=rt.preemption_requested or (rt.handles_sigterm and multihost.sigterm_received()),
+            preempt=rt.preemption_requested or (rt.sigterm_handler is not None and multihost.sigterm_received()),
             time_due=self._time_rule_applies(step) and self._time_due(),
             save_done=writer is not None and writer.in_flight_step is not None and not writer.is_busy(),
         ),
@@ -674,9 +675,9 @@ class Checkpointer(BaseCheckpointer):
     rt = self._rt
     with rt.lock:
       writer, rt.writer = rt.writer, None
-    if rt.handles_sigterm:
-      rt.handles_sigterm = False
-      multihost.uninstall_sigterm_handler()
+    if rt.sigterm_handler is not None:
+      rt.sigterm_handler()  # the last one restores the handler there was before
+      rt.sigterm_handler = None
     if writer is not None:
       try:
         writer.close()

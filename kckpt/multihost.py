@@ -339,7 +339,7 @@ _previous_handler: Any = None
 
 
 def sigterm_received() -> bool:
-  """Whether this process got SIGTERM since a `Checkpointer` started handling it."""
+  """Whether this process got SIGTERM while a `Checkpointer` handles it (forgotten when none does)."""
   return _sigterm.is_set()
 
 
@@ -379,6 +379,7 @@ def uninstall_sigterm_handler() -> None:
       return
     _sigterm_users -= 1
     if _sigterm_users == 0:
+      _sigterm.clear()
       if signal.getsignal(signal.SIGTERM) is _on_sigterm:
         signal.signal(signal.SIGTERM, _previous_handler if _previous_handler is not None else signal.SIG_DFL)
       _previous_handler = None
