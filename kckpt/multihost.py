@@ -265,11 +265,12 @@ class SaveSync:
       self._sequence.append(name)
       order = self._order
     prefix = self._round(save)
+    done_key = f"{prefix}/d/{name}"
     self._client.key_value_set(f"{prefix}/b/{name}/{self._me}", "1", allow_overwrite=True)
     deadline = time.monotonic() + timeout_ms / 1000
-    pause = 0.005
+    pause = 0.02
     while True:
-      arrived, later, failed = set(), set(), {}
+      arrived, later, failed, done = set(), set(), {}, False
       for full_key, value in self._client.key_value_dir_get(prefix + "/"):
         parts = full_key[len(prefix) + 1 :].split("/")
         if parts[0] == "b" and len(parts) == 3:
@@ -277,9 +278,13 @@ class SaveSync:
             arrived.add(int(parts[2]))
           elif name in order and order.get(parts[1], -1) > order[name]:
             later.add(int(parts[2]))
+        elif parts[0] == "d" and len(parts) == 2 and parts[1] == name:
+          done = True
         elif parts[0] == "failed" and len(parts) == 2 and int(parts[1]) != self._me:
           failed[int(parts[1])] = value
-      if len(arrived) == self._n:
+      if done or len(arrived) == self._n:
+        if not done:  # the last one here wakes the others
+          self._client.key_value_set(done_key, "1", allow_overwrite=True)
         return
       if failed:
         raise PeerSaveError(
@@ -291,14 +296,18 @@ class SaveSync:
       skipped = sorted(later - arrived)
       if skipped:
         raise PeerSaveError(f"stopped saving step {step}: process(es) {skipped} failed it (see their error)")
-      if time.monotonic() > deadline:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
         missing = sorted(set(range(self._n)) - arrived)
         raise TimeoutError(
             f"Saving step {step}: process(es) {missing} did not reach Orbax barrier {key!r} within"
             f" {timeout_ms / 1000:g} s (Checkpointer.async_timeout_secs)"
         )
-      time.sleep(pause)
-      pause = min(pause * 2, 0.5)  # fast for short waits, light on the service for long ones
+      try:  # sleeps until the last process arrives, or `pause` to look for failures again
+        self._client.blocking_key_value_get(done_key, max(1, int(min(pause, remaining) * 1000)))
+        return
+      except jax.errors.JaxRuntimeError:
+        pause = min(pause * 2, 1.0)
 
   def share_outcome(self, step: int | None, error: BaseException | None) -> dict[int, str]:
     """Every process's failure of `step` (``{process: message}``; empty when all went well)."""
