@@ -157,20 +157,17 @@ def test_request_preemption_saves_the_current_step_and_stops(workdir):
 
 
 def test_sigterm_is_a_preemption_notice_until_close(workdir):
-  before = signal.getsignal(signal.SIGTERM)
-  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=100, async_save=False)
-  assert not ckpt.maybe_save({"w": np.ones(2)}, step=1)  # installs the handler
-  assert signal.getsignal(signal.SIGTERM) is not before
-  os.kill(os.getpid(), signal.SIGTERM)  # this test process: recorded, not fatal
-  assert multihost.sigterm_received()
-  assert ckpt.maybe_save({"w": np.ones(2)}, step=2) and ckpt.reached_preemption
-  assert ckpt.all_steps == [2]
-  ckpt.close()
-  assert signal.getsignal(signal.SIGTERM) is before  # restored
-  assert not multihost.sigterm_received()  # forgotten: no later Checkpointer is preempted by it
-  later = kckpt.Checkpointer(workdir=workdir, save_interval_steps=100, async_save=False)
-  assert not later.maybe_save({"w": np.ones(2)}, step=3) and not later.reached_preemption
-  later.close()
+  # In a fresh process: a SIGTERM to the pytest process would outlive this test.
+  proc = subprocess.run([PYTHON, "-m", "tests.programs.sigterm_single", str(workdir)], cwd=REPO,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  assert result == {
+      "installed": True,  # by the first maybe_save
+      "stopped_at": 4, "saved": [4], "durable": [4],  # the next maybe_save saved step 4, off the interval, durably
+      "restored": True,  # close() gave SIGTERM its previous handler back
+      "forgotten": True,
+  }
 
 
 def test_without_handle_sigterm_the_handler_is_left_alone(workdir):
