@@ -114,7 +114,9 @@ def worker(args: argparse.Namespace) -> None:
   ckpt.close()
   manager.close()
   if jax.process_index() == 0:
-    print(RESULT_PREFIX + json.dumps({"megabytes": total_mb, "devices": jax.device_count(), "times": times}), flush=True)
+    result = {"megabytes": total_mb, "devices": jax.device_count(), "times": times}
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")  # one write: C++ logs share the stream
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------

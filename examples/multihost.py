@@ -83,7 +83,7 @@ def train(args: argparse.Namespace) -> int:
   elif args.coordinator:
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
   me, primary = jax.process_index(), jax.process_index() == 0
-  say = lambda *parts: print(f"[p{me}]", *parts, flush=True)
+  say = lambda text: sys.stdout.write(f"[p{me}] {text}\n")  # one write: C++ logs share the stream
 
   mesh = Mesh(np.array(jax.devices()), ("d",))
   sharding = NamedSharding(mesh, P("d"))
@@ -168,7 +168,7 @@ def launch(args: argparse.Namespace) -> int:
 
   def pump(proc: subprocess.Popen) -> None:
     for line in proc.stdout:
-      if not line.startswith(("WARNING:absl", "I0000", "W0000")) and "[Gloo]" not in line:
+      if not line.startswith(("WARNING:absl", "I0000", "W0000", "[Gloo]")):
         print(line, end="", flush=True)
 
   pumps = [threading.Thread(target=pump, args=(p,), daemon=True) for p in procs]

@@ -95,7 +95,7 @@ def test_a_dead_process_makes_the_others_fail_instead_of_hanging(tmp_path):
 def test_sigterm_to_one_process_preempts_the_run_which_resumes(tmp_path):
   env = subprocess_env()
   args = lambda workdir, n: [PYTHON, str(EXAMPLE), "--processes", str(n), "--workdir", str(workdir),
-                             "--steps", "60", "--save-every", "25"]
+                             "--steps", "60", "--save-every", "1000"]  # only preemption saves mid-run
   # The reference: one process, uninterrupted.
   reference = subprocess.run(args(tmp_path / "ref", 1), env=env, capture_output=True, text=True, timeout=120)
   assert reference.returncode == 0, reference.stdout + reference.stderr
@@ -123,8 +123,8 @@ def test_sigterm_to_one_process_preempts_the_run_which_resumes(tmp_path):
   preempted = dict(re.findall(r"\[p(\d)\] preempted: step (\d+) is saved", out))
   assert set(preempted) == {"0", "1"} and len(set(preempted.values())) == 1, out  # the same step everywhere
   step = int(preempted["0"])
-  assert step > 10 and step % 25 != 0, out  # saved off the interval
-  assert kckpt.Checkpointer.open(run).latest_step == step
+  assert 10 < step < 60, out
+  assert kckpt.Checkpointer.open(run).all_steps == [step]  # saved off the interval, durably
 
   # The same command resumes from that step and ends bit-identical to the reference.
   resumed = subprocess.run(args(run, 2), env=env, capture_output=True, text=True, timeout=120)
@@ -161,7 +161,7 @@ def test_sigterm_is_a_preemption_notice_until_close(workdir):
   proc = subprocess.run([PYTHON, "-m", "tests.programs.sigterm_single", str(workdir)], cwd=REPO,
                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
   assert result == {
       "installed": True,  # by the first maybe_save
       "stopped_at": 4, "saved": [4], "durable": [4],  # the next maybe_save saved step 4, off the interval, durably

@@ -28,8 +28,10 @@ def workdir() -> str:
 
 def report(**values) -> None:
   """Prints ``RESULT {json}``: the harness merges these lines into one dict per process."""
-  print("RESULT " + json.dumps(values), flush=True)
+  sys.stdout.write("RESULT " + json.dumps(values) + "\n")  # one write: C++ logs share the stream
+  sys.stdout.flush()
 
 
 def log(*parts) -> None:
-  print(f"[p{jax.process_index()}]", *parts, flush=True, file=sys.stdout)
+  sys.stdout.write(" ".join([f"[p{jax.process_index()}]", *map(str, parts)]) + "\n")
+  sys.stdout.flush()

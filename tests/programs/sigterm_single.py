@@ -29,11 +29,11 @@ def main():
       break
   durable = kckpt.Checkpointer.open(workdir).all_steps
   ckpt.close()
-  print("RESULT " + json.dumps({
+  sys.stdout.write("RESULT " + json.dumps({
       "installed": installed, "stopped_at": step, "saved": [s for s, v in saved.items() if v],
       "durable": durable, "restored": signal.getsignal(signal.SIGTERM) is before,
       "forgotten": not multihost.sigterm_received(),
-  }), flush=True)
+  }) + "\n")
 
 
 if __name__ == "__main__":
