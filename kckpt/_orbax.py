@@ -188,15 +188,24 @@ class Writer:
       decide_preservation: Callable[[Sequence[Step]], Sequence[bool]],
       async_timeout_secs: int | None = None,
       durable: bool = True,
+      sync: Any = None,
   ):
+    """`sync`: a `kckpt.multihost.SaveSync` in a multi-process run (None alone)."""
     local = _is_local(directory)
+    async_options = None
+    if async_timeout_secs or sync is not None:
+      async_options = ocp.AsyncOptions(
+          **({"timeout_secs": async_timeout_secs} if async_timeout_secs else {}),
+          # Orbax's background barriers, bounded and stopped early when another process fails.
+          barrier_sync_fn=sync.barrier_sync_fn if sync is not None else None,
+      )
     options = ocp.CheckpointManagerOptions(
         step_prefix=steps_lib.STEP_PREFIX,
         create=True,
         # kckpt decides when to save; the manager saves whenever asked (force=True).
         save_interval_steps=1,
         enable_async_checkpointing=async_save,
-        async_options=ocp.AsyncOptions(timeout_secs=async_timeout_secs) if async_timeout_secs else None,
+        async_options=async_options,
         multiprocessing_options=multiprocessing_options or MultiprocessingOptions(),
         preservation_policy=_Preservation(decide_preservation),
         # Set so that the manager writes `metrics/metrics` with each step that has
@@ -209,6 +218,7 @@ class Writer:
         temporary_path_class=DurableRenameTemporaryPath if (durable and local) else None,
     )
     self.directory = directory
+    self._sync = sync
     self._manager = ocp.CheckpointManager(directory, options=options)
     if local:
       # Orbax 0.12 internal: the manager's deleter, replaced so that readers
@@ -229,9 +239,16 @@ class Writer:
   ) -> None:
     self.wait()  # Surfaces an earlier failure before starting the next save.
     args = ocp.args.Composite(**{w.name: _save_args(w) for w in writes})
-    saved = self._manager.save(
-        step, args=args, metrics=metrics, force=True, custom_metadata=dict(custom_metadata) if custom_metadata else None
-    )
+    if self._sync is not None:
+      self._sync.begin_save(step)
+    try:
+      saved = self._manager.save(
+          step, args=args, metrics=metrics, force=True, custom_metadata=dict(custom_metadata) if custom_metadata else None
+      )
+    except BaseException as e:
+      if self._sync is not None:  # the other processes must not wait for this one
+        self._sync.report_failure(f"{type(e).__name__}: {e}")
+      raise
     if not saved:  # Orbax refuses silently only when read-only; never expected here.
       raise RuntimeError(f"Orbax did not save step {step} in {self.directory}")
     self._in_flight = step
@@ -243,25 +260,42 @@ class Writer:
     return thread is not None and thread.is_alive()
 
   def poll(self) -> None:
-    """Raises the error of a finished background save, without blocking."""
-    if self._in_flight is not None and not self.is_busy():
+    """Raises the error of a finished background save, without blocking.
+
+    A no-op in a multi-process run: there, errors are shared at points every
+    process reaches (`Checkpointer.maybe_save`'s vote, `wait`).
+    """
+    if self._sync is None and self._in_flight is not None and not self.is_busy():
       self.wait()
 
   def wait(self) -> None:
-    """Blocks until the save in flight is durable; raises its error, naming the step."""
+    """Blocks until the save in flight is durable; raises its error, naming the step.
+
+    In a multi-process run every process calls it at the same point and the
+    error of any process is raised on all of them.
+    """
     with self._lock:
       step, self._in_flight = self._in_flight, None
+      error = None
       try:
         self._manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-exception-caught
         # The manager dropped the steps it meant to delete from its cache although
         # the failed save deleted nothing: list them again so retention sees them.
         self._refresh_known_steps()
-        raise BackgroundSaveError(
-            f"Saving step {step} to {self.directory} failed in the background: {type(e).__name__}: {e}."
-            " The step was not written; earlier steps are intact.",
-            step=step,
-        ) from e
+        error = e
+      failures = self._sync.share_outcome(step, error) if self._sync is not None else {}
+      if error is None and not failures:
+        return
+      if self._sync is None:
+        where = f": {type(error).__name__}: {error}"
+      else:
+        where = " " + self._sync.describe(failures)
+      raise BackgroundSaveError(
+          f"Saving step {step} to {self.directory} failed in the background{where}."
+          " The step was not written; earlier steps are intact.",
+          step=step,
+      ) from error
 
   def _refresh_known_steps(self) -> None:
     # Orbax 0.12 internal: the manager's cache of steps; `reload()` would read

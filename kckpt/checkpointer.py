@@ -16,6 +16,7 @@ import operator
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
@@ -101,6 +102,14 @@ class BaseCheckpointer(abc.ABC):
   def wait_until_finished(self) -> None:
     """Blocks until pending async saves are durable; raises any error they hit."""
 
+  def request_preemption(self) -> None:
+    """Asks the run to stop at the next `maybe_save` (see `Checkpointer.request_preemption`)."""
+
+  @property
+  def reached_preemption(self) -> bool:
+    """True once a preemption was saved: the training loop should exit."""
+    return False
+
   def close(self) -> None:
     """Finishes pending work and releases resources."""
 
@@ -155,6 +164,9 @@ class _Runtime:
   records: dict[Step, policies.StepRecord] = dataclasses.field(default_factory=dict)
   last_save_time: float = dataclasses.field(default_factory=time.time)
   lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+  preemption_requested: bool = False
+  reached_preemption: bool = False
+  sigterm_handler: weakref.finalize | None = None  # removes kckpt's SIGTERM handler (close, or GC)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -198,6 +210,15 @@ class Checkpointer(BaseCheckpointer):
     lock_stale_secs: a second writer on this workdir fails at its first save
       (`ConcurrentWriterError`) unless the first one's lock has not been
       refreshed for this long (see `kckpt.lock`).
+    barrier_timeout_secs: in a multi-process run, how long a call waits for
+      the other processes to make the same call (`maybe_save`, `save`,
+      `wait_until_finished`, `close`, `restore`, `latest_step`) before raising
+      `ProcessTimeoutError`: a process that died or is stuck never makes the
+      others hang.
+    handle_sigterm: on SIGTERM (a preemption notice), do not die: the next
+      `maybe_save` saves the current step on every process and sets
+      `reached_preemption` (see `request_preemption`). The handler is
+      installed by the first `maybe_save` and removed by `close`.
 
   Example:
 
@@ -228,6 +249,8 @@ class Checkpointer(BaseCheckpointer):
   async_timeout_secs: int | None = None
   durable: bool = True
   lock_stale_secs: float = 60.0
+  barrier_timeout_secs: float = multihost.DEFAULT_BARRIER_TIMEOUT_SECS
+  handle_sigterm: bool = True
 
   def __post_init__(self):
     _check_positive_int("save_interval_steps", self.save_interval_steps)
@@ -247,6 +270,8 @@ class Checkpointer(BaseCheckpointer):
         isinstance(self.save_interval_secs, bool) or not isinstance(self.save_interval_secs, (int, float)) or self.save_interval_secs <= 0
     ):
       raise ValueError(f"Checkpointer.save_interval_secs must be a positive number, got {self.save_interval_secs!r}")
+    if isinstance(self.barrier_timeout_secs, bool) or not isinstance(self.barrier_timeout_secs, (int, float)) or self.barrier_timeout_secs <= 0:
+      raise ValueError(f"Checkpointer.barrier_timeout_secs must be a positive number, got {self.barrier_timeout_secs!r}")
     if self.workdir is not None and not isinstance(self.workdir, (str, os.PathLike)):
       raise ValueError(f"Checkpointer.workdir must be a path, got {type(self.workdir).__name__}: {self.workdir!r}")
 
@@ -335,6 +360,8 @@ class Checkpointer(BaseCheckpointer):
             decide_preservation=self._decide_preservation,
             async_timeout_secs=self.async_timeout_secs,
             durable=self.durable,
+            sync=multihost.SaveSync(str(directory), timeout_secs=self.barrier_timeout_secs)
+            if multihost.process_count() > 1 else None,
         )
       return rt.writer
 
@@ -377,9 +404,18 @@ class Checkpointer(BaseCheckpointer):
 
   @property
   def latest_step(self) -> Step | None:
-    """The newest finished step, or None."""
+    """The newest finished step, or None.
+
+    In a multi-process run it is the primary's answer, the same on every
+    process (so each process must read it).
+    """
     finished = self._listing().finished
-    return finished[-1] if finished else None
+    return self._agreed_step(finished[-1] if finished else None, what="latest_step")
+
+  def _agreed_step(self, step: Step | None, *, what: str) -> Step | None:
+    if multihost.process_count() == 1:
+      return step
+    return multihost.primary_value(step, timeout_secs=self.barrier_timeout_secs, what=what)
 
   def reload(self) -> None:
     """Forgets the cached step list, so the next call lists the folder again."""
@@ -390,13 +426,31 @@ class Checkpointer(BaseCheckpointer):
   def should_save(self, step: Step) -> bool:
     """Whether `maybe_save` would save at `step` (False if it already exists)."""
     step = _check_step(step)
-    policy = self.save_policy
-    reason = policies.save_reason(policy, step)
-    if reason is None and policy.interval_secs is not None and not (step == 0 and policy.never_save_step_zero):
+    time_due = False
+    if self._time_rule_applies(step):
       # The clock differs between hosts: the primary decides for all.
-      reason = "time" if multihost.agree(
-          policies.save_reason(policy, step, now=time.time(), last_save_time=self._rt.last_save_time) == "time"
-      ) else None
+      time_due = multihost.agree(
+          self._time_due(), timeout_secs=self.barrier_timeout_secs, what=f"should_save(step={step})"
+      )
+    return self._should_save(step, time_due=time_due)
+
+  def _time_rule_applies(self, step: Step) -> bool:
+    policy = self.save_policy
+    return (
+        policy.interval_secs is not None
+        and policies.save_reason(policy, step) is None
+        and not (step == 0 and policy.never_save_step_zero)
+    )
+
+  def _time_due(self) -> bool:
+    """Whether `save_interval_secs` passed since the last save, on this process's clock."""
+    secs = self.save_interval_secs
+    return secs is not None and time.time() - self._rt.last_save_time >= secs
+
+  def _should_save(self, step: Step, *, time_due: bool) -> bool:
+    reason = policies.save_reason(self.save_policy, step)
+    if reason is None and time_due and self._time_rule_applies(step):
+      reason = "time"
     if reason is None:
       return False
     return not self._step_exists(step)
@@ -406,11 +460,6 @@ class Checkpointer(BaseCheckpointer):
     if writer is not None and writer.in_flight_step == step:
       return True
     return step in self._listing().finished
-
-  def _poll_background_errors(self) -> None:
-    writer = self._rt.writer
-    if writer is not None:
-      writer.poll()
 
   def save(
       self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
@@ -475,12 +524,77 @@ class Checkpointer(BaseCheckpointer):
   ) -> bool:
     """Saves when `should_save(step)`, or when `force` (unless the step exists).
 
-    Also raises the error of a failed background save, if any.
+    Also raises the error of a failed background save, if any. After a
+    preemption notice (SIGTERM, `request_preemption`) it saves `step` even
+    off the interval, waits until it is durable and sets
+    `reached_preemption`; from then on it saves nothing.
+
+    In a multi-process run every process must call it at every step: the
+    processes share at each call whether any was preempted, the primary's
+    clock for `save_interval_secs` and whether a background save failed (one
+    small exchange through JAX's coordination service).
     """
-    self._poll_background_errors()
-    if force or self.should_save(step):
+    step = _check_step(step)
+    rt = self._rt
+    if rt.reached_preemption:
+      return False
+    if self.handle_sigterm and self.create and rt.sigterm_handler is None and multihost.install_sigterm_handler():
+      rt.sigterm_handler = weakref.finalize(self, multihost.uninstall_sigterm_handler)
+    writer = rt.writer
+    decision = multihost.vote(
+        multihost.StepVote(
+            preempt=rt.preemption_requested or (rt.sigterm_handler is not None and multihost.sigterm_received()),
+            time_due=self._time_rule_applies(step) and self._time_due(),
+            save_done=writer is not None and writer.in_flight_step is not None and not writer.is_busy(),
+        ),
+        timeout_secs=self.barrier_timeout_secs,
+        what=f"maybe_save(step={step})",
+    )
+    if decision.save_done and writer is not None:
+      self.wait_until_finished()  # raises a background error, on every process
+    if decision.preempt:
+      return self._save_for_preemption(state, step=step, metrics=metrics, tag=tag)
+    if force or self._should_save(step, time_due=decision.time_due):
       return self.save(state, step=step, force=True, metrics=metrics, tag=tag)
     return False
+
+  def request_preemption(self) -> None:
+    """Asks the run to stop as SIGTERM does: save now, then exit the loop.
+
+    The next `maybe_save` saves its step on every process (even off the
+    interval), waits until it is durable and sets `reached_preemption`.
+    Calling it on one process is enough; it is safe from any thread (e.g. a
+    watcher of the scheduler's preemption notices).
+
+    >>> import tempfile, numpy as np
+    >>> ckpt = Checkpointer(workdir=tempfile.mkdtemp(), save_interval_steps=100, handle_sigterm=False)
+    >>> ckpt.request_preemption()
+    >>> for step in range(1, 1000):
+    ...   _ = ckpt.maybe_save({"w": np.ones(2)}, step=step)
+    ...   if ckpt.reached_preemption:
+    ...     break
+    >>> step, ckpt.all_steps
+    (1, [1])
+    >>> ckpt.close()
+    """
+    self._rt.preemption_requested = True
+
+  @property
+  def reached_preemption(self) -> bool:
+    """True once `maybe_save` saved for a preemption: the training loop should exit.
+
+    Resuming is the usual ``ckpt.restore(state, noop_if_missing=True)``: the
+    step saved for the preemption is the latest.
+    """
+    return self._rt.reached_preemption
+
+  def _save_for_preemption(self, state: Any, *, step: Step, metrics: Metrics | None, tag: str | None = None) -> bool:
+    saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag)
+    self.wait_until_finished()
+    self._rt.reached_preemption = True
+    log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.",
+                step, self.directory)
+    return saved
 
   def _check_metrics(self, metrics: Metrics | None, step: Step) -> Any:
     if metrics is None:
@@ -590,6 +704,9 @@ class Checkpointer(BaseCheckpointer):
     with rt.lock:
       writer, rt.writer = rt.writer, None
       writer_lock, rt.writer_lock = rt.writer_lock, None
+    if rt.sigterm_handler is not None:
+      rt.sigterm_handler()  # the last one restores the handler there was before
+      rt.sigterm_handler = None
     try:
       if writer is not None:
         writer.close()
@@ -627,7 +744,7 @@ class Checkpointer(BaseCheckpointer):
 
   def _fresh_latest(self) -> Step | None:
     finished = self._listing(fresh=True).finished
-    return finished[-1] if finished else None
+    return self._agreed_step(finished[-1] if finished else None, what="finding the latest step")
 
   @property
   def best_step(self) -> Step | None:
@@ -698,6 +815,8 @@ class Checkpointer(BaseCheckpointer):
     if noop_if_missing and step in (-1, "latest") and self._fresh_latest() is None:
       return state
     step = self._require_step(step)
+    if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
+      multihost.barrier("restore", timeout_secs=self.barrier_timeout_secs, what=f"restore(step={step})")
     step_path = steps_lib.step_dir(self.directory, step)
     try:
       return self._restore_step(state, step, step_path, donate=donate, partial=partial)

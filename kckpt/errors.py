@@ -65,3 +65,16 @@ class CheckpointReadError(OSError):
 
 class ConcurrentWriterError(RuntimeError):
   """Another live process is already writing checkpoints to this workdir."""
+
+
+class ProcessTimeoutError(TimeoutError):
+  """In a multi-process run, another process did not come to a point every process must reach.
+
+  A process died or is stuck. Raised after `Checkpointer.barrier_timeout_secs`
+  instead of waiting forever; `processes` holds the missing ones when the
+  coordination service names them.
+  """
+
+  def __init__(self, message: str, *, processes: Sequence[int] = ()):
+    super().__init__(message)
+    self.processes = tuple(processes)
