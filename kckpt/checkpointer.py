@@ -333,7 +333,10 @@ class Checkpointer(BaseCheckpointer):
           "Checkpointer.workdir is None: bind it before saving or restoring, e.g."
           " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
       )
-    return steps_lib.checkpoints_dir(self.workdir)
+    workdir = self.workdir
+    if "://" not in str(workdir) and not os.path.isabs(workdir):
+      workdir = os.path.abspath(workdir)  # Orbax refuses relative paths (in the background)
+    return steps_lib.checkpoints_dir(workdir)
 
   def _writer(self) -> _orbax.Writer:
     if not self.create:

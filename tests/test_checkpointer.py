@@ -556,3 +556,13 @@ def test_end_marker_rewritten_and_cleared_when_saving_again(workdir):
   ckpt.save({"x": np.ones(1)}, step=3)  # training goes on: not finished any more
   assert not kckpt.trainer_finished(workdir)
   ckpt.close()
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  ckpt = kckpt.Checkpointer(workdir="runs/relative", save_interval_steps=1)
+  ckpt.save({"x": np.ones(2)}, step=1)
+  ckpt.wait_until_finished()
+  assert (tmp_path / "runs" / "relative" / "checkpoints" / "ckpt_1").is_dir()
+  assert ckpt.restore({"x": np.zeros(2)})["x"].tolist() == [1.0, 1.0]
+  assert ckpt.workdir == "runs/relative"  # the config keeps what was given
