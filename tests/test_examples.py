@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -17,6 +16,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.helpers import subprocess_env
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 TIMEOUT = 120  # seconds, for any one subprocess
@@ -27,7 +28,7 @@ SAVED_STEPS = list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
 
 
 def _env() -> dict[str, str]:
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  return subprocess_env()  # this checkout's kckpt, on the CPU
 
 
 def _command(script: str, *args: object) -> list[str]:
