@@ -356,6 +356,7 @@ class Checkpointer(BaseCheckpointer):
           writer_lock.acquire()
           rt.writer_lock = writer_lock
           markers.clear_end_marker(self.workdir)  # saving again: the run is not finished
+          steps_lib.write_retention_rules(directory, policies.retention_rules(self.retention_policy))
         rt.writer = _orbax.Writer(
             directory,
             async_save=self.async_save,

@@ -379,7 +379,9 @@ def parse_positive_int(text: str) -> int:
 
 def add_retention_flags(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group(
-      "retention rules", "the Checkpointer fields of the same names (no config is saved with a run yet)"
+      "retention rules",
+      "the Checkpointer fields of the same names; without them, the rules the run's writer recorded"
+      " (checkpoints/RETENTION.json), else kckpt's defaults",
   )
   group.add_argument("--max-to-keep", type=parse_max_to_keep, metavar="N|all", help="keep the newest N steps (default 3), or with --best-metric the best N")
   group.add_argument("--keep-period", type=parse_positive_int, metavar="N", help="also keep every step divisible by N")
@@ -395,9 +397,16 @@ def retention_flags_given(args: argparse.Namespace) -> bool:
 _DEFAULT_MAX_TO_KEEP = 3  # the Checkpointer's default
 
 
-def retention_policy(args: argparse.Namespace) -> policies.RetentionPolicy:
+def retention_policy(args: argparse.Namespace, location: "RunLocation | None" = None) -> policies.RetentionPolicy:
   if args.best_mode is not None and args.best_metric is None:
     raise CliError("--best-mode needs --best-metric")
+  if not retention_flags_given(args) and location is not None:
+    rules = steps_lib.read_retention_rules(location.checkpoints)
+    if rules is not None:
+      try:
+        return policies.policy_from_rules(rules)
+      except ValueError as e:
+        raise CliError(f"{location.checkpoints}: {e}; pass the retention rules as flags") from None
   return policies.RetentionPolicy(
       max_to_keep=_DEFAULT_MAX_TO_KEEP if args.max_to_keep is None else (None if args.max_to_keep == KEEP_ALL else args.max_to_keep),
       keep_period=args.keep_period,
@@ -459,10 +468,18 @@ def safe_folder_size(path: epath.Path) -> int | None:
 # ---------------------------------------------------------------------------
 
 
+def policy_source(args: argparse.Namespace, location: "RunLocation") -> str:
+  if retention_flags_given(args):
+    return "from flags"
+  if steps_lib.read_retention_rules(location.checkpoints) is not None:
+    return f"recorded by the run's writer in {steps_lib.RETENTION_FILE}"
+  return "kckpt's defaults; pass the run's rules as flags"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
   location = locate(args.run)
   listing = location.listing()
-  policy = retention_policy(args)
+  policy = retention_policy(args, location)
   all_details = read_details(location, listing.finished)
   decisions = {d.step: d for d in policies.decide_retention(policy, [step_record(d) for d in all_details])}
   shown = [d for d in all_details if location.step is None or d.step == location.step]
@@ -478,6 +495,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         "size_bytes": sizes[d.step],
         "items": list(d.user_items),
         "metrics": flatten_metrics(d.metrics),
+        "tag": d.tag,
         "keep": decision.keep,
         "kept_by": list(decision.reasons),
     })
@@ -497,20 +515,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
   if rows:
     metric_names = sorted({name for r in rows for name in r["metrics"]})
     best = policy.best_metric_path
-    headers = ["step", "saved", "size", "items"] + [f"{m}*" if m == best else m for m in metric_names] + ["kept by"]
+    tags = any(r["tag"] for r in rows)
+    headers = ["step", "saved", "size", "items"] + [f"{m}*" if m == best else m for m in metric_names] + (["tag"] if tags else []) + ["kept by"]
     table = []
     for r, d in zip(rows, shown):
       table.append(
           [str(r["step"]), format_time(d.time), human_bytes(r["size_bytes"]), ",".join(r["items"]) or "-"]
           + [format_number(r["metrics"][m]) if m in r["metrics"] else "" for m in metric_names]
+          + ([r["tag"] or ""] if tags else [])
           + [", ".join(r["kept_by"]) or "-"]
       )
     right = frozenset({0, 2} | set(range(4, 4 + len(metric_names))))
     print(format_table(headers, table, right=right))
   if unfinished:
     print(f"unfinished (being written, or left by a crash): {', '.join(unfinished)}")
-  source = "from flags" if retention_flags_given(args) else "kckpt's defaults; pass the run's rules as flags"
-  print(f"kept by: retention {describe_policy(policy)} ({source}); -: not kept, gc would delete it")
+  print(f"kept by: retention {describe_policy(policy)} ({policy_source(args, location)}); -: not kept, gc would delete it")
   if policy.best_metric_path:
     print(f"*: the best metric ({policy.best_mode})")
   return EXIT_OK
@@ -948,12 +967,13 @@ def _verify_line(report: Mapping[str, Any]) -> str:
 
 def cmd_gc(args: argparse.Namespace) -> int:
   location = locate_run(args.run, "gc")
-  if not retention_flags_given(args):
+  if not retention_flags_given(args) and steps_lib.read_retention_rules(location.checkpoints) is None:
     raise CliError(
-        "gc needs the run's retention rules as flags (no config is saved with a run yet):"
-        " --max-to-keep N|all, --keep-period N, --keep-time-interval DURATION, --best-metric PATH [--best-mode min|max]"
+        f"gc needs the run's retention rules: {location.checkpoints} has no {steps_lib.RETENTION_FILE} (written by"
+        " kckpt writers), so pass them as flags: --max-to-keep N|all, --keep-period N, --keep-time-interval DURATION,"
+        " --best-metric PATH [--best-mode min|max]"
     )
-  policy = retention_policy(args)
+  policy = retention_policy(args, location)
   details = read_details(location, location.listing().finished)
   decisions = policies.decide_retention(policy, [step_record(d) for d in details])
   doomed = [d.step for d in decisions if not d.keep]
@@ -961,7 +981,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
   freed = sum(s or 0 for s in sizes.values())
   deleted: list[Step] = []
   if not args.json:
-    print(f"{location.checkpoints}: retention {describe_policy(policy)}")
+    print(f"{location.checkpoints}: retention {describe_policy(policy)} ({policy_source(args, location)})")
     rows = [
         [str(d.step), "keep" if d.keep else "delete", ", ".join(d.reasons) or "-", human_bytes(sizes.get(d.step)) if not d.keep else ""]
         for d in decisions

@@ -278,6 +278,31 @@ def decide_retention(policy: RetentionPolicy, records: Iterable[StepRecord]) -> 
   ]
 
 
+def retention_rules(policy: RetentionPolicy) -> dict[str, Any]:
+  """The policy as plain JSON data (a `best_fn` is recorded by name only)."""
+  return {
+      "max_to_keep": policy.max_to_keep,
+      "keep_period": policy.keep_period,
+      "keep_time_interval_secs": policy.keep_time_interval_secs,
+      "best_metric_path": policy.best_metric_path,
+      "best_fn": getattr(policy.best_fn, "__qualname__", repr(policy.best_fn)) if policy.best_fn else None,
+      "best_mode": policy.best_mode,
+  }
+
+
+def policy_from_rules(rules: Mapping[str, Any]) -> RetentionPolicy:
+  """The inverse of `retention_rules`; a `best_fn` cannot be rebuilt (ValueError)."""
+  if rules.get("best_fn"):
+    raise ValueError(f"the run ranks steps with a Python function ({rules['best_fn']}), which cannot be read back")
+  return RetentionPolicy(
+      max_to_keep=rules.get("max_to_keep"),
+      keep_period=rules.get("keep_period"),
+      keep_time_interval_secs=rules.get("keep_time_interval_secs"),
+      best_metric_path=rules.get("best_metric_path"),
+      best_mode=rules.get("best_mode", "max"),
+  )
+
+
 def steps_to_delete(policy: RetentionPolicy, records: Sequence[StepRecord]) -> list[Step]:
   return [d.step for d in decide_retention(policy, records) if not d.keep]
 

@@ -256,3 +256,25 @@ def remove_step_folder(checkpoints: epath.Path, step: Step) -> bool:
     return False
   doomed.rmtree(missing_ok=True)
   return True
+
+
+RETENTION_FILE = "RETENTION.json"  # the writer's retention rules, for tools such as `kckpt gc`
+
+
+def write_retention_rules(checkpoints: epath.Path, rules: Mapping[str, Any]) -> None:
+  """Records the retention rules a writer applies (replacing those of an earlier writer)."""
+  tmp = checkpoints / f".{RETENTION_FILE}.tmp"
+  tmp.write_text(json.dumps(dict(rules), indent=1, sort_keys=True))
+  if "://" in str(checkpoints):
+    (checkpoints / RETENTION_FILE).write_text(tmp.read_text())
+    tmp.unlink()
+  else:
+    os.replace(tmp, checkpoints / RETENTION_FILE)
+
+
+def read_retention_rules(checkpoints: epath.Path) -> dict[str, Any] | None:
+  """The rules recorded by the run's writer, or None."""
+  try:
+    return json.loads((checkpoints / RETENTION_FILE).read_text())
+  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+    return None

@@ -498,7 +498,7 @@ def test_delete_all_steps_starts_over_and_touches_nothing_else(workdir):
   kckpt.write_end_marker(workdir, step=2)
   assert ckpt.delete_all_steps() == [1, 2]
   assert ckpt.all_steps == [] and not kckpt.trainer_finished(workdir)
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["WRITER_LOCK.json", "other"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["RETENTION.json", "WRITER_LOCK.json", "other"]
   assert (workdir / "notes.txt").read_text() == "keep me"
   assert ckpt.save({"x": np.ones(1)}, step=1)
   with pytest.raises(PermissionError):

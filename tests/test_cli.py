@@ -224,11 +224,11 @@ def test_ls_json_and_a_step_folder(composite_run, capsys):
   report = json.loads(out)
   assert [s["step"] for s in report["steps"]] == list(STEPS)
   assert report["unfinished"] == ["ckpt_500.orbax-checkpoint-tmp"]
-  assert report["retention"]["max_to_keep"] == 3 and not report["retention_from_flags"]
+  assert report["retention"]["max_to_keep"] is None and not report["retention_from_flags"]  # recorded by the writer
   first = report["steps"][0]
   assert first["metrics"] == {"eval.loss": 0.9, "lr": 0.001}
   assert first["items"] == ["meta", "opt_state", "params"]
-  assert first["size_bytes"] > 8 * 1024 and first["keep"] is False and first["kept_by"] == []
+  assert first["size_bytes"] > 8 * 1024 and first["keep"] is True and first["kept_by"] == ["latest"]
   assert report["steps"][-1]["kept_by"] == ["newest", "latest"]
   # One step folder: that step only, with the rule computed over the whole run.
   status, out, _ = call_cli(capsys, "ls", composite_run / "checkpoints" / "ckpt_300", "--json", "--max-to-keep", "all")
@@ -401,8 +401,29 @@ def test_gc_dry_run_deletes_nothing_and_explains_each_step(composite_run, capsys
   }
   assert report["to_delete"] == [100, 300] and report["deleted"] == [] and report["bytes_to_free"] > 0
   assert snapshot(composite_run) == before
-  status, _, err = call_cli(capsys, "gc", composite_run, "--dry-run")
+  # Without flags: the rules the run's writer recorded (here max_to_keep=None: keep all).
+  status, out, _ = call_cli(capsys, "gc", composite_run, "--dry-run", "--json")
+  assert status == 0 and json.loads(out)["to_delete"] == []
+  status, out, _ = call_cli(capsys, "ls", composite_run)
+  assert "recorded by the run's writer in RETENTION.json" in out and "max_to_keep=all" in out
+
+
+def test_gc_without_recorded_rules_needs_flags(composite_run, tmp_path, capsys):
+  run = tmp_path / "copy"
+  shutil.copytree(composite_run, run)
+  (run / "checkpoints" / "RETENTION.json").unlink()
+  status, _, err = call_cli(capsys, "gc", run, "--dry-run")
   assert_one_line_error(status, err, "--max-to-keep")
+
+
+def test_ls_shows_tags(tmp_path, capsys):
+  with kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save({"w": np.ones(2)}, step=1, tag="warmup-done")
+    ckpt.save({"w": np.ones(2)}, step=2)
+  status, out, _ = call_cli(capsys, "ls", tmp_path)
+  assert status == 0 and "tag" in out.splitlines()[1] and "warmup-done" in out
+  status, out, _ = call_cli(capsys, "ls", tmp_path, "--json")
+  assert [s["tag"] for s in json.loads(out)["steps"]] == ["warmup-done", None]
 
 
 def test_gc_deletes_with_yes_and_refuses_without_a_terminal(composite_run, tmp_path, capsys):
@@ -417,7 +438,7 @@ def test_gc_deletes_with_yes_and_refuses_without_a_terminal(composite_run, tmp_p
   ckpt = kckpt.Checkpointer.open(run)
   assert ckpt.all_steps == [200, 400]  # best (0.5) and newest
   names = sorted(p.name for p in (run / "checkpoints").iterdir())
-  assert names == ["ckpt_200", "ckpt_400", "ckpt_500.orbax-checkpoint-tmp"]  # nothing left half-deleted
+  assert names == ["RETENTION.json", "ckpt_200", "ckpt_400", "ckpt_500.orbax-checkpoint-tmp"]  # nothing left half-deleted
   np.testing.assert_array_equal(ckpt.restore(items.Composite(params=None), step=200).params["dense"]["w"], params_at(1)["dense"]["w"])
 
 
