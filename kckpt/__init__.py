@@ -17,6 +17,7 @@ from kckpt.errors import (
     TreeMismatchError,
 )
 from kckpt.markers import clear_end_marker, trainer_finished, write_end_marker
+from kckpt.storage import StorageOptions, TransferStats
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "NoopCheckpointer",
     "ReadOnlyCheckpointerError",
     "StepAlreadyExistsError",
+    "StorageOptions",
+    "TransferStats",
     "TreeMismatchError",
     "items",
     "policies",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from kckpt import steps as steps_lib
+from kckpt import storage as storage_lib
 from kckpt import trees
 from kckpt._types import Metrics, PyTree, Step
 from kckpt.errors import BackgroundSaveError
@@ -108,6 +110,7 @@ class Writer:
       multiprocessing_options: MultiprocessingOptions | None,
       decide_preservation: Callable[[Sequence[Step]], Sequence[bool]],
       async_timeout_secs: int | None = None,
+      storage: storage_lib.StorageOptions | None = None,
   ):
     options = ocp.CheckpointManagerOptions(
         step_prefix=steps_lib.STEP_PREFIX,
@@ -127,22 +130,34 @@ class Writer:
         cleanup_tmp_directories=True,
     )
     self.directory = directory
-    self._manager = ocp.CheckpointManager(directory, options=options)
+    self._manager = ocp.CheckpointManager(
+        directory, options=options, handler_registry=_handler_registry(storage, multiprocessing_options)
+    )
     self._in_flight: Step | None = None
     self._lock = threading.Lock()
+    self._durable_watcher: threading.Thread | None = None
 
   @property
   def in_flight_step(self) -> Step | None:
     """The step whose async save was started and not yet waited for."""
     return self._in_flight
 
-  def save(self, step: Step, writes: Sequence[ItemWrite], metrics: Metrics | None) -> None:
+  def save(
+      self,
+      step: Step,
+      writes: Sequence[ItemWrite],
+      metrics: Metrics | None,
+      on_durable: Callable[[float], None] | None = None,
+  ) -> None:
+    """Starts saving `step`; `on_durable(time.perf_counter())` once an async save is durable."""
     self.wait()  # Surfaces an earlier failure before starting the next save.
     args = ocp.args.Composite(**{w.name: _save_args(w) for w in writes})
     saved = self._manager.save(step, args=args, metrics=metrics, force=True)
     if not saved:  # Orbax refuses silently only when read-only; never expected here.
       raise RuntimeError(f"Orbax did not save step {step} in {self.directory}")
     self._in_flight = step
+    if on_durable is not None:
+      self._durable_watcher = _watch_durable(self._manager, on_durable)
 
   def is_busy(self) -> bool:
     # Orbax 0.12 internal: the manager's finalize thread, to check for a
@@ -159,8 +174,11 @@ class Writer:
     """Blocks until the save in flight is durable; raises its error, naming the step."""
     with self._lock:
       step, self._in_flight = self._in_flight, None
+      watcher, self._durable_watcher = self._durable_watcher, None
       try:
         self._manager.wait_until_finished()
+        if watcher is not None:
+          watcher.join()  # so that the save's stats are complete when wait() returns
       except Exception as e:  # pylint: disable=broad-exception-caught
         # The manager dropped the steps it meant to delete from its cache although
         # the failed save deleted nothing: list them again so retention sees them.
@@ -288,10 +306,17 @@ def _restore_args(read: ItemRead, item_dir: epath.Path) -> ocp.args.CheckpointAr
   )
 
 
-def read_items(step_path: epath.Path, reads: Sequence[ItemRead]) -> dict[str, Any]:
-  """Reads the named items of the finished step at `step_path`; only those."""
+def read_items(
+    step_path: epath.Path, reads: Sequence[ItemRead], storage: storage_lib.StorageOptions | None = None
+) -> dict[str, Any]:
+  """Reads the named items of the finished step at `step_path`; only those.
+
+  The format (OCDBT, Zarr version, compression) is read from the checkpoint;
+  of `storage`, only the read concurrency limit is used.
+  """
   args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
+  registry = _handler_registry(storage, None) if storage is not None else None
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader:
     restored = reader.restore(step_path, args=args)
   return {r.name: restored[r.name] for r in reads}
 
@@ -305,3 +330,66 @@ def release(tree: PyTree) -> None:
 
 def item_handler_names(step_path: epath.Path) -> Mapping[str, str]:
   return steps_lib.read_item_names(step_path)
+
+
+# ---------------------------------------------------------------------------
+# Storage options and save telemetry
+# ---------------------------------------------------------------------------
+
+
+def _pytree_handler(
+    storage: storage_lib.StorageOptions, multiprocessing_options: MultiprocessingOptions | None
+) -> ocp.PyTreeCheckpointHandler:
+  """The Orbax handler of every pytree item, with kckpt's on-disk format."""
+  return ocp.PyTreeCheckpointHandler(
+      use_ocdbt=storage.use_ocdbt,
+      use_zarr3=storage.use_zarr3,
+      use_compression=storage.compression,
+      save_concurrent_gb=storage.save_concurrent_gb,  # type: ignore[arg-type]  # Orbax multiplies by 1e9
+      restore_concurrent_gb=storage.restore_concurrent_gb,  # type: ignore[arg-type]
+      multiprocessing_options=multiprocessing_options or MultiprocessingOptions(),
+  )
+
+
+def _handler_registry(
+    storage: storage_lib.StorageOptions | None, multiprocessing_options: MultiprocessingOptions | None
+) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """A registry whose default handler for `PyTreeSave`/`PyTreeRestore` uses `storage`.
+
+  Registered for item None, Orbax uses the handler for every item name it
+  meets (`CompositeCheckpointHandler._get_or_set_handler`), so a `Composite`
+  of any names is written with the same options. JSON items fall back to
+  Orbax's global registry, as before.
+  """
+  handler = _pytree_handler(storage or storage_lib.StorageOptions(), multiprocessing_options)
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add(None, ocp.args.PyTreeSave, handler)
+  registry.add(None, ocp.args.PyTreeRestore, handler)
+  return registry
+
+
+def _watch_durable(manager: ocp.CheckpointManager, on_durable: Callable[[float], None]) -> threading.Thread | None:
+  """Calls `on_durable(time.perf_counter())` when the manager's background save ends well.
+
+  Orbax has no hook after the step is committed (`post_finalization_callback`
+  runs before the rename), so a small thread waits on the finalize thread.
+  Nothing is called when the save fails: its error reaches the caller at the
+  next `wait()`.
+  """
+  # Orbax 0.12 internal: the manager's finalize thread (as in `is_busy`).
+  finalize = manager._finalize_thread.get()  # pylint: disable=protected-access
+  if finalize is None:  # a synchronous manager: durable already
+    on_durable(time.perf_counter())
+    return None
+
+  def watch() -> None:
+    try:
+      finalize.join()  # Orbax's join re-raises the save's error once per thread
+    except BaseException:  # pylint: disable=broad-exception-caught
+      return
+    if getattr(finalize, "exception", None) is None:
+      on_durable(time.perf_counter())
+
+  watcher = threading.Thread(target=watch, name=f"kckpt_durable_{finalize.step()}", daemon=True)
+  watcher.start()
+  return watcher

@@ -27,6 +27,7 @@ from kckpt import markers
 from kckpt import multihost
 from kckpt import policies
 from kckpt import steps as steps_lib
+from kckpt import storage as storage_lib
 from kckpt import trees
 from kckpt import watch
 from kckpt._types import Metrics, PathLike, Step
@@ -151,6 +152,8 @@ class _Runtime:
   records: dict[Step, policies.StepRecord] = dataclasses.field(default_factory=dict)
   last_save_time: float = dataclasses.field(default_factory=time.time)
   lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+  save_stats: storage_lib.TransferStats | None = None
+  restore_stats: storage_lib.TransferStats | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,6 +191,11 @@ class Checkpointer(BaseCheckpointer):
       returns the score.
     async_timeout_secs: how long a background save may wait for the other
       processes before failing (None: Orbax's default).
+    storage: `kckpt.StorageOptions`: the on-disk format (compression, OCDBT,
+      Zarr version) and I/O concurrency limits of saves. The default is the
+      fastest measured (uncompressed, OCDBT, Zarr v2);
+      ``StorageOptions.orbax_defaults()`` writes what plain Orbax writes.
+      Restores read any format.
 
   Example:
 
@@ -216,6 +224,7 @@ class Checkpointer(BaseCheckpointer):
   never_save_step_zero: bool = False
   best_fn: Callable[[Metrics], float] | None = None
   async_timeout_secs: int | None = None
+  storage: storage_lib.StorageOptions = storage_lib.StorageOptions()
 
   def __post_init__(self):
     _check_positive_int("save_interval_steps", self.save_interval_steps)
@@ -237,6 +246,8 @@ class Checkpointer(BaseCheckpointer):
       raise ValueError(f"Checkpointer.save_interval_secs must be a positive number, got {self.save_interval_secs!r}")
     if self.workdir is not None and not isinstance(self.workdir, (str, os.PathLike)):
       raise ValueError(f"Checkpointer.workdir must be a path, got {type(self.workdir).__name__}: {self.workdir!r}")
+    if not isinstance(self.storage, storage_lib.StorageOptions):
+      raise ValueError(f"Checkpointer.storage must be a kckpt.StorageOptions, got {type(self.storage).__name__}: {self.storage!r}")
 
   # -- Construction ---------------------------------------------------------
 
@@ -263,6 +274,8 @@ class Checkpointer(BaseCheckpointer):
     mp = kwargs.get("multiprocessing_options")
     if isinstance(mp, Mapping):
       kwargs["multiprocessing_options"] = _orbax.MultiprocessingOptions(**mp)
+    if isinstance(kwargs.get("storage"), Mapping):
+      kwargs["storage"] = storage_lib.StorageOptions(**kwargs["storage"])
     if "save_on_steps" in kwargs and kwargs["save_on_steps"] is not None:
       kwargs["save_on_steps"] = tuple(kwargs["save_on_steps"])
     return cls(**kwargs)
@@ -317,6 +330,7 @@ class Checkpointer(BaseCheckpointer):
             multiprocessing_options=self.multiprocessing_options,
             decide_preservation=self._decide_preservation,
             async_timeout_secs=self.async_timeout_secs,
+            storage=self.storage,
         )
       return rt.writer
 
@@ -415,6 +429,7 @@ class Checkpointer(BaseCheckpointer):
         not serialisable, or the metrics lack the best metric.
       BackgroundSaveError: an earlier async save failed.
     """
+    started = time.perf_counter()
     step = _check_step(step)
     writer = self._writer()
     writer.poll()
@@ -432,8 +447,11 @@ class Checkpointer(BaseCheckpointer):
     rt = self._rt
     now = time.time()
     rt.records[step] = policies.StepRecord(step=step, time=now, metrics=json_metrics)
+    telemetry = _SaveTelemetry(
+        rt, self.directory, step=step, nbytes=_pytree_nbytes(writes), started=started, async_save=self.async_save
+    )
     try:
-      writer.save(step, writes, json_metrics)
+      writer.save(step, writes, json_metrics, on_durable=telemetry.durable if self.async_save else None)
     except BaseException:
       rt.records.pop(step, None)
       raise
@@ -442,6 +460,10 @@ class Checkpointer(BaseCheckpointer):
     rt.last_save_time = now
     if not self.async_save:
       writer.wait()
+    done = time.perf_counter()
+    if not self.async_save:
+      telemetry.durable(done)
+    telemetry.returned(done)
     return True
 
   def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
@@ -636,6 +658,7 @@ class Checkpointer(BaseCheckpointer):
       TreeMismatchError: (a `ValueError`) listing every missing, unexpected
         and mis-shaped leaf by its pytree path.
     """
+    started = time.perf_counter()
     if self._rt.writer is not None:
       self._rt.writer.wait()
     if noop_if_missing and step in (-1, "latest") and self._fresh_latest() is None:
@@ -643,7 +666,7 @@ class Checkpointer(BaseCheckpointer):
     step = self._require_step(step)
     step_path = steps_lib.step_dir(self.directory, step)
     try:
-      return self._restore_step(state, step, step_path, donate=donate)
+      return self._restore_step(state, step, step_path, donate=donate, started=started)
     except TreeMismatchError:
       raise
     except Exception as e:
@@ -653,7 +676,9 @@ class Checkpointer(BaseCheckpointer):
         ) from e
       raise
 
-  def _restore_step(self, state: Any, step: Step, step_path: epath.Path, *, donate: bool) -> Any:
+  def _restore_step(
+      self, state: Any, step: Step, step_path: epath.Path, *, donate: bool, started: float | None = None
+  ) -> Any:
     saved_items = _orbax.item_handler_names(step_path)
     layout = _restore_layout(state, saved_items)
     reads, problems = [], []
@@ -682,8 +707,13 @@ class Checkpointer(BaseCheckpointer):
         if target is not None:
           _orbax.release(target)
     raw = _orbax.read_items(
-        step_path, [_orbax.ItemRead(name=name, format=fmt, target=abstract[name]) for name, _, fmt, _ in reads]
+        step_path,
+        [_orbax.ItemRead(name=name, format=fmt, target=abstract[name]) for name, _, fmt, _ in reads],
+        storage=self.storage,
     )
+    if started is not None:
+      nbytes = sum(storage_lib.tree_nbytes(raw[name]) for name, _, fmt, _ in reads if fmt == "pytree")
+      self._record_restore_stats(step, nbytes, started)
     restored = {}
     for name, item, _, target in reads:
       value = raw[name] if target is None else _orbax.match_scalar_types(target, raw[name])
@@ -712,6 +742,30 @@ class Checkpointer(BaseCheckpointer):
   def step_details(self, step: StepSpec = -1) -> steps_lib.StepDetails:
     """Time, metrics and items of one step (reads its small files, no arrays)."""
     return steps_lib.read_step_details(self.directory, self._require_step(step))
+
+  # -- Telemetry ------------------------------------------------------------
+
+  @property
+  def last_save_stats(self) -> storage_lib.TransferStats | None:
+    """Bytes, seconds, MB/s and blocked time of the newest save of this instance (None before one).
+
+    For an async save, `seconds` and `mb_per_s` are None until the step is
+    durable; they are filled in the moment Orbax's background save finishes
+    (the step renamed into place), and are always complete once
+    `wait_until_finished()`, `close()`, the next `save` or a `restore` returned.
+    """
+    return self._rt.save_stats
+
+  @property
+  def last_restore_stats(self) -> storage_lib.TransferStats | None:
+    """Bytes, seconds, MB/s of the newest `restore` of this instance (None before one)."""
+    return self._rt.restore_stats
+
+  def _record_restore_stats(self, step: Step, nbytes: int, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    stats = storage_lib.TransferStats(operation="restore", step=step, bytes=nbytes, blocked_seconds=elapsed, seconds=elapsed)
+    self._rt.restore_stats = stats
+    log.info("kckpt %s [%s]", stats.describe(), self.directory)
 
   # -- Looking at a run -----------------------------------------------------
 
@@ -873,3 +927,48 @@ class NoopCheckpointer(BaseCheckpointer):
   def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
     del state, step, force, metrics
     return False
+
+
+def _pytree_nbytes(writes: Sequence[_orbax.ItemWrite]) -> int:
+  return sum(storage_lib.tree_nbytes(w.value) for w in writes if w.format == "pytree")
+
+
+class _SaveTelemetry:
+  """Builds a save's `TransferStats` from two moments: `save` returned, and the step is durable.
+
+  For an async save the second comes from a background thread, possibly
+  before the first (a tiny save); the stats are published at the first moment
+  and completed (and logged) once both are known.
+  """
+
+  def __init__(self, rt: _Runtime, directory: epath.Path, *, step: Step, nbytes: int, started: float, async_save: bool):
+    self._rt, self._directory = rt, directory
+    self._step, self._nbytes, self._started, self._async = step, nbytes, started, async_save
+    self._returned: float | None = None
+    self._durable: float | None = None
+    self._lock = threading.Lock()
+
+  def returned(self, now: float) -> None:
+    with self._lock:
+      self._returned = now
+      self._publish()
+
+  def durable(self, now: float) -> None:
+    with self._lock:
+      self._durable = now
+      if self._returned is not None:
+        self._publish()
+
+  def _publish(self) -> None:
+    assert self._returned is not None
+    stats = storage_lib.TransferStats(
+        operation="save",
+        step=self._step,
+        bytes=self._nbytes,
+        blocked_seconds=self._returned - self._started,
+        seconds=None if self._durable is None else self._durable - self._started,
+        async_save=self._async,
+    )
+    self._rt.save_stats = stats
+    if stats.done:
+      log.info("kckpt %s [%s]", stats.describe(), self._directory)
