@@ -451,7 +451,7 @@ class Checkpointer(BaseCheckpointer):
         rt, self.directory, step=step, nbytes=_pytree_nbytes(writes), started=started, async_save=self.async_save
     )
     try:
-      writer.save(step, writes, json_metrics, on_durable=telemetry.durable if self.async_save else None)
+      writer.save(step, writes, json_metrics, on_durable=telemetry.durable)
     except BaseException:
       rt.records.pop(step, None)
       raise
@@ -460,10 +460,7 @@ class Checkpointer(BaseCheckpointer):
     rt.last_save_time = now
     if not self.async_save:
       writer.wait()
-    done = time.perf_counter()
-    if not self.async_save:
-      telemetry.durable(done)
-    telemetry.returned(done)
+    telemetry.returned(time.perf_counter())
     return True
 
   def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
