@@ -240,8 +240,10 @@ def pytree_metadata(item_dir: epath.Path) -> PyTree:
 def saved_leaf_specs(item_dir: epath.Path) -> dict[str, trees.LeafSpec]:
   """Path -> shape and dtype of every saved leaf of the item at `item_dir`."""
   fast = _leaf_specs_from_zarr_metadata(item_dir)
-  if fast is not None:
-    return fast
+  return fast if fast is not None else _leaf_specs_from_orbax_metadata(item_dir)
+
+
+def _leaf_specs_from_orbax_metadata(item_dir: epath.Path) -> dict[str, trees.LeafSpec]:
   specs = {}
   for path, meta in trees.flatten_with_paths(pytree_metadata(item_dir)).items():
     dtype = getattr(meta, "dtype", None)

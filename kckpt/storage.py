@@ -50,11 +50,12 @@ class StorageOptions:
     use_zarr3: write arrays as Zarr v3 rather than Zarr v2 (Orbax's default
       is v2). Zarr v2 is kept: v3 measured no faster, and v2 is readable by
       every Orbax release.
-    save_concurrent_gb: at most this many GB being written at once (None:
-      Orbax's default, 96 GB). Lower it when a save must not double the
-      host memory of a very large state.
+    save_concurrent_gb: at most this many GB (10**9 bytes) being written at
+      once (None: Orbax's default, 96 GB). Lower it when a save must not
+      double the host memory of a very large state. It must be at least the
+      size of the largest array (shard): Orbax fails the save otherwise.
     restore_concurrent_gb: at most this many GB being read at once (None:
-      Orbax's default, 96 GB).
+      Orbax's default, 96 GB); also at least the largest array.
 
   >>> StorageOptions()
   StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False, save_concurrent_gb=None, restore_concurrent_gb=None)
