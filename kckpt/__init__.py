@@ -22,6 +22,7 @@ from kckpt.errors import (
 )
 from kckpt.transplant import PartialLoader, TransplantError
 from kckpt.markers import clear_end_marker, trainer_finished, write_end_marker
+from kckpt.storage import StorageOptions, TransferStats
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "ReadOnlyCheckpointerError",
     "StepAlreadyExistsError",
     "TransplantError",
+    "StorageOptions",
+    "TransferStats",
     "TreeMismatchError",
     "items",
     "policies",

@@ -98,6 +98,8 @@ def tree_nbytes(tree: PyTree) -> int:
     spec = leaf_spec(leaf)  # typed PRNG keys count as their key data
     if spec.dtype is not None:
       total += int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.itemsize
+    elif isinstance(leaf, numbers.Number):  # a Python scalar, stored as a 0-d array
+      total += np.asarray(leaf).nbytes
   return total
 
 

@@ -3,6 +3,7 @@
 import json
 
 from benchmarks import listing
+from benchmarks import run
 
 
 def test_listing_benchmark_runs(tmp_path):
@@ -23,3 +24,25 @@ def test_donated_restore_uses_less_memory():
   state = 128 * 2**20
   assert added["kckpt_no_donate"] > 0.75 * state  # the restored copy sits beside the target
   assert added["kckpt_donate"] < added["kckpt_no_donate"] - 0.4 * state
+
+
+def test_run_benchmark_runs(tmp_path, capsys):
+  out = tmp_path / "run.json"
+  report = run.main([
+      "--sizes-mb", "0.25", "--bf16-mb", "0.25", "--repeats", "1", "--tiny-saves", "2",
+      "--sweep-mb", "0.25", "--layouts", "few", "--disk-mb", "1", "--dir", str(tmp_path), "--quiet", "--json", str(out),
+  ])  # fmt: skip
+  saved = json.loads(out.read_text())
+  assert [r["case"] for r in saved["sync"]] == ["256 KiB float32, 4 leaves", "256 KiB bfloat16, 8 leaves"]
+  for row in report["sync"]:
+    for system in ("kckpt", "orbax"):
+      summary = row["summary"][system]
+      assert summary["save_mb_per_s"]["median"] > 0 and summary["restore_mb_per_s"]["median"] > 0
+      assert summary["async_blocked_s"]["median"] > 0 and summary["async_durable_s"]["median"] > 0
+  assert set(saved["tiny"]["summary"]) == {"kckpt", "orbax"}
+  assert {name for name in saved["sweep"][0]["summary"]} >= {"orbax", "kckpt", "zstd, OCDBT, zarr2 (Orbax's format)"}
+  assert saved["disk"]["summary"]["write_fsync_1_stream_mb_per_s"]["median"] > 0
+  assert {g["goal"] for g in saved["goals"]} >= {"save >= 2.0x Orbax", "restore >= 1.5x Orbax"}
+  assert list(tmp_path.iterdir()) == [out]  # the benchmark removed what it wrote
+  printed = capsys.readouterr().out
+  assert "Sync save" in printed and "Tiny state" in printed and "Goals" in printed
