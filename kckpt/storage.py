@@ -48,8 +48,8 @@ class StorageOptions:
       (a few large files) rather than a folder of chunk files per array.
       Orbax's default, and kckpt's: far fewer files for states of many
       leaves, and what object stores (``gs://``) and multi-process saves are
-      tuned for. Without it, saves to a local disk measured up to 40%
-      faster, restores no faster, at two or more files per array.
+      tuned for. Without it, saves to a local disk were usually faster (up
+      to 40%), restores no faster, at two or more files per array.
     use_zarr3: write arrays as Zarr v3 rather than Zarr v2 (Orbax's default
       is v2). Zarr v2 is kept: v3 was not consistently faster, and v2 is
       readable by every Orbax release.
