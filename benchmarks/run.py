@@ -25,9 +25,10 @@ step's files were dropped from the page cache (``posix_fadvise DONTNEED``;
 ``--warm`` keeps them cached). Each figure is the median of `--repeats` runs
 (`--big-repeats` for states of 1 GiB and more), with the min-max spread.
 
-    python -m benchmarks.run                    # the full run (tens of minutes, ~8 GB of RAM at 2 GiB)
+    python -m benchmarks.run                    # the full run (about 15 min, peak RSS about 9 GB)
     python -m benchmarks.run --quick            # small sizes, a smoke run
     python -m benchmarks.run --sizes-mb 512 --no-sweep --json out.json
+    python -m benchmarks.run --print out.json   # the tables again, from a JSON report
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -319,7 +321,7 @@ def measure_case(
         system.delete(step)
         gc.collect()
     log(f"  {case.name}: repeat {r + 1}/{repeats} done")
-  del state
+  state = None  # free the arrays before the next case is built
   gc.collect()
   return {
       "case": case.name,
@@ -347,16 +349,16 @@ def _stats(values: Sequence[float]) -> dict[str, float] | None:
   return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _rates(seconds: dict[str, float], nbytes: int) -> dict[str, float]:
+  """MB/s (10^6 bytes/s) from the stats of durations: the slowest run gives the min."""
+  return {"median": nbytes / seconds["median"] / 1e6, "min": nbytes / seconds["max"] / 1e6, "max": nbytes / seconds["min"] / 1e6}
+
+
 def _summarise(got: dict[str, list[float]], nbytes: int) -> dict[str, Any]:
   out: dict[str, Any] = {key: _stats(values) for key, values in got.items()}
   for key in ("save", "restore"):
-    s = out[f"{key}_s"]
-    if s:
-      out[f"{key}_mb_per_s"] = {
-          "median": nbytes / s["median"] / 1e6,
-          "min": nbytes / s["max"] / 1e6,
-          "max": nbytes / s["min"] / 1e6,
-      }
+    if out[f"{key}_s"]:
+      out[f"{key}_mb_per_s"] = _rates(out[f"{key}_s"], nbytes)
   return out
 
 
@@ -403,7 +405,8 @@ def measure_disk(root: Path, nbytes: int, *, repeats: int) -> dict[str, Any]:
       while f.readinto(buf):
         pass
 
-  samples: dict[str, list[float]] = {"write_fsync_1_stream_s": [], "write_fsync_2_streams_s": [], "read_cold_s": [], "read_cached_s": []}
+  keys = ("write_fsync_1_stream_s", "write_fsync_2_streams_s", "read_cold_s", "read_cached_s")
+  samples: dict[str, list[float]] = {key: [] for key in keys}
   for _ in range(repeats):
     path = folder / "data.bin"
     seconds, _ = _timed(lambda: write(path, nbytes))
@@ -426,7 +429,7 @@ def measure_disk(root: Path, nbytes: int, *, repeats: int) -> dict[str, Any]:
   summary = {}
   for key, values in samples.items():
     s = _stats(values)
-    summary[key[: -len("_s")] + "_mb_per_s"] = {"median": nbytes / s["median"] / 1e6, "min": nbytes / s["max"] / 1e6, "max": nbytes / s["min"] / 1e6}
+    summary[key[: -len("_s")] + "_mb_per_s"] = _rates(s, nbytes)
   return {"bytes": nbytes, "repeats": repeats, "samples": samples, "summary": summary}
 
 
@@ -455,7 +458,10 @@ def _fmt_x(x: float | None) -> str:
 
 def print_sync_table(rows: Sequence[dict[str, Any]], a: str, b: str, title: str) -> None:
   print(f"\n{title} (MB/s = 10^6 bytes/s: median (min-max); speedup = {b} time / {a} time)")
-  header = f"{'state':<28} | {a + ' save':>22} {b + ' save':>22} {'speedup':>8} | {a + ' restore':>22} {b + ' restore':>22} {'speedup':>8}"
+  header = (
+      f"{'state':<28} | {a + ' save':>22} {b + ' save':>22} {'speedup':>8} |"
+      f" {a + ' restore':>22} {b + ' restore':>22} {'speedup':>8}"
+  )
   print(header)
   print("-" * len(header))
   for row in rows:
@@ -516,21 +522,22 @@ def goals(rows: Sequence[dict[str, Any]], tiny: dict[str, Any] | None, goal_byte
       continue
     k, o = row["summary"]["kckpt"], row["summary"]["orbax"]
     save_x, restore_x = _speedup(o, k, "save"), _speedup(o, k, "restore")
-    out.append({"goal": f"save >= {GOAL_SAVE_SPEEDUP}x Orbax", "state": row["case"], "value": save_x, "met": save_x >= GOAL_SAVE_SPEEDUP})
-    out.append(
-        {"goal": f"restore >= {GOAL_RESTORE_SPEEDUP}x Orbax", "state": row["case"], "value": restore_x, "met": restore_x >= GOAL_RESTORE_SPEEDUP}
-    )
+    out.append(_goal(f"save >= {GOAL_SAVE_SPEEDUP}x Orbax", row["case"], save_x, save_x >= GOAL_SAVE_SPEEDUP))
+    out.append(_goal(f"restore >= {GOAL_RESTORE_SPEEDUP}x Orbax", row["case"], restore_x, restore_x >= GOAL_RESTORE_SPEEDUP))
     if k["async_blocked_s"]:
       frac = k["async_blocked_s"]["median"] / k["save_s"]["median"]
-      out.append(
-          {"goal": f"async blocked <= {GOAL_ASYNC_BLOCKED_FRACTION:.0%} of a sync save", "state": row["case"], "value": frac, "met": frac <= GOAL_ASYNC_BLOCKED_FRACTION}
-      )
+      label = f"async blocked <= {GOAL_ASYNC_BLOCKED_FRACTION:.0%} of a sync save"
+      out.append(_goal(label, row["case"], frac, frac <= GOAL_ASYNC_BLOCKED_FRACTION))
   if tiny is not None:
     k, o = tiny["summary"]["kckpt"], tiny["summary"]["orbax"]
     for key, label in (("sync_s", "sync"), ("async_s", "async save + wait")):
       ratio = k[key]["median"] / o[key]["median"]
-      out.append({"goal": f"tiny {label} save no slower than Orbax", "state": "tiny", "value": ratio, "met": ratio <= 1.0})
+      out.append(_goal(f"tiny {label} no slower than Orbax", "tiny", ratio, ratio <= 1.0))
   return out
+
+
+def _goal(goal: str, state: str, value: float, met: bool) -> dict[str, Any]:
+  return {"goal": goal, "state": state, "value": value, "met": met}
 
 
 def print_goals(results: list[dict[str, Any]]) -> None:
@@ -539,7 +546,7 @@ def print_goals(results: list[dict[str, Any]]) -> None:
   print("\nGoals")
   for g in results:
     value = f"{g['value']:.1%}" if "%" in g["goal"] else f"{g['value']:.2f}"
-    print(f"  {'met   ' if g['met'] else 'MISSED'} {g['goal']:<42} {g['state']:<28} {value}")
+    print(f"  {'met   ' if g['met'] else 'MISSED'} {g['goal']:<44} {g['state']:<28} {value}")
 
 
 # ---------------------------------------------------------------------------
@@ -654,7 +661,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         case = Case(int(args.sweep_mb * MiB), layout)
         log(f"sweep, {case.name}: {args.repeats} repeats of {len(sweep_systems)} systems ...")
         sweep_rows.append(
-            measure_case(case, sweep_systems, steps, repeats=args.repeats, with_async=False, evict_before_restore=not args.warm, log=log)
+            measure_case(
+                case, sweep_systems, steps, repeats=args.repeats, with_async=False,
+                evict_before_restore=not args.warm, log=log,
+            )
         )
     report["sweep"] = sweep_rows
   finally:
@@ -672,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["machine"]["load_average_at_end"] = os.getloadavg()
   except OSError:
     pass
+  report["machine"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
   if args.json:
     args.json.write_text(json.dumps(report, indent=2, default=str))
@@ -686,10 +697,13 @@ def print_report(report: dict[str, Any]) -> None:
   print(
       f"\nkckpt {machine['kckpt']} vs Orbax {machine['orbax_checkpoint']} CheckpointManager defaults;"
       f" {machine['cpu_count']} CPUs; load average {_load(machine.get('load_average_at_start'))} at start,"
-      f" {_load(machine.get('load_average_at_end'))} at end; {report['seconds']:.0f} s"
+      f" {_load(machine.get('load_average_at_end'))} at end; {report['seconds']:.0f} s;"
+      f" peak RSS {machine.get('peak_rss_mb', 0):.0f} MB"
   )
   print_disk(report["disk"])
-  title = "Sync save and restore (warm page cache)" if warm else "Sync save (until durable) and restore (after page-cache eviction)"
+  title = "Sync save (until durable) and restore (after page-cache eviction)"
+  if warm:
+    title = "Sync save (until durable) and restore (warm page cache)"
   print_sync_table(rows, "kckpt", "orbax", title)
   if rows and rows[0]["summary"]["kckpt"]["async_blocked_s"]:
     print_async_table(rows, ["kckpt", "orbax"])
@@ -711,7 +725,8 @@ def _load(load: Any) -> str:
 
 
 def _options_str(options: kckpt.StorageOptions) -> str:
-  return f"{'zstd' if options.compression else 'none'}, {'OCDBT' if options.use_ocdbt else 'no OCDBT'}, {'zarr3' if options.use_zarr3 else 'zarr2'}"
+  compression = "zstd" if options.compression else "none"
+  return f"{compression}, {'OCDBT' if options.use_ocdbt else 'no OCDBT'}, {'zarr3' if options.use_zarr3 else 'zarr2'}"
 
 
 if __name__ == "__main__":
