@@ -24,6 +24,7 @@ import jax
 from etils import epath
 
 from kckpt import _orbax
+from kckpt import cloud
 from kckpt import items as items_lib
 from kckpt import lock as lock_lib
 from kckpt import markers
@@ -177,7 +178,7 @@ class Checkpointer(BaseCheckpointer):
   Building one does no I/O; the Orbax manager is made on the first save.
 
   Attributes:
-    workdir: root of the run (local path or ``gs://``). May be None in a
+    workdir: root of the run (local path, ``gs://`` or ``s3://``). May be None in a
       config and bound later with ``dataclasses.replace(ckpt, workdir=...)``;
       any I/O while it is None raises ValueError.
     save_interval_steps: `maybe_save` saves when ``step % save_interval_steps
@@ -219,6 +220,11 @@ class Checkpointer(BaseCheckpointer):
       `maybe_save` saves the current step on every process and sets
       `reached_preemption` (see `request_preemption`). The handler is
       installed by the first `maybe_save` and removed by `close`.
+    s3_endpoint: for ``s3://`` workdirs, the S3 endpoint URL (MinIO, R2...),
+      overriding ``AWS_ENDPOINT_URL``; applies to the whole process (see
+      `kckpt.cloud`).
+    s3_region: for ``s3://`` workdirs, the region, overriding ``AWS_REGION``
+      / ``AWS_DEFAULT_REGION``; applies to the whole process.
 
   Example:
 
@@ -251,6 +257,8 @@ class Checkpointer(BaseCheckpointer):
   lock_stale_secs: float = 60.0
   barrier_timeout_secs: float = multihost.DEFAULT_BARRIER_TIMEOUT_SECS
   handle_sigterm: bool = True
+  s3_endpoint: str | None = None
+  s3_region: str | None = None
 
   def __post_init__(self):
     _check_positive_int("save_interval_steps", self.save_interval_steps)
@@ -334,6 +342,8 @@ class Checkpointer(BaseCheckpointer):
           " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
       )
     workdir = self.workdir
+    if self.s3_endpoint or self.s3_region:
+      cloud.configure_s3(endpoint=self.s3_endpoint, region=self.s3_region)
     if "://" not in str(workdir) and not os.path.isabs(workdir):
       workdir = os.path.abspath(workdir)  # Orbax refuses relative paths (in the background)
     return steps_lib.checkpoints_dir(workdir)

@@ -24,6 +24,7 @@ from typing import Any
 
 from etils import epath
 
+from kckpt import cloud
 from kckpt._types import PathLike, Step
 
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -44,6 +45,7 @@ _COMMIT_FILE_SCHEMES = ("gs://", "s3://")
 
 def checkpoints_dir(workdir: PathLike) -> epath.Path:
   """The folder that holds the step folders of the run at `workdir`."""
+  cloud.prepare(workdir)
   return epath.Path(workdir) / CHECKPOINTS_FOLDER
 
 
@@ -65,6 +67,7 @@ def uses_commit_marker(path: PathLike) -> bool:
 def _list_names(directory: epath.Path) -> list[str]:
   if "://" not in str(directory):
     return os.listdir(directory)  # 10x faster than building a Path per entry
+  cloud.prepare(directory)
   return [p.name for p in directory.iterdir()]
 
 
