@@ -163,6 +163,7 @@ class _Runtime:
   writer_lock: lock_lib.WriterLock | None = None
   listing: steps_lib.StepListing | None = None
   records: dict[Step, policies.StepRecord] = dataclasses.field(default_factory=dict)
+  known_finished: frozenset[Step] = frozenset()
   last_save_time: float = dataclasses.field(default_factory=time.time)
   lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
   preemption_requested: bool = False
@@ -405,8 +406,11 @@ class Checkpointer(BaseCheckpointer):
     rt = self._rt
     in_flight = rt.writer is not None and rt.writer.in_flight_step is not None
     if fresh or in_flight or rt.listing is None:
-      known = frozenset(rt.listing.finished) if rt.listing is not None else frozenset()
-      listing = steps_lib.list_steps(self.directory, known_finished=known)
+      # Steps seen finished by an earlier listing (kept across `reload()`): on
+      # object stores their commit markers are not asked for again, so a poll
+      # is one prefix listing. A step missing from a listing is forgotten.
+      listing = steps_lib.list_steps(self.directory, known_finished=rt.known_finished)
+      rt.known_finished = frozenset(listing.finished)
       rt.listing = None if in_flight else listing
       return listing
     return rt.listing

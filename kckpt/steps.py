@@ -208,6 +208,16 @@ def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
 
 def folder_size(path: epath.Path) -> int:
   """Bytes under `path` (walks the folder: call only when asked for a size)."""
+  if "://" in str(path):
+    # One recursive listing through fsspec (etils' walk passes s3fs an
+    # argument it does not take, and a walk would list folder by folder).
+    import fsspec  # pylint: disable=import-outside-toplevel
+
+    cloud.prepare(path)
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if not fs.exists(root):
+      raise FileNotFoundError(f"No such step folder: {path}")
+    return int(fs.du(root, total=True))
   total = 0
   for root, _, files in path.walk():
     for name in files:
