@@ -121,7 +121,7 @@ EVAL_JOB = """
 import sys, kckpt
 ckpt = kckpt.Checkpointer.open(sys.argv[1])
 print("READY", ckpt.latest_step, flush=True)
-for step in ckpt.iter_new_checkpoints(timeout=30, timeout_fn=lambda: kckpt.trainer_finished(sys.argv[1])):
+for step in ckpt.iter_new_checkpoints(timeout=1, timeout_fn=lambda: kckpt.trainer_finished(sys.argv[1])):
   print("EVAL", step, float(ckpt.restore(step=step)["w"][0]), flush=True)
 print("DONE", flush=True)
 """
