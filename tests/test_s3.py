@@ -200,12 +200,12 @@ def test_kill_during_save_never_exposes_a_partial_step(s3_server, s3_workdir):
 def test_cli_ls_on_an_s3_run(s3_workdir):
   with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
     for step in (5, 6):
-      ckpt.save({"w": np.ones(4, np.float32)}, step=step, metrics={"loss": step / 10})
+      ckpt.save({"w": np.ones(4, np.float32)}, step=step, metrics={"loss": step / 10}, tag="best" if step == 6 else None)
   out = subprocess.run(
       [PYTHON, "-m", "kckpt", "ls", s3_workdir, "--json"], capture_output=True, text=True, env=subprocess_env(), timeout=60
   )
   assert out.returncode == 0, out.stderr
   listing = json.loads(out.stdout)
   assert [row["step"] for row in listing["steps"]] == [5, 6]
-  assert listing["steps"][1]["metrics"] == {"loss": 0.6}
+  assert listing["steps"][1]["metrics"] == {"loss": 0.6} and listing["steps"][1]["tag"] == "best"
   assert listing["steps"][0]["size_bytes"] > 0 and listing["unfinished"] == []
