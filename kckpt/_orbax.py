@@ -154,8 +154,9 @@ class _RenameThenDelete:
 
   Orbax removes a step folder file by file, so a reader could list the step
   and then find half of it gone; renaming first is atomic on a local or POSIX
-  file system, so a reader sees the whole step or no step. Only the primary
-  process deletes.
+  file system, so a reader sees the whole step or no step. On S3 (no rename)
+  the commit marker goes first, so listings stop reporting the step before
+  any of its data is removed. Only the primary process deletes.
   """
 
   def __init__(self, directory: epath.Path, primary_host: int | None):
@@ -289,9 +290,10 @@ class Writer:
     self.directory = directory
     self._sync = sync
     self._manager = ocp.CheckpointManager(directory, options=options)
-    if local:
+    if local or cloud.is_s3(directory):
       # Orbax 0.12 internal: the manager's deleter, replaced so that readers
-      # never see a half-deleted step (see _RenameThenDelete).
+      # never see a half-deleted step (see _RenameThenDelete; on S3 the commit
+      # marker is removed first, then the objects).
       self._manager._checkpoint_deleter = _RenameThenDelete(  # pylint: disable=protected-access
           directory, (multiprocessing_options or MultiprocessingOptions()).primary_host
       )

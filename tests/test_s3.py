@@ -5,6 +5,7 @@ listing from another reader, an eval job in another process, a crash in the
 middle of a save, the command line; and the cost of polling in requests.
 """
 
+import base64
 import json
 import os
 import signal
@@ -66,6 +67,7 @@ def test_round_trip_and_retention(s3_server, s3_workdir, async_save):
   keys = _keys(s3_server, s3_workdir)
   steps_present = {k.split("/")[1] for k in keys if k.startswith("checkpoints/ckpt_")}
   assert steps_present == {"ckpt_2", "ckpt_3"}, keys  # retention deleted every object of steps 0 and 1
+  assert not [k for k in keys if "deleting" in k], keys
   # Finished on object storage: written in place, the commit marker last.
   assert "checkpoints/ckpt_3/commit_success.txt" in keys
   assert not [k for k in keys if "orbax-checkpoint-tmp" in k], keys
@@ -89,6 +91,13 @@ def _recorded_requests(server):
   raw = urllib.request.urlopen(f"{server['endpoint']}/moto-api/recorder/download-recording").read().decode()
   requests = [json.loads(line) for line in raw.splitlines() if line.strip()]
   return [r for r in requests if "/moto-api/" not in r["url"]]
+
+
+def _request_body(request):
+  body = request.get("body") or ""
+  if request.get("body_encoded"):
+    body = base64.b64decode(body).decode(errors="replace")
+  return body
 
 
 def _recorder(server, action):
@@ -200,12 +209,32 @@ def test_kill_during_save_never_exposes_a_partial_step(s3_server, s3_workdir):
 def test_cli_ls_on_an_s3_run(s3_workdir):
   with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
     for step in (5, 6):
-      ckpt.save({"w": np.ones(4, np.float32)}, step=step, metrics={"loss": step / 10}, tag="best" if step == 6 else None)
+      ckpt.save({"w": np.ones(4, np.float32)}, step=step, metrics={"loss": step / 10}, tag="release" if step == 6 else None)
   out = subprocess.run(
       [PYTHON, "-m", "kckpt", "ls", s3_workdir, "--json"], capture_output=True, text=True, env=subprocess_env(), timeout=60
   )
   assert out.returncode == 0, out.stderr
   listing = json.loads(out.stdout)
   assert [row["step"] for row in listing["steps"]] == [5, 6]
-  assert listing["steps"][1]["metrics"] == {"loss": 0.6} and listing["steps"][1]["tag"] == "best"
+  assert listing["steps"][1]["metrics"] == {"loss": 0.6} and listing["steps"][1]["tag"] == "release"
   assert listing["steps"][0]["size_bytes"] > 0 and listing["unfinished"] == []
+
+
+def test_delete_removes_the_commit_marker_first(s3_server, s3_workdir):
+  with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
+    for step in (1, 2):
+      ckpt.save({"w": np.ones(2), "v": np.zeros(3)}, step=step)
+    _recorder(s3_server, "reset-recording")
+    _recorder(s3_server, "start-recording")
+    try:
+      ckpt.delete(1)
+    finally:
+      _recorder(s3_server, "stop-recording")
+    assert ckpt.all_steps == [2]
+  deletes = [r for r in _recorded_requests(s3_server) if r["method"] == "DELETE" or (r["method"] == "POST" and "delete" in r["url"])]
+  assert deletes, "no delete request was recorded"
+  # Listings stop reporting the step before any of its data goes: the first
+  # delete (s3fs sends a bulk "?delete" POST) removes the commit marker alone.
+  first = _request_body(deletes[0]) + deletes[0]["url"]
+  assert "ckpt_1/commit_success.txt" in first and "ckpt_1/default" not in first, first
+  assert not [k for k in _keys(s3_server, s3_workdir) if k.startswith("checkpoints/ckpt_1/")]
