@@ -200,7 +200,7 @@ def test_kill_during_save_never_exposes_a_partial_step(s3_server, s3_workdir):
       np.testing.assert_array_equal(restored[key], np.asarray(expected[key]))
   # A new trainer cleans up what the crash left and saves again.
   next_step = steps[-1] + 100
-  with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None, lock_stale_secs=1) as writer:
+  with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None) as writer:
     writer.save({"w": jnp.ones(3)}, step=next_step)
   after = steps_lib.list_steps(steps_lib.checkpoints_dir(s3_workdir))
   assert after.finished == (*steps, next_step) and after.unfinished == (), after
