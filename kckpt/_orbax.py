@@ -28,12 +28,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kckpt import cloud
 from kckpt import steps as steps_lib
 from kckpt import storage as storage_lib
 from kckpt import trees
 from kckpt._types import Metrics, PyTree, Step
 from kckpt.errors import BackgroundSaveError
 from orbax.checkpoint._src.path import atomicity as _atomicity  # Orbax 0.12 internal: see DurableRenameTemporaryPath
+from orbax.checkpoint._src.path import gcs_utils as _gcs_utils  # Orbax 0.12 internal: see _install_s3_support
+from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # Orbax 0.12 internal: see _install_s3_support
 
 MultiprocessingOptions = ocp.options.MultiprocessingOptions
 
@@ -83,13 +86,80 @@ def _is_local(path: epath.Path) -> bool:
   return "://" not in str(path)
 
 
+# ---------------------------------------------------------------------------
+# s3:// support (Orbax 0.12.8 internals)
+# ---------------------------------------------------------------------------
+#
+# Orbax 0.12.8 builds TensorStore kvstore specs in
+# `orbax.checkpoint._src.serialization.tensorstore_utils`
+# (`_build_ocdbt_kvstore_tspec`, `_build_non_ocdbt_kvstore_tspec`). It knows
+# only gs:// as a remote scheme: `_normalize_path` runs `os.path.normpath`,
+# which turns ``s3://b/k`` into ``s3:/b/k``, and then, as the path is not
+# absolute, raises "Checkpoint path should be absolute. Got s3:/b/k" (S3 is an
+# open Orbax request, #359). TensorStore itself has an ``s3`` kvstore driver
+# (OCDBT on top of it works), so kckpt hooks three module-level functions,
+# each changed for s3:// paths only (every other path goes to Orbax's own code):
+#
+# - `tensorstore_utils._normalize_path`: keeps the ``s3://`` of a path;
+# - `tensorstore_utils._use_gcs_driver`: says "object store" for s3:// too, so
+#   the spec builders take their remote branch, which calls
+# - `gcs_utils.get_kvstore_for_gcs`: returns TensorStore's ``s3`` spec
+#   (bucket, path, ``endpoint``, ``aws_region`` from `kckpt.cloud`).
+#
+# Finishing: on S3 a rename is a copy, so an s3:// `Writer` passes Orbax's own
+# `CommitFileTemporaryPath` (what Orbax picks for gs://): the step is written
+# in place and ``commit_success.txt`` is written last; kckpt's listing counts
+# only steps that have it. Checked against orbax-checkpoint 0.12.8; the
+# pyproject pin (<0.13) keeps an upgrade from silently changing these.
+
+_ORIGINAL_NORMALIZE_PATH = _ts_utils._normalize_path  # pylint: disable=protected-access
+_ORIGINAL_USE_GCS_DRIVER = _ts_utils._use_gcs_driver  # pylint: disable=protected-access
+_ORIGINAL_GET_KVSTORE_FOR_GCS = _gcs_utils.get_kvstore_for_gcs
+
+
+def _normalize_path(path: str) -> str:
+  if cloud.is_s3(path):
+    return cloud.S3_SCHEME + os.path.normpath(path[len(cloud.S3_SCHEME) :])
+  return _ORIGINAL_NORMALIZE_PATH(path)
+
+
+def _use_gcs_driver(directory: str) -> bool:
+  return cloud.is_s3(directory) or _ORIGINAL_USE_GCS_DRIVER(directory)
+
+
+def _get_kvstore(path: str) -> dict[str, Any]:
+  if cloud.is_s3(path):
+    return cloud.s3_kvstore_spec(path)
+  return _ORIGINAL_GET_KVSTORE_FOR_GCS(path)
+
+
+def _install_s3_support() -> None:
+  """Makes Orbax 0.12.8 write and read s3:// paths through TensorStore's ``s3`` driver."""
+  _ts_utils._normalize_path = _normalize_path  # pylint: disable=protected-access
+  _ts_utils._use_gcs_driver = _use_gcs_driver  # pylint: disable=protected-access
+  _gcs_utils.get_kvstore_for_gcs = _get_kvstore
+
+
+_install_s3_support()
+
+
+def _temporary_path_class(directory: epath.Path, durable: bool) -> type | None:
+  """How a step is finished: durable rename locally, commit file on S3, Orbax's choice otherwise (gs://)."""
+  if _is_local(directory):
+    return DurableRenameTemporaryPath if durable else None
+  if cloud.is_s3(directory):
+    return _atomicity.CommitFileTemporaryPath
+  return None
+
+
 class _RenameThenDelete:
   """Orbax deleter that removes steps with `steps.remove_step_folder`.
 
   Orbax removes a step folder file by file, so a reader could list the step
   and then find half of it gone; renaming first is atomic on a local or POSIX
-  file system, so a reader sees the whole step or no step. Only the primary
-  process deletes.
+  file system, so a reader sees the whole step or no step. On S3 (no rename)
+  the commit marker goes first, so listings stop reporting the step before
+  any of its data is removed. Only the primary process deletes.
   """
 
   def __init__(self, directory: epath.Path, primary_host: int | None):
@@ -219,7 +289,7 @@ class Writer:
         lightweight_initialize=True,
         # A crash mid-save leaves a temporary folder; remove it before saving again.
         cleanup_tmp_directories=True,
-        temporary_path_class=DurableRenameTemporaryPath if (durable and local) else None,
+        temporary_path_class=_temporary_path_class(directory, durable),
     )
     self.directory = directory
     self._sync = sync
@@ -227,15 +297,15 @@ class Writer:
         directory, options=options, handler_registry=_handler_registry(storage, multiprocessing_options)
     )
     self._on_durable = _report_durable(self._manager)
-    if local:
+    if local or cloud.is_s3(directory):
       # Orbax 0.12 internal: the manager's deleter, replaced so that readers
-      # never see a half-deleted step (see _RenameThenDelete).
+      # never see a half-deleted step (see _RenameThenDelete; on S3 the commit
+      # marker is removed first, then the objects).
       self._manager._checkpoint_deleter = _RenameThenDelete(  # pylint: disable=protected-access
           directory, (multiprocessing_options or MultiprocessingOptions()).primary_host
       )
     self._in_flight: Step | None = None
     self._lock = threading.Lock()
-    self._on_durable = _report_durable(self._manager)
 
   @property
   def in_flight_step(self) -> Step | None:

@@ -24,6 +24,7 @@ import jax
 from etils import epath
 
 from kckpt import _orbax
+from kckpt import cloud
 from kckpt import items as items_lib
 from kckpt import lock as lock_lib
 from kckpt import markers
@@ -163,6 +164,7 @@ class _Runtime:
   writer_lock: lock_lib.WriterLock | None = None
   listing: steps_lib.StepListing | None = None
   records: dict[Step, policies.StepRecord] = dataclasses.field(default_factory=dict)
+  known_finished: frozenset[Step] = frozenset()
   last_save_time: float = dataclasses.field(default_factory=time.time)
   lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
   preemption_requested: bool = False
@@ -180,7 +182,7 @@ class Checkpointer(BaseCheckpointer):
   Building one does no I/O; the Orbax manager is made on the first save.
 
   Attributes:
-    workdir: root of the run (local path or ``gs://``). May be None in a
+    workdir: root of the run (local path, ``gs://`` or ``s3://``). May be None in a
       config and bound later with ``dataclasses.replace(ckpt, workdir=...)``;
       any I/O while it is None raises ValueError.
     save_interval_steps: `maybe_save` saves when ``step % save_interval_steps
@@ -227,6 +229,11 @@ class Checkpointer(BaseCheckpointer):
       fastest measured (uncompressed, OCDBT, Zarr v2);
       ``StorageOptions.orbax_defaults()`` writes what plain Orbax writes.
       Restores read any format.
+    s3_endpoint: for ``s3://`` workdirs, the S3 endpoint URL (MinIO, R2...),
+      overriding ``AWS_ENDPOINT_URL``; applies to the whole process (see
+      `kckpt.cloud`).
+    s3_region: for ``s3://`` workdirs, the region, overriding ``AWS_REGION``
+      / ``AWS_DEFAULT_REGION``; applies to the whole process.
 
   Example:
 
@@ -260,6 +267,8 @@ class Checkpointer(BaseCheckpointer):
   barrier_timeout_secs: float = multihost.DEFAULT_BARRIER_TIMEOUT_SECS
   handle_sigterm: bool = True
   storage: storage_lib.StorageOptions = storage_lib.StorageOptions()
+  s3_endpoint: str | None = None
+  s3_region: str | None = None
 
   def __post_init__(self):
     _check_positive_int("save_interval_steps", self.save_interval_steps)
@@ -347,6 +356,8 @@ class Checkpointer(BaseCheckpointer):
           " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
       )
     workdir = self.workdir
+    if self.s3_endpoint or self.s3_region:
+      cloud.configure_s3(endpoint=self.s3_endpoint, region=self.s3_region)
     if "://" not in str(workdir) and not os.path.isabs(workdir):
       workdir = os.path.abspath(workdir)  # Orbax refuses relative paths (in the background)
     return steps_lib.checkpoints_dir(workdir)
@@ -409,8 +420,11 @@ class Checkpointer(BaseCheckpointer):
     rt = self._rt
     in_flight = rt.writer is not None and rt.writer.in_flight_step is not None
     if fresh or in_flight or rt.listing is None:
-      known = frozenset(rt.listing.finished) if rt.listing is not None else frozenset()
-      listing = steps_lib.list_steps(self.directory, known_finished=known)
+      # Steps seen finished by an earlier listing (kept across `reload()`): on
+      # object stores their commit markers are not asked for again, so a poll
+      # is one prefix listing. A step missing from a listing is forgotten.
+      listing = steps_lib.list_steps(self.directory, known_finished=rt.known_finished)
+      rt.known_finished = frozenset(listing.finished)
       rt.listing = None if in_flight else listing
       return listing
     return rt.listing

@@ -59,10 +59,20 @@ class WriterLock:
     self._thread: threading.Thread | None = None
 
   def _read(self) -> dict | None:
-    try:
-      return json.loads(self.path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
-      return None
+    attempts = 1 if "://" not in str(self.path) else 5
+    for attempt in range(attempts):
+      try:
+        return json.loads(self.path.read_text())
+      except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+        return None
+      except OSError:
+        # On an object store the lock can be replaced between the read's
+        # metadata request and its data request (s3fs: "FileExpired"), when
+        # the holder refreshes it at that moment: read it again.
+        if attempt == attempts - 1:
+          raise
+        time.sleep(0.05)
+    return None
 
   def _age(self) -> float:
     try:

@@ -24,6 +24,7 @@ from typing import Any
 
 from etils import epath
 
+from kckpt import cloud
 from kckpt._types import PathLike, Step
 
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -44,6 +45,7 @@ _COMMIT_FILE_SCHEMES = ("gs://", "s3://")
 
 def checkpoints_dir(workdir: PathLike) -> epath.Path:
   """The folder that holds the step folders of the run at `workdir`."""
+  cloud.prepare(workdir)
   return epath.Path(workdir) / CHECKPOINTS_FOLDER
 
 
@@ -65,6 +67,7 @@ def uses_commit_marker(path: PathLike) -> bool:
 def _list_names(directory: epath.Path) -> list[str]:
   if "://" not in str(directory):
     return os.listdir(directory)  # 10x faster than building a Path per entry
+  cloud.prepare(directory)
   return [p.name for p in directory.iterdir()]
 
 
@@ -205,6 +208,16 @@ def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
 
 def folder_size(path: epath.Path) -> int:
   """Bytes under `path` (walks the folder: call only when asked for a size)."""
+  if "://" in str(path):
+    # One recursive listing through fsspec (etils' walk passes s3fs an
+    # argument it does not take, and a walk would list folder by folder).
+    import fsspec  # pylint: disable=import-outside-toplevel
+
+    cloud.prepare(path)
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if not fs.exists(root):
+      raise FileNotFoundError(f"No such step folder: {path}")
+    return int(fs.du(root, total=True))
   total = 0
   for root, _, files in path.walk():
     for name in files:
