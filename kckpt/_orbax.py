@@ -410,11 +410,10 @@ class Writer:
 
 @dataclasses.dataclass(frozen=True)
 class ItemRead:
-  """One item to read: `target` None reads it as saved (NumPy arrays / JSON)."""
+  """One item to read as saved: NumPy arrays and Python scalars, or its JSON value."""
 
   name: str
   format: str
-  target: PyTree = None
 
 
 def _is_json_handler(handler_name: str) -> bool:
@@ -498,13 +497,9 @@ def match_scalar_types(target: PyTree, restored: PyTree) -> PyTree:
 def _restore_args(read: ItemRead, item_dir: epath.Path) -> ocp.args.CheckpointArgs:
   if read.format == "json":
     return ocp.args.JsonRestore()
-  if read.target is None:  # as saved: NumPy arrays, Python scalars, strings
-    as_saved = jax.tree.map(_as_saved_restore_args, pytree_metadata(item_dir))
-    return ocp.args.PyTreeRestore(item=None, restore_args=as_saved)
-  return ocp.args.PyTreeRestore(
-      item=read.target,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(read.target),
-  )
+  # As saved: NumPy arrays, Python scalars, strings (restores into a target use read_tree_into).
+  as_saved = jax.tree.map(_as_saved_restore_args, pytree_metadata(item_dir))
+  return ocp.args.PyTreeRestore(item=None, restore_args=as_saved)
 
 
 def _as_saved_restore_args(meta: Any) -> ocp.RestoreArgs:
@@ -650,10 +645,6 @@ def release(tree: PyTree) -> None:
   for leaf in jax.tree.leaves(tree):
     if isinstance(leaf, jax.Array) and not leaf.is_deleted():
       leaf.delete()
-
-
-def item_handler_names(step_path: epath.Path) -> Mapping[str, str]:
-  return steps_lib.read_item_names(step_path)
 
 
 # ---------------------------------------------------------------------------

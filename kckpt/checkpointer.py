@@ -868,7 +868,7 @@ class Checkpointer(BaseCheckpointer):
   def _restore_step(
       self, state: Any, step: Step, step_path: epath.Path, *, donate: bool, partial: bool, started: float | None = None
   ) -> Any:
-    saved_items = _orbax.item_handler_names(step_path)
+    saved_items = steps_lib.read_item_names(step_path)
     if not any(name not in steps_lib.RESERVED_ITEMS for name in saved_items):
       raise CheckpointReadError(
           f"Cannot read step {step} of {self.directory}: {step_path} holds no checkpoint item"
@@ -940,7 +940,7 @@ class Checkpointer(BaseCheckpointer):
     """
     step = self._require_step(step)
     step_path = steps_lib.step_dir(self.directory, step)
-    saved_items = _orbax.item_handler_names(step_path)
+    saved_items = steps_lib.read_item_names(step_path)
     pytree_items = [n for n, h in saved_items.items() if n not in steps_lib.RESERVED_ITEMS and _orbax.item_format(h) == "pytree"]
     if steps_lib.DEFAULT_ITEM in pytree_items:
       return _orbax.metadata_as_shape_dtype(step_path / steps_lib.DEFAULT_ITEM)
