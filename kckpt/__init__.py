@@ -4,48 +4,81 @@
 >>> ckpt = kckpt.Checkpointer(workdir=None, save_interval_steps=1000)
 >>> ckpt.max_to_keep
 3
+
+Public names are resolved on first use (PEP 562), so ``import kckpt`` is
+cheap and imports neither JAX nor Orbax until a name needs them.
 """
 
-from kckpt import items
-from kckpt import policies
-from kckpt import trees
-from kckpt.checkpointer import BaseCheckpointer, Checkpointer, NoopCheckpointer
-from kckpt.errors import (
-    BackgroundSaveError,
-    CheckpointNotFoundError,
-    CheckpointReadError,
-    ConcurrentWriterError,
-    ProcessTimeoutError,
-    ReadOnlyCheckpointerError,
-    StepAlreadyExistsError,
-    TreeMismatchError,
-)
-from kckpt.transplant import PartialLoader, TransplantError
-from kckpt.markers import clear_end_marker, trainer_finished, write_end_marker
-from kckpt.storage import StorageOptions, TransferStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackgroundSaveError",
-    "BaseCheckpointer",
-    "CheckpointNotFoundError",
-    "CheckpointReadError",
-    "ConcurrentWriterError",
-    "Checkpointer",
-    "NoopCheckpointer",
-    "PartialLoader",
-    "ProcessTimeoutError",
-    "ReadOnlyCheckpointerError",
-    "StepAlreadyExistsError",
-    "TransplantError",
-    "StorageOptions",
-    "TransferStats",
-    "TreeMismatchError",
-    "items",
-    "policies",
-    "trees",
-    "clear_end_marker",
-    "trainer_finished",
-    "write_end_marker",
-]
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "BaseCheckpointer": "kckpt.checkpointer",
+    "Checkpointer": "kckpt.checkpointer",
+    "NoopCheckpointer": "kckpt.checkpointer",
+    "PartialLoader": "kckpt.partial_loader",
+    "StorageOptions": "kckpt.storage",
+    "TransferStats": "kckpt.telemetry",
+    "clear_end_marker": "kckpt.markers",
+    "trainer_finished": "kckpt.markers",
+    "write_end_marker": "kckpt.markers",
+    "BackgroundSaveError": "kckpt.errors",
+    "CheckpointNotFoundError": "kckpt.errors",
+    "CheckpointReadError": "kckpt.errors",
+    "ConcurrentWriterError": "kckpt.errors",
+    "ProcessTimeoutError": "kckpt.errors",
+    "ReadOnlyCheckpointerError": "kckpt.errors",
+    "StepAlreadyExistsError": "kckpt.errors",
+    "TransplantError": "kckpt.errors",
+    "TreeMismatchError": "kckpt.errors",
+}
+_SUBMODULES = ("cloud", "inspect", "items", "policies", "telemetry", "trees")
+# Names that moved: old name -> (module, name); still importable, with no warning yet.
+_MOVED = {
+    "transplant": ("kckpt.partial_loader", None),
+}
+
+__all__ = sorted([*_PUBLIC, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+  if name in _PUBLIC:
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+  elif name in _SUBMODULES:
+    value = importlib.import_module(f"kckpt.{name}")
+  elif name in _MOVED:
+    module, attr = _MOVED[name]
+    value = importlib.import_module(module) if attr is None else getattr(importlib.import_module(module), attr)
+  else:
+    raise AttributeError(f"module 'kckpt' has no attribute {name!r}")
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+  from kckpt import cloud, inspect, items, policies, telemetry, trees
+  from kckpt.checkpointer import BaseCheckpointer, Checkpointer, NoopCheckpointer
+  from kckpt.errors import (
+      BackgroundSaveError,
+      CheckpointNotFoundError,
+      CheckpointReadError,
+      ConcurrentWriterError,
+      ProcessTimeoutError,
+      ReadOnlyCheckpointerError,
+      StepAlreadyExistsError,
+      TransplantError,
+      TreeMismatchError,
+  )
+  from kckpt.markers import clear_end_marker, trainer_finished, write_end_marker
+  from kckpt.partial_loader import PartialLoader
+  from kckpt.storage import StorageOptions
+  from kckpt.telemetry import TransferStats

@@ -7,46 +7,34 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import datetime
 import functools
 import logging
-import operator
 import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
-import jax
 from etils import epath
 
+from kckpt import _layout
 from kckpt import _orbax
+from kckpt import _restore
+from kckpt import _run
+from kckpt import _session
 from kckpt import cloud
+from kckpt import _views
 from kckpt import items as items_lib
-from kckpt import lock as lock_lib
-from kckpt import markers
 from kckpt import multihost
 from kckpt import policies
-from kckpt import steps as steps_lib
 from kckpt import storage as storage_lib
-from kckpt import trees
+from kckpt import telemetry
 from kckpt import watch
-from kckpt._types import Metrics, PathLike, Step
-from kckpt.errors import (
-    CheckpointNotFoundError,
-    CheckpointReadError,
-    ReadOnlyCheckpointerError,
-    StepAlreadyExistsError,
-    TreeMismatchError,
-)
+from kckpt._types import Metrics, PathLike, Step, StepSpec
+from kckpt.errors import CheckpointNotFoundError, ReadOnlyCheckpointerError
 
 log = logging.getLogger("kckpt")
-
-StepSpec = int | str  # a step number, -1, "latest" or "best"
-
 
 class BaseCheckpointer(abc.ABC):
   """The interface shared by `Checkpointer` and `NoopCheckpointer`."""
@@ -134,15 +122,6 @@ def _check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> No
     raise ValueError(f"Checkpointer.{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 
-def _check_step(step: Any) -> Step:
-  if isinstance(step, (bool, float)) or not hasattr(step, "__index__"):
-    raise ValueError(f"step must be a non-negative int, got {type(step).__name__}: {step!r}")
-  step = operator.index(step)
-  if step < 0:
-    raise ValueError(f"step must be a non-negative int, got {step}")
-  return step
-
-
 def _as_timedelta(name: str, value: Any) -> datetime.timedelta | None:
   if value is None:
     return None
@@ -154,24 +133,6 @@ def _as_timedelta(name: str, value: Any) -> datetime.timedelta | None:
 
 
 _TIMEDELTA_FIELDS = ("keep_time_interval",)
-
-
-@dataclasses.dataclass
-class _Runtime:
-  """Mutable state of one `Checkpointer` instance (never part of its identity)."""
-
-  writer: _orbax.Writer | None = None
-  writer_lock: lock_lib.WriterLock | None = None
-  listing: steps_lib.StepListing | None = None
-  records: dict[Step, policies.StepRecord] = dataclasses.field(default_factory=dict)
-  known_finished: frozenset[Step] = frozenset()
-  last_save_time: float = dataclasses.field(default_factory=time.time)
-  lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
-  preemption_requested: bool = False
-  reached_preemption: bool = False
-  sigterm_handler: weakref.finalize | None = None  # removes kckpt's SIGTERM handler (close, or GC)
-  save_stats: storage_lib.TransferStats | None = None
-  restore_stats: storage_lib.TransferStats | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -249,7 +210,7 @@ class Checkpointer(BaseCheckpointer):
 
   workdir: PathLike | None = None
   save_interval_steps: int | None
-  max_to_keep: int | None = 3
+  max_to_keep: int | None = policies.DEFAULT_MAX_TO_KEEP
   keep_time_interval: datetime.timedelta | None = None
   keep_period: int | None = None
   save_on_steps: Sequence[Step] | None = None
@@ -277,7 +238,7 @@ class Checkpointer(BaseCheckpointer):
     _check_positive_int("async_timeout_secs", self.async_timeout_secs)
     object.__setattr__(self, "keep_time_interval", _as_timedelta("keep_time_interval", self.keep_time_interval))
     if self.save_on_steps is not None:
-      object.__setattr__(self, "save_on_steps", tuple(sorted({_check_step(s) for s in self.save_on_steps})))
+      object.__setattr__(self, "save_on_steps", tuple(sorted({_run.check_step(s) for s in self.save_on_steps})))
     if self.best_mode not in policies.BEST_MODES:
       raise ValueError(f"Checkpointer.best_mode must be one of {policies.BEST_MODES}, got {self.best_mode!r}")
     if self.best_metric_path is not None and (not isinstance(self.best_metric_path, str) or not self.best_metric_path):
@@ -341,11 +302,23 @@ class Checkpointer(BaseCheckpointer):
     """``dataclasses.replace(self, **changes)``: a new, unopened Checkpointer."""
     return dataclasses.replace(self, **changes)
 
-  # -- Lazily built state ---------------------------------------------------
+  # -- Runtime state (never configuration) ------------------------------------
 
   @functools.cached_property
-  def _rt(self) -> _Runtime:
-    return _Runtime()
+  def _rt(self) -> _session.Runtime:
+    return _session.Runtime()
+
+  @functools.cached_property
+  def _index(self) -> _run.RunIndex:
+    return _run.RunIndex(self.directory, retention=self.retention_policy)
+
+  def __getstate__(self) -> dict[str, Any]:
+    """Copies and pickles carry the configuration only, never the open writer or caches."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+      object.__setattr__(self, name, value)
 
   @property
   def directory(self) -> epath.Path:
@@ -355,44 +328,9 @@ class Checkpointer(BaseCheckpointer):
           "Checkpointer.workdir is None: bind it before saving or restoring, e.g."
           " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
       )
-    workdir = self.workdir
     if self.s3_endpoint or self.s3_region:
       cloud.configure_s3(endpoint=self.s3_endpoint, region=self.s3_region)
-    if "://" not in str(workdir) and not os.path.isabs(workdir):
-      workdir = os.path.abspath(workdir)  # Orbax refuses relative paths (in the background)
-    return steps_lib.checkpoints_dir(workdir)
-
-  def _writer(self) -> _orbax.Writer:
-    if not self.create:
-      raise ReadOnlyCheckpointerError(
-          f"This Checkpointer of {self.workdir} is read-only (create=False): it never saves or deletes."
-      )
-    rt = self._rt
-    with rt.lock:
-      if rt.writer is None:
-        directory = self.directory
-        if epath.Path(self.workdir).exists() and not epath.Path(self.workdir).is_dir():
-          raise ValueError(f"Checkpointer.workdir {self.workdir} exists and is not a folder")
-        if multihost.is_primary():
-          # Before the Orbax manager: opening it cleans up temporary folders,
-          # which could be another live writer's step in progress.
-          writer_lock = lock_lib.WriterLock(directory, stale_secs=self.lock_stale_secs)
-          writer_lock.acquire()
-          rt.writer_lock = writer_lock
-          markers.clear_end_marker(self.workdir)  # saving again: the run is not finished
-          steps_lib.write_retention_rules(directory, policies.retention_rules(self.retention_policy))
-        rt.writer = _orbax.Writer(
-            directory,
-            async_save=self.async_save,
-            multiprocessing_options=self.multiprocessing_options,
-            decide_preservation=self._decide_preservation,
-            async_timeout_secs=self.async_timeout_secs,
-            durable=self.durable,
-            sync=multihost.SaveSync(str(directory), timeout_secs=self.barrier_timeout_secs)
-            if multihost.process_count() > 1 else None,
-            storage=self.storage,
-        )
-      return rt.writer
+    return _layout.checkpoints_dir(self.workdir)
 
   @property
   def save_policy(self) -> policies.SavePolicy:
@@ -414,84 +352,105 @@ class Checkpointer(BaseCheckpointer):
         best_mode=self.best_mode,  # type: ignore[arg-type]
     )
 
-  # -- Listing --------------------------------------------------------------
-
-  def _listing(self, *, fresh: bool = False) -> steps_lib.StepListing:
+  def _session(self) -> _session.WriteSession:
+    """The open writer, opened at the first write (and again after `close`)."""
+    if not self.create:
+      raise ReadOnlyCheckpointerError(
+          f"This Checkpointer of {self.workdir} is read-only (create=False): it never saves or deletes."
+      )
     rt = self._rt
-    in_flight = rt.writer is not None and rt.writer.in_flight_step is not None
-    if fresh or in_flight or rt.listing is None:
-      # Steps seen finished by an earlier listing (kept across `reload()`): on
-      # object stores their commit markers are not asked for again, so a poll
-      # is one prefix listing. A step missing from a listing is forgotten.
-      listing = steps_lib.list_steps(self.directory, known_finished=rt.known_finished)
-      rt.known_finished = frozenset(listing.finished)
-      rt.listing = None if in_flight else listing
-      return listing
-    return rt.listing
+    with rt.lock:
+      if rt.session is None:
+        rt.session = _session.WriteSession(self, self._index, rt)
+      return rt.session
+
+  def _in_flight(self) -> bool:
+    session = self._rt.session
+    return session is not None and session.in_flight_step is not None
+
+  # -- Listing (local reads: any process may call them alone) -----------------
 
   @property
   def all_steps(self) -> list[Step]:
     """The finished steps, sorted (cached until `reload()` or a save)."""
-    return list(self._listing().finished)
+    return list(self._index.finished(fresh=self._in_flight()))
 
   @property
   def latest_step(self) -> Step | None:
-    """The newest finished step, or None.
-
-    In a multi-process run it is the primary's answer, the same on every
-    process (so each process must read it).
-    """
-    finished = self._listing().finished
-    return self._agreed_step(finished[-1] if finished else None, what="latest_step")
-
-  def _agreed_step(self, step: Step | None, *, what: str) -> Step | None:
-    if multihost.process_count() == 1:
-      return step
-    return multihost.primary_value(step, timeout_secs=self.barrier_timeout_secs, what=what)
+    """The newest finished step, or None (this process's listing: no other process is asked)."""
+    finished = self._index.finished(fresh=self._in_flight())
+    return finished[-1] if finished else None
 
   def reload(self) -> None:
     """Forgets the cached step list, so the next call lists the folder again."""
-    self._rt.listing = None
+    self._index.invalidate()
 
-  # -- Saving ---------------------------------------------------------------
+  @property
+  def best_step(self) -> Step | None:
+    """The best step by `best_metric_path` / `best_fn` (None when none is scored); without one, the newest."""
+    return self._index.best_step()
+
+  def metrics(self, step: StepSpec = -1) -> Mapping[str, Any] | None:
+    """The metrics saved with `step` (None when it was saved without)."""
+    return self._index.details(step).metrics
+
+  def step_details(self, step: StepSpec = -1) -> _run.StepDetails:
+    """Time, metrics, items and tag of one step (reads its small files, no arrays)."""
+    return self._index.details(step)
+
+  def item_metadata(self, step: StepSpec = -1) -> Any:
+    """Shapes and dtypes of the saved leaves (`jax.ShapeDtypeStruct`), no array read.
+
+    The ``default`` item's tree when the step has one, else a `Composite`
+    with one tree per pytree item.
+    """
+    details = self._index.details(step)
+    pytree_items = [n for n in details.user_items if details.items[n] == "pytree"]
+    if _layout.DEFAULT_ITEM in pytree_items:
+      return _orbax.metadata_as_shape_dtype(details.path / _layout.DEFAULT_ITEM)
+    return items_lib.Composite(**{n: _orbax.metadata_as_shape_dtype(details.path / n) for n in pytree_items})
+
+  def retention(self) -> list[policies.KeepDecision]:
+    """For each finished step, whether the retention rules keep it, and why.
+
+    Reads each step's metrics and time (only as the rules need them).
+
+    >>> import tempfile, numpy as np
+    >>> ckpt = Checkpointer(workdir=tempfile.mkdtemp(), save_interval_steps=1, max_to_keep=2, async_save=False)
+    >>> for s in range(3):
+    ...   _ = ckpt.save({"x": np.zeros(1)}, step=s)
+    >>> [(d.step, d.reasons) for d in ckpt.retention()]
+    [(1, ('latest',)), (2, ('newest', 'latest'))]
+    """
+    finished = self._index.finished(fresh=True)
+    return policies.decide_retention(self.retention_policy, [self._index.record(s) for s in finished])
+
+  # -- Saving -----------------------------------------------------------------
 
   def should_save(self, step: Step) -> bool:
-    """Whether `maybe_save` would save at `step` (False if it already exists)."""
-    step = _check_step(step)
-    time_due = False
-    if self._time_rule_applies(step):
-      # The clock differs between hosts: the primary decides for all.
-      time_due = multihost.agree(
-          self._time_due(), timeout_secs=self.barrier_timeout_secs, what=f"should_save(step={step})"
-      )
-    return self._should_save(step, time_due=time_due)
+    """Whether `maybe_save` would save at `step` (False if it already exists).
 
-  def _time_rule_applies(self, step: Step) -> bool:
+    Local: `save_interval_secs` is judged on this process's clock (in
+    `maybe_save`, the primary's clock decides for every process).
+    """
+    step = _run.check_step(step)
+    return self._should_save(step, time_due=self._time_due(step))
+
+  def _time_due(self, step: Step) -> bool:
+    """Whether the `save_interval_secs` rule asks for `step`, on this process's clock."""
     policy = self.save_policy
     return (
         policy.interval_secs is not None
         and policies.save_reason(policy, step) is None
         and not (step == 0 and policy.never_save_step_zero)
+        and time.time() - self._rt.last_save_time >= policy.interval_secs
     )
 
-  def _time_due(self) -> bool:
-    """Whether `save_interval_secs` passed since the last save, on this process's clock."""
-    secs = self.save_interval_secs
-    return secs is not None and time.time() - self._rt.last_save_time >= secs
-
   def _should_save(self, step: Step, *, time_due: bool) -> bool:
-    reason = policies.save_reason(self.save_policy, step)
-    if reason is None and time_due and self._time_rule_applies(step):
-      reason = "time"
-    if reason is None:
+    if policies.save_reason(self.save_policy, step) is None and not time_due:
       return False
-    return not self._step_exists(step)
-
-  def _step_exists(self, step: Step) -> bool:
-    writer = self._rt.writer
-    if writer is not None and writer.in_flight_step == step:
-      return True
-    return step in self._listing().finished
+    session = self._rt.session
+    return not (session.step_exists(step) if session is not None else step in self._index.finished())
 
   def save(
       self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
@@ -518,43 +477,9 @@ class Checkpointer(BaseCheckpointer):
         not serialisable, or the metrics lack the best metric.
       BackgroundSaveError: an earlier async save failed.
     """
-    started = time.perf_counter()
-    step = _check_step(step)
-    writer = self._writer()
-    writer.poll()
-    if self._rt.writer_lock is not None:
-      self._rt.writer_lock.check()
-    layout = items_lib.layout_of(state)
-    writes = _item_writes(layout)
-    json_metrics = self._check_metrics(metrics, step)
-    _check_tag(tag)
-    if self._step_exists(step):
-      if force:
-        log.info("Step %d already exists in %s: not saved again.", step, self.directory)
-        return False
-      raise StepAlreadyExistsError(
-          f"Step {step} already exists in {self.directory}; kckpt never overwrites a step."
-          f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
-      )
-    rt = self._rt
-    now = time.time()
-    rt.records[step] = policies.StepRecord(step=step, time=now, metrics=json_metrics)
-    telemetry = _SaveTelemetry(
-        rt, self.directory, step=step, nbytes=_pytree_nbytes(writes), started=started, async_save=self.async_save
-    )
-    try:
-      custom = {steps_lib.KCKPT_METADATA_KEY: {"tag": tag}} if tag is not None else None
-      writer.save(step, writes, json_metrics, custom_metadata=custom, on_durable=telemetry.durable)
-    except BaseException:
-      rt.records.pop(step, None)
-      raise
-    finally:
-      rt.listing = None
-    rt.last_save_time = now
-    if not self.async_save:
-      writer.wait()
-    telemetry.returned(time.perf_counter())
-    return True
+    step = _run.check_step(step)
+    session = self._session()
+    return session.save(state, step=step, force=force, metrics=self._check_metrics(metrics, step), tag=tag)
 
   def maybe_save(
       self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
@@ -571,26 +496,31 @@ class Checkpointer(BaseCheckpointer):
     clock for `save_interval_secs` and whether a background save failed (one
     small exchange through JAX's coordination service).
     """
-    step = _check_step(step)
+    step = _run.check_step(step)
     rt = self._rt
-    if rt.reached_preemption:
+    if rt.preemption.reached:
       return False
-    if self.handle_sigterm and self.create and rt.sigterm_handler is None and multihost.install_sigterm_handler():
-      rt.sigterm_handler = weakref.finalize(self, multihost.uninstall_sigterm_handler)
-    writer = rt.writer
+    if self.handle_sigterm and self.create:
+      rt.preemption.handle_sigterm(self)
+    session = rt.session
     decision = multihost.vote(
         multihost.StepVote(
-            preempt=rt.preemption_requested or (rt.sigterm_handler is not None and multihost.sigterm_received()),
-            time_due=self._time_rule_applies(step) and self._time_due(),
-            save_done=writer is not None and writer.in_flight_step is not None and not writer.is_busy(),
+            preempt=rt.preemption.pending,
+            time_due=self._time_due(step),
+            save_done=session is not None and session.background_save_done(),
         ),
         timeout_secs=self.barrier_timeout_secs,
         what=f"maybe_save(step={step})",
     )
-    if decision.save_done and writer is not None:
+    if decision.save_done:
       self.wait_until_finished()  # raises a background error, on every process
     if decision.preempt:
-      return self._save_for_preemption(state, step=step, metrics=metrics, tag=tag)
+      saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag)
+      self.wait_until_finished()
+      rt.preemption.reached = True
+      log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.",
+                  step, self.directory)
+      return saved
     if force or self._should_save(step, time_due=decision.time_due):
       return self.save(state, step=step, force=True, metrics=metrics, tag=tag)
     return False
@@ -614,7 +544,7 @@ class Checkpointer(BaseCheckpointer):
     (1, [1])
     >>> ckpt.close()
     """
-    self._rt.preemption_requested = True
+    self._rt.preemption.requested = True
 
   @property
   def reached_preemption(self) -> bool:
@@ -623,26 +553,15 @@ class Checkpointer(BaseCheckpointer):
     Resuming is the usual ``ckpt.restore(state, noop_if_missing=True)``: the
     step saved for the preemption is the latest.
     """
-    return self._rt.reached_preemption
-
-  def _save_for_preemption(self, state: Any, *, step: Step, metrics: Metrics | None, tag: str | None = None) -> bool:
-    saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag)
-    self.wait_until_finished()
-    self._rt.reached_preemption = True
-    log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.",
-                step, self.directory)
-    return saved
+    return self._rt.preemption.reached
 
   def _check_metrics(self, metrics: Metrics | None, step: Step) -> Any:
     if metrics is None:
       return None
     try:
       json_metrics = policies.to_json_metrics(metrics)
-    except ValueError as e:
-      raise ValueError(f"save(step={step}): {e}") from None
-    if not isinstance(json_metrics, Mapping):
-      raise ValueError(f"save(step={step}): metrics must be a dict, got {type(metrics).__name__}")
-    try:
+      if not isinstance(json_metrics, Mapping):
+        raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
       if self.best_metric_path is not None:
         policies.as_score(
             policies.metric_at_path(json_metrics, self.best_metric_path), what=f"metric {self.best_metric_path!r}"
@@ -655,53 +574,18 @@ class Checkpointer(BaseCheckpointer):
       raise ValueError(f"save(step={step}): {e}") from None
     return json_metrics
 
-  def _record(self, step: Step) -> policies.StepRecord:
-    """What retention needs of `step`, read from disk once when not known."""
-    rt = self._rt
-    record = rt.records.get(step)
-    if record is None:
-      policy = self.retention_policy
-      path = steps_lib.step_dir(self.directory, step)
-      metrics = steps_lib.read_step_metrics(path) if policy.ranks_by_metric else None
-      when = steps_lib.read_step_time(path) if policy.keep_time_interval_secs else None
-      record = policies.StepRecord(step=step, time=when.timestamp() if when else None, metrics=metrics)
-      rt.records[step] = record
-    return record
-
-  def _decide_preservation(self, known_steps: Sequence[Step]) -> list[bool]:
-    records = [self._record(s) for s in known_steps]
-    decisions = {d.step: d.keep for d in policies.decide_retention(self.retention_policy, records)}
-    for step, keep in decisions.items():
-      if not keep:
-        self._rt.records.pop(step, None)
-    return [decisions[s] for s in known_steps]
-
-  def retention(self) -> list[policies.KeepDecision]:
-    """For each finished step, whether the retention rules keep it, and why.
-
-    Reads each step's metrics and time (only as the rules need them).
-
-    >>> import tempfile, numpy as np
-    >>> ckpt = Checkpointer(workdir=tempfile.mkdtemp(), save_interval_steps=1, max_to_keep=2, async_save=False)
-    >>> for s in range(3):
-    ...   _ = ckpt.save({"x": np.zeros(1)}, step=s)
-    >>> [(d.step, d.reasons) for d in ckpt.retention()]
-    [(1, ('latest',)), (2, ('newest', 'latest'))]
-    """
-    return policies.decide_retention(self.retention_policy, [self._record(s) for s in self._listing(fresh=True).finished])
-
   def delete(self, step: Step) -> None:
     """Removes one finished step (an error with `create=False`)."""
-    step = _check_step(step)
-    writer = self._writer()
-    if step not in self._listing(fresh=True).finished:
+    step = _run.check_step(step)
+    session = self._session()
+    session.wait()
+    finished = self._index.finished(fresh=True)
+    if step not in finished:
       raise CheckpointNotFoundError(
-          f"Cannot delete step {step}: not in {self.directory} (steps: {steps_lib.steps_repr(self.all_steps)})",
-          available_steps=self.all_steps,
+          f"Cannot delete step {step}: not in {self.directory} (steps: {_layout.steps_repr(finished)})",
+          available_steps=finished,
       )
-    writer.delete(step)
-    self._rt.records.pop(step, None)
-    self.reload()
+    session.delete(step)
 
   def delete_all_steps(self) -> list[Step]:
     """Starts the run over: deletes every step folder (and leftovers of crashed saves).
@@ -713,106 +597,27 @@ class Checkpointer(BaseCheckpointer):
     Returns:
       The steps that were deleted.
     """
-    writer = self._writer()
-    writer.wait()
-    listing = self._listing(fresh=True)
-    for step in listing.finished:
-      writer.delete(step)
-      self._rt.records.pop(step, None)
-    if multihost.is_primary():
-      for name in listing.unfinished:
-        (self.directory / name).rmtree(missing_ok=True)
-    markers.clear_end_marker(self.workdir)
-    self.reload()
-    return list(listing.finished)
+    return self._session().delete_all()
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending async save is durable; raises its error, naming the step."""
-    writer = self._rt.writer
-    if writer is not None:
-      try:
-        writer.wait()
-      finally:
-        self.reload()
+    session = self._rt.session
+    if session is not None:
+      session.wait()
 
   def close(self) -> None:
     """Waits for pending saves and releases the Orbax manager (reopened if used again)."""
     rt = self._rt
     with rt.lock:
-      writer, rt.writer = rt.writer, None
-      writer_lock, rt.writer_lock = rt.writer_lock, None
-    if rt.sigterm_handler is not None:
-      rt.sigterm_handler()  # the last one restores the handler there was before
-      rt.sigterm_handler = None
+      session, rt.session = rt.session, None
+    rt.preemption.release()
     try:
-      if writer is not None:
-        writer.close()
+      if session is not None:
+        session.close()
     finally:
-      if writer_lock is not None:
-        writer_lock.release()
-      self.reload()
+      self._index.invalidate()
 
-  # -- Restoring ------------------------------------------------------------
-
-  def _resolve_step(self, step: StepSpec) -> Step | None:
-    """The step number that `step` names, or None when the run has no step."""
-    if isinstance(step, str):
-      if step == "latest":
-        step = -1
-      elif step == "best":
-        return self.best_step
-      else:
-        return self._step_with_tag(step)
-    if step == -1:
-      return self._fresh_latest()
-    return _check_step(step)
-
-  def _step_with_tag(self, tag: str) -> Step:
-    """The newest step saved with `tag` (reads the small metadata file of steps, newest first)."""
-    finished = self._listing(fresh=True).finished
-    for step in reversed(finished):
-      if steps_lib.step_tag(steps_lib.read_step_metadata(steps_lib.step_dir(self.directory, step))) == tag:
-        return step
-    raise CheckpointNotFoundError(
-        f"No step of {self.directory} has the tag {tag!r} (steps: {steps_lib.steps_repr(finished)});"
-        " step must be an int, -1, 'latest', 'best' or a tag given to save",
-        available_steps=finished,
-    )
-
-  def _fresh_latest(self) -> Step | None:
-    finished = self._listing(fresh=True).finished
-    return self._agreed_step(finished[-1] if finished else None, what="finding the latest step")
-
-  @property
-  def best_step(self) -> Step | None:
-    """The best step by `best_metric_path` / `best_fn`, or None.
-
-    Without a best metric, the newest step.
-    """
-    policy = self.retention_policy
-    finished = self._listing(fresh=True).finished
-    if not policy.ranks_by_metric:
-      return finished[-1] if finished else None
-    scored = [(policy.score(self._record(s).metrics), s) for s in finished]
-    scored = [(score, s) for score, s in scored if score is not None]
-    if not scored:
-      return None
-    sign = 1 if self.best_mode == "max" else -1
-    return max(scored, key=lambda p: (sign * p[0], p[1]))[1]
-
-  def _require_step(self, step: StepSpec) -> Step:
-    resolved = self._resolve_step(step)
-    if resolved is None:
-      raise CheckpointNotFoundError(
-          f"No checkpoint found in {self.directory}. Use `noop_if_missing=True` to keep the initial state."
-      )
-    finished = self._listing(fresh=resolved not in self._listing().finished).finished
-    if resolved not in finished:
-      raise CheckpointNotFoundError(
-          f"Step {resolved} is not in {self.directory} (steps: {steps_lib.steps_repr(finished)})",
-          available_steps=finished,
-      )
-    return resolved
+  # -- Restoring --------------------------------------------------------------
 
   def restore(
       self,
@@ -825,13 +630,17 @@ class Checkpointer(BaseCheckpointer):
   ) -> Any:
     """Restores a step into the structure, shapes, dtypes and shardings of `state`.
 
+    Every process of a multi-process run must call it; a step name resolves
+    to the primary process's answer on all of them.
+
     Args:
       state: the target: a pytree (arrays may be `jax.ShapeDtypeStruct`), a
         `CheckpointItem`, a `Composite` (only its names are read) or a
         `TopLevelCheckpointItem`. None returns the saved tree as NumPy
         arrays (the ``default`` item, or a `Composite` of all items).
-      step: the step; -1 or ``"latest"`` for the newest, ``"best"`` for the
-        best by the configured metric.
+      step: the step: a number, -1 or ``"latest"`` for the newest,
+        ``"best"`` for the best by the configured metric, or a tag given to
+        `save`.
       noop_if_missing: when the run has no checkpoint at all, return `state`
         unchanged instead of raising. A named step that is missing always
         raises.
@@ -846,190 +655,76 @@ class Checkpointer(BaseCheckpointer):
       CheckpointNotFoundError: (a `FileNotFoundError`) no such step.
       TreeMismatchError: (a `ValueError`) listing every missing, unexpected
         and mis-shaped leaf by its pytree path.
+      CheckpointReadError: (an `OSError`) a file of the step is missing,
+        truncated or corrupted.
     """
     started = time.perf_counter()
-    if self._rt.writer is not None:
-      self._rt.writer.wait()
-    if noop_if_missing and step in (-1, "latest") and self._fresh_latest() is None:
-      return state
-    step = self._require_step(step)
+    self.wait_until_finished()
+    resolved = self._agreed_restore_step(step)
+    if resolved is None:
+      if noop_if_missing and step in (-1, "latest"):
+        return state
+      try:
+        self._index.require(step)  # raises, naming what is missing
+      except CheckpointNotFoundError as e:
+        raise CheckpointNotFoundError(f"{e}. Use `noop_if_missing=True` to keep the initial state.") from None
+    step = self._index.require_exists(resolved)  # type: ignore[arg-type]
     if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
       multihost.barrier("restore", timeout_secs=self.barrier_timeout_secs, what=f"restore(step={step})")
-    step_path = steps_lib.step_dir(self.directory, step)
+    restored = _restore.restore_step(self.directory, step, state, donate=donate, partial=partial, storage=self.storage)
+    self._rt.restore_stats = telemetry.restore_stats(step, restored.nbytes, started, self.directory)
+    return restored.value
+
+  def _agreed_restore_step(self, step: StepSpec) -> Step | None:
+    """What `step` names on the primary process, on every process (an error there is raised everywhere)."""
     try:
-      return self._restore_step(state, step, step_path, donate=donate, partial=partial, started=started)
-    except (CheckpointReadError, FileNotFoundError) as e:
-      if not step_path.exists():  # e.g. the trainer's retention removed it mid-read
-        raise CheckpointNotFoundError(
-            f"Step {step} was deleted from {self.directory} while it was being restored"
-        ) from e
-      raise
-
-  def _restore_step(
-      self, state: Any, step: Step, step_path: epath.Path, *, donate: bool, partial: bool, started: float | None = None
-  ) -> Any:
-    saved_items = steps_lib.read_item_names(step_path)
-    if not any(name not in steps_lib.RESERVED_ITEMS for name in saved_items):
-      raise CheckpointReadError(
-          f"Cannot read step {step} of {self.directory}: {step_path} holds no checkpoint item"
-          " (no _CHECKPOINT_METADATA and no item folder)",
-          step=step,
+      local, error = self._index.resolve(step), None
+    except CheckpointNotFoundError as e:
+      local, error = None, str(e)
+    if multihost.process_count() > 1:
+      local, error = multihost.primary_value(
+          [local, error], timeout_secs=self.barrier_timeout_secs, what=f"restore(step={step!r})"
       )
-    layout = _restore_layout(state, saved_items)
-    reads, problems = [], []
-    common: dict[str, set[str]] = {}  # partial restore: item -> paths read
-    for name, item in layout.items.items():
-      if name not in saved_items:
-        problems.append(f"{name}: no such item in step {step} (it has: {sorted(n for n in saved_items if n not in steps_lib.RESERVED_ITEMS)})")
-        continue
-      fmt = _orbax.item_format(saved_items[name]) if item is None else item.format
-      target = None if item is None or fmt == "json" else item.restore_target()
-      if target is not None:
-        with _reading(step, name, step_path / name):
-          saved = _orbax.saved_leaf_specs(step_path / name)
-        wanted = {path: trees.leaf_spec(leaf) for path, leaf in trees.flatten_with_paths(target).items()}
-        prefix = "" if layout.kind == "single" else f"{name}/"
-        if partial:
-          common[name] = saved.keys() & wanted.keys()
-          saved = {p: saved[p] for p in common[name]}
-          wanted = {p: wanted[p] for p in common[name]}
-        problems.extend(trees.compare_trees(saved, wanted, prefix=prefix))
-      reads.append((name, item, fmt, target))
-    if problems:
-      raise TreeMismatchError(
-          f"Cannot restore step {step} of {self.directory}: the target does not match the checkpoint"
-          f" ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems)
-          + "\nTo restore only some items, ask for them by name with kckpt.items.Composite(name=...);"
-          " to keep target leaves the checkpoint lacks, pass partial=True.",
-          problems=problems,
-      )
-    restored = {}
-    # Items read as saved (JSON, or no target) in one Orbax call.
-    as_saved = [(name, fmt) for name, _, fmt, target in reads if target is None]
-    if as_saved:
-      with _reading(step, ", ".join(name for name, _ in as_saved), step_path):
-        raw = _orbax.read_items(
-            step_path, [_orbax.ItemRead(name=name, format=fmt) for name, fmt in as_saved], storage=self.storage
-        )
-      restored.update(raw)
-    for name, item, _, target in reads:
-      if target is not None:
-        with _reading(step, name, step_path / name):
-          if name in common:  # partial: read the leaves both trees have, keep the target's others
-            leaves = trees.flatten_with_paths(target)
-            abstract = {p: _orbax.abstract_target(leaves[p]) for p in common[name]}
-            if donate:
-              _orbax.release([leaves[p] for p in common[name]])
-            value = trees.replace_leaves(target, _orbax.read_leaves(step_path / name, abstract) if abstract else {})
-          else:
-            value = _orbax.read_tree_into(step_path / name, target, donate=donate, storage=self.storage)
-        restored[name] = _orbax.match_scalar_types(target, value)
-    if started is not None:
-      nbytes = sum(trees.tree_nbytes(restored[name]) for name, _, fmt, _ in reads if fmt == "pytree")
-      self._record_restore_stats(step, nbytes, started)
-    for name, item, _, _ in reads:
-      if item is not None:
-        restored[name] = item.from_restored(restored[name])
-    return layout.rebuild({name: restored[name] for name, _, _, _ in reads})
+    if error is not None:
+      raise CheckpointNotFoundError(error, available_steps=self._index.finished())
+    return local
 
-  def item_metadata(self, step: StepSpec = -1) -> Any:
-    """Shapes and dtypes of the saved leaves (`jax.ShapeDtypeStruct`), no array read.
-
-    The ``default`` item's tree when the step has one, else a `Composite`
-    with one tree per pytree item.
-    """
-    step = self._require_step(step)
-    step_path = steps_lib.step_dir(self.directory, step)
-    saved_items = steps_lib.read_item_names(step_path)
-    pytree_items = [n for n, h in saved_items.items() if n not in steps_lib.RESERVED_ITEMS and _orbax.item_format(h) == "pytree"]
-    if steps_lib.DEFAULT_ITEM in pytree_items:
-      return _orbax.metadata_as_shape_dtype(step_path / steps_lib.DEFAULT_ITEM)
-    return items_lib.Composite(**{n: _orbax.metadata_as_shape_dtype(step_path / n) for n in pytree_items})
-
-  def metrics(self, step: StepSpec = -1) -> Mapping[str, Any] | None:
-    """The metrics saved with `step` (None when it was saved without)."""
-    step = self._require_step(step)
-    return steps_lib.read_step_metrics(steps_lib.step_dir(self.directory, step))
-
-  def step_details(self, step: StepSpec = -1) -> steps_lib.StepDetails:
-    """Time, metrics and items of one step (reads its small files, no arrays)."""
-    return steps_lib.read_step_details(self.directory, self._require_step(step))
-
-  # -- Telemetry ------------------------------------------------------------
+  # -- Telemetry --------------------------------------------------------------
 
   @property
-  def last_save_stats(self) -> storage_lib.TransferStats | None:
+  def last_save_stats(self) -> telemetry.TransferStats | None:
     """Bytes, seconds, MB/s and blocked time of the newest save of this instance (None before one).
 
     For an async save, `seconds` and `mb_per_s` are None until the step is
     durable; they are filled in the moment Orbax's background save finishes
-    (the step renamed into place), and are always complete once
+    (the step committed), and are always complete once
     `wait_until_finished()`, `close()`, the next `save` or a `restore` returned.
     """
     return self._rt.save_stats
 
   @property
-  def last_restore_stats(self) -> storage_lib.TransferStats | None:
+  def last_restore_stats(self) -> telemetry.TransferStats | None:
     """Bytes, seconds, MB/s of the newest `restore` of this instance (None before one)."""
     return self._rt.restore_stats
 
-  def _record_restore_stats(self, step: Step, nbytes: int, started: float) -> None:
-    elapsed = time.perf_counter() - started
-    stats = storage_lib.TransferStats(operation="restore", step=step, bytes=nbytes, blocked_seconds=elapsed, seconds=elapsed)
-    self._rt.restore_stats = stats
-    log.info("kckpt %s [%s]", stats.describe(), self.directory)
-
-  # -- Looking at a run -----------------------------------------------------
-
-  def _summary_rows(self, max_rows: int) -> tuple[steps_lib.StepListing, list[steps_lib.StepDetails]]:
-    listing = self._listing(fresh=True)
-    shown = listing.finished[-max_rows:][::-1]
-    details = []
-    for step in shown:
-      try:
-        details.append(steps_lib.read_step_details(self.directory, step))
-      except FileNotFoundError:
-        continue  # deleted since the listing
-    return listing, details
+  # -- Looking at a run -------------------------------------------------------
 
   def summary(self, *, max_rows: int = 10) -> str:
     """A few lines on the run: its steps, and the newest ones with time and metrics.
 
     Reads one listing and the small files of at most `max_rows` steps; no array.
     """
-    listing, details = self._summary_rows(max_rows)
-    lines = [f"{self.directory}: {len(listing.finished)} step(s) {steps_lib.steps_repr(listing.finished)}"]
-    if listing.unfinished:
-      lines.append(f"  being written (or left by a crash): {', '.join(listing.unfinished)}")
-    for d in details:
-      when = d.time.strftime("%Y-%m-%d %H:%M:%S UTC") if d.time else "?"
-      metrics = _flat_metrics(d.metrics)
-      tag = f"  tag: {d.tag}" if d.tag else ""
-      lines.append(f"  step {d.step:>8}  {when}  items: {', '.join(d.user_items)}{tag}" + (f"  {metrics}" if metrics else ""))
-    return "\n".join(lines)
+    return _views.run_summary(self._index, max_rows=max_rows).as_text()
 
   def _repr_html_(self) -> str:
     """Notebook view: the steps, and the newest ones with time and metrics (no array read)."""
-    import html  # pylint: disable=g-import-not-at-top
-
     if self.workdir is None:
-      return f"<pre>{html.escape(repr(self))}</pre>"
-    listing, details = self._summary_rows(10)
-    rows = "".join(
-        f"<tr><td>{d.step}</td><td>{html.escape(d.time.strftime('%Y-%m-%d %H:%M:%S UTC') if d.time else '?')}</td>"
-        f"<td>{html.escape(', '.join(d.user_items))}</td><td>{html.escape(_flat_metrics(d.metrics))}</td></tr>"
-        for d in details
-    )
-    return (
-        f"<div><b>kckpt.Checkpointer</b> <code>{html.escape(str(self.directory))}</code><br>"
-        f"{len(listing.finished)} step(s): {html.escape(steps_lib.steps_repr(listing.finished))}"
-        + (f"; being written: {html.escape(', '.join(listing.unfinished))}" if listing.unfinished else "")
-        + "<table><tr><th>step</th><th>saved</th><th>items</th><th>metrics</th></tr>"
-        + rows
-        + "</table></div>"
-    )
+      import html  # pylint: disable=import-outside-toplevel
 
-  # -- Watching -------------------------------------------------------------
+      return f"<pre>{html.escape(repr(self))}</pre>"
+    return _views.run_summary(self._index, max_rows=10).as_html()
+
+  # -- Watching ---------------------------------------------------------------
 
   def iter_new_checkpoints(
       self,
@@ -1060,12 +755,8 @@ class Checkpointer(BaseCheckpointer):
       only_newest: at each poll, yield only the newest new step (for an
         evaluator slower than the trainer).
     """
-
-    def list_finished() -> Sequence[Step]:
-      return self._listing(fresh=True).finished
-
     yield from watch.new_steps(
-        list_finished,
+        lambda: self._index.finished(fresh=True),
         after=after,
         min_interval_secs=min_interval_secs,
         timeout=timeout,
@@ -1073,69 +764,6 @@ class Checkpointer(BaseCheckpointer):
         poll_interval_secs=poll_interval_secs,
         only_newest=only_newest,
     )
-
-
-@contextlib.contextmanager
-def _reading(step: Step, item: str, path: epath.Path) -> Iterator[None]:
-  """Turns an error of Orbax/TensorStore while reading into one that names the step and item."""
-  try:
-    yield
-  except (CheckpointReadError, TreeMismatchError):
-    raise
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    raise CheckpointReadError(
-        f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}", step=step, item=item
-    ) from e
-
-
-def _check_tag(tag: str | None) -> None:
-  if tag is None:
-    return
-  if not isinstance(tag, str) or not tag or tag in ("latest", "best") or tag.lstrip("-").isdigit():
-    raise ValueError(f"tag must be a non-empty name other than 'latest', 'best' or a number, got {tag!r}")
-
-
-def _flat_metrics(metrics: Mapping[str, Any] | None, prefix: str = "") -> str:
-  if not metrics:
-    return ""
-  parts = []
-  for key, value in metrics.items():
-    if isinstance(value, Mapping):
-      parts.append(_flat_metrics(value, f"{prefix}{key}."))
-    else:
-      parts.append(f"{prefix}{key}={value:.4g}" if isinstance(value, float) else f"{prefix}{key}={value}")
-  return " ".join(p for p in parts if p)
-
-
-def _item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
-  writes = []
-  for name, item in layout.items.items():
-    if item is None:
-      raise ValueError(f"item {name!r} is None: nothing to save")
-    value = item.checkpoint_value()
-    if item.format == "json":
-      items_lib.check_json(value, name=name)
-    else:
-      bad = trees.unsaveable_leaves(value)
-      if bad:
-        where = "" if layout.kind == "single" else f"item {name!r}: "
-        raise ValueError(
-            f"{where}cannot save these leaves (a pytree of arrays, NumPy values and Python scalars is expected):\n  "
-            + "\n  ".join(bad)
-        )
-      if not jax.tree.leaves(value) and layout.kind == "single":
-        raise ValueError(f"cannot save {type(value).__name__}: it has no array or scalar leaves")
-    writes.append(_orbax.ItemWrite(name=name, format=item.format, value=value))
-  return writes
-
-
-def _restore_layout(state: Any, saved_items: Mapping[str, str]) -> items_lib.Layout:
-  if state is not None:
-    return items_lib.layout_of(state)
-  if steps_lib.DEFAULT_ITEM in saved_items:
-    return items_lib.Layout({steps_lib.DEFAULT_ITEM: None}, "single")
-  names = [n for n in saved_items if n not in steps_lib.RESERVED_ITEMS]
-  return items_lib.Layout({n: None for n in names}, "composite")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -1146,62 +774,24 @@ class NoopCheckpointer(BaseCheckpointer):
   False
   """
 
-  def restore(self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True) -> Any:
-    del step, noop_if_missing, donate
+  def restore(
+      self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True,
+      partial: bool = False,
+  ) -> Any:
+    del step, noop_if_missing, donate, partial
     return state
 
   def should_save(self, step: Step) -> bool:
     return False
 
-  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
-    del state, step, force, metrics
+  def save(
+      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+  ) -> bool:
+    del state, step, force, metrics, tag
     return False
 
-  def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
-    del state, step, force, metrics
+  def maybe_save(
+      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+  ) -> bool:
+    del state, step, force, metrics, tag
     return False
-
-
-def _pytree_nbytes(writes: Sequence[_orbax.ItemWrite]) -> int:
-  return sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree")
-
-
-class _SaveTelemetry:
-  """Builds a save's `TransferStats` from two moments: `save` returned, and the step is durable.
-
-  For an async save the second comes from a background thread, possibly
-  before the first (a tiny save); the stats are published at the first moment
-  and completed (and logged) once both are known.
-  """
-
-  def __init__(self, rt: _Runtime, directory: epath.Path, *, step: Step, nbytes: int, started: float, async_save: bool):
-    self._rt, self._directory = rt, directory
-    self._step, self._nbytes, self._started, self._async = step, nbytes, started, async_save
-    self._returned: float | None = None
-    self._durable: float | None = None
-    self._lock = threading.Lock()
-
-  def returned(self, now: float) -> None:
-    with self._lock:
-      self._returned = now
-      self._publish()
-
-  def durable(self, now: float) -> None:
-    with self._lock:
-      self._durable = now
-      if self._returned is not None:
-        self._publish()
-
-  def _publish(self) -> None:
-    assert self._returned is not None
-    stats = storage_lib.TransferStats(
-        operation="save",
-        step=self._step,
-        bytes=self._nbytes,
-        blocked_seconds=self._returned - self._started,
-        seconds=None if self._durable is None else self._durable - self._started,
-        async_save=self._async,
-    )
-    self._rt.save_stats = stats
-    if stats.done:
-      log.info("kckpt %s [%s]", stats.describe(), self._directory)

@@ -99,7 +99,12 @@ def prepare(path: Any) -> None:
 
   Cheap when nothing changed (a few environment look-ups).
   """
-  if is_s3(path) and s3_settings() != _applied:
+  if not is_s3(path):
+    return
+  from kckpt import _orbax  # pylint: disable=import-outside-toplevel  # Orbax learns s3:// at the first use
+
+  _orbax.install_s3_support()
+  if s3_settings() != _applied:
     with _lock:
       _apply_fsspec_config()
 

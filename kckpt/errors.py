@@ -78,3 +78,30 @@ class ProcessTimeoutError(TimeoutError):
   def __init__(self, message: str, *, processes: Sequence[int] = ()):
     super().__init__(message)
     self.processes = tuple(processes)
+
+
+class LeafReadError(Exception):
+  """Some leaves of an item could not be read; `leaves` names them (dotted pytree paths).
+
+  Raised by kckpt's reader; `restore` turns it into a `CheckpointReadError`
+  that also names the step and item.
+  """
+
+  def __init__(self, leaves: Sequence[str], cause: BaseException):
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0].split(" See full TensorStore")[0]
+    if len(first_line) > 300:
+      first_line = first_line[:300] + "..."
+    super().__init__(f"unreadable leaves {list(leaves)}: {type(cause).__name__}: {first_line}")
+    self.leaves = tuple(leaves)
+
+
+class TransplantError(ValueError):
+  """A key of a `PartialLoader` matches nothing, or shapes differ; names the key."""
+
+
+class PeerSaveError(RuntimeError):
+  """Another process failed the save this process was finishing (multi-process runs)."""
+
+
+class CliError(Exception):
+  """A problem the user of the `kckpt` command can fix (bad path, unknown step): printed as one line, exit 2."""

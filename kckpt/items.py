@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
-from kckpt import steps
+from kckpt import _layout
 from kckpt._types import PyTree
 
 ItemFormat = Literal["pytree", "json"]
@@ -258,8 +258,8 @@ def top_level_named_items(obj: Any) -> dict[str, Any]:
     raise ValueError(f"{type(obj).__name__}.DEFAULT_ITEM = {default!r} is not one of its fields {fields}")
   named = {}
   for name in fields:
-    key = steps.DEFAULT_ITEM if name == default else name
-    if key != steps.DEFAULT_ITEM or name == default:
+    key = _layout.DEFAULT_ITEM if name == default else name
+    if key != _layout.DEFAULT_ITEM or name == default:
       validate_item_name(key)
     named[key] = getattr(obj, name)
   return named
@@ -269,7 +269,7 @@ def rebuild_top_level(obj: Any, restored: Mapping[str, Any]) -> Any:
   default = getattr(obj, "DEFAULT_ITEM", None)
   kwargs = {}
   for name in _field_names(obj):
-    key = steps.DEFAULT_ITEM if name == default else name
+    key = _layout.DEFAULT_ITEM if name == default else name
     kwargs[name] = restored[key] if key in restored else getattr(obj, name)
   return type(obj)(**kwargs)
 
@@ -279,8 +279,8 @@ def validate_item_name(name: str) -> None:
     raise ValueError(f"item name {name!r}: use letters, digits, '_' and '-' only")
   if name.startswith("_"):
     raise ValueError(f"item name {name!r}: names starting with '_' are reserved")
-  if name in steps.RESERVED_ITEMS:
-    raise ValueError(f"item name {name!r} is reserved by kckpt/Orbax ({sorted(steps.RESERVED_ITEMS)})")
+  if name in _layout.RESERVED_ITEMS:
+    raise ValueError(f"item name {name!r} is reserved by kckpt/Orbax ({sorted(_layout.RESERVED_ITEMS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +299,7 @@ class Layout:
 
   def rebuild(self, restored: Mapping[str, Any]) -> Any:
     if self.kind == "single":
-      return restored[steps.DEFAULT_ITEM]
+      return restored[_layout.DEFAULT_ITEM]
     if self.kind == "composite":
       return Composite(**restored)
     return rebuild_top_level(self.original, restored)
@@ -312,4 +312,4 @@ def layout_of(state: Any) -> Layout:
   if isinstance(state, TopLevelCheckpointItem):
     named = top_level_named_items(state)
     return Layout({k: None if v is None else as_item(v) for k, v in named.items()}, "top_level", state)
-  return Layout({steps.DEFAULT_ITEM: as_item(state)}, "single", state)
+  return Layout({_layout.DEFAULT_ITEM: as_item(state)}, "single", state)

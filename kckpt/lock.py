@@ -32,6 +32,7 @@ import uuid
 
 from etils import epath
 
+from kckpt import _fs
 from kckpt.errors import ConcurrentWriterError
 
 LOCK_FILE = "WRITER_LOCK.json"
@@ -59,7 +60,7 @@ class WriterLock:
     self._thread: threading.Thread | None = None
 
   def _read(self) -> dict | None:
-    attempts = 1 if "://" not in str(self.path) else 5
+    attempts = 1 if _fs.is_local(self.path) else 5
     for attempt in range(attempts):
       try:
         return json.loads(self.path.read_text())
@@ -76,20 +77,14 @@ class WriterLock:
 
   def _age(self) -> float:
     try:
-      if "://" not in str(self.path):
-        return time.time() - os.stat(self.path).st_mtime  # epath's stat rounds to seconds
-      return time.time() - self.path.stat().mtime
+      return time.time() - _fs.mtime(self.path)
     except FileNotFoundError:
       return float("inf")
 
   def _write(self) -> None:
-    tmp = self.path.parent / f".{LOCK_FILE}.{self.owner['token']}"
-    tmp.write_text(json.dumps({**self.owner, "since": time.time()}))
-    if "://" in str(self.path):
-      self.path.write_text(tmp.read_text())
-      tmp.unlink()
-    else:
-      os.replace(tmp, self.path)
+    _fs.write_text_atomic(
+        self.path, json.dumps({**self.owner, "since": time.time()}), tmp_name=f".{LOCK_FILE}.{self.owner['token']}"
+    )
 
   def _describe(self, holder: dict) -> str:
     return f"process {holder.get('pid')} on host {holder.get('host')!r}"
@@ -132,7 +127,7 @@ class WriterLock:
   def _refresh_loop(self) -> None:
     while not self._stop.wait(self.refresh_secs):
       try:
-        if "://" in str(self.path):
+        if not _fs.is_local(self.path):
           self._write()
         else:
           os.utime(self.path)

@@ -31,14 +31,13 @@ import itertools
 import json
 import logging
 import re
-import signal
 import threading
 import time
 from typing import Any
 
 import jax
 
-from kckpt.errors import ProcessTimeoutError
+from kckpt.errors import PeerSaveError, ProcessTimeoutError
 
 log = logging.getLogger("kckpt")
 
@@ -196,10 +195,6 @@ def vote(mine: StepVote, *, timeout_secs: float, what: str) -> StepVote:
 # ---------------------------------------------------------------------------
 
 
-class PeerSaveError(RuntimeError):
-  """Another process failed the save this process was finishing."""
-
-
 _save_syncs = itertools.count()
 
 
@@ -335,60 +330,3 @@ def describe_failures(failures: dict[int, str]) -> str:
   if others:
     text += f" (process{'es' * (len(others) > 1)} {', '.join(map(str, others))} stopped saving it)"
   return text
-
-
-# ---------------------------------------------------------------------------
-# Preemption: SIGTERM is recorded, not fatal
-# ---------------------------------------------------------------------------
-
-_sigterm = threading.Event()
-_sigterm_lock = threading.Lock()
-_sigterm_users = 0
-_previous_handler: Any = None
-
-
-def sigterm_received() -> bool:
-  """Whether this process got SIGTERM while a `Checkpointer` handles it (forgotten when none does)."""
-  return _sigterm.is_set()
-
-
-def _on_sigterm(signum, frame) -> None:
-  _sigterm.set()  # no logging here: the interrupted code may hold the logging lock
-  previous = _previous_handler
-  if callable(previous):
-    previous(signum, frame)
-
-
-def install_sigterm_handler() -> bool:
-  """Records SIGTERM instead of dying (until the last `uninstall_sigterm_handler`).
-
-  A Python handler installed before is still called. Only the main thread can
-  install signal handlers; elsewhere this returns False and does nothing.
-  This replaces the handler of JAX's preemption service (a C handler), so
-  ``multihost_utils.reached_preemption_sync_point`` no longer sees SIGTERM.
-  """
-  global _sigterm_users, _previous_handler
-  if threading.current_thread() is not threading.main_thread():
-    return False
-  with _sigterm_lock:
-    if _sigterm_users == 0:
-      _previous_handler = signal.getsignal(signal.SIGTERM)
-      signal.signal(signal.SIGTERM, _on_sigterm)
-    _sigterm_users += 1
-  return True
-
-
-def uninstall_sigterm_handler() -> None:
-  """Undoes one `install_sigterm_handler`; the last one restores the previous handler."""
-  global _sigterm_users, _previous_handler
-  if threading.current_thread() is not threading.main_thread():
-    return
-  with _sigterm_lock:
-    if _sigterm_users == 0:
-      return
-    _sigterm_users -= 1
-    if _sigterm_users == 0:
-      _sigterm.clear()
-      if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, _previous_handler if _previous_handler is not None else signal.SIG_DFL)
-      _previous_handler = None

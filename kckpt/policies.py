@@ -31,6 +31,7 @@ from kckpt._types import Metrics, Step
 
 BestMode = Literal["max", "min"]
 BEST_MODES = ("max", "min")
+DEFAULT_MAX_TO_KEEP = 3  # `Checkpointer.max_to_keep` and the `kckpt` command use this one default
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +182,7 @@ class RetentionPolicy:
   `max_to_keep=None` keeps every step.
   """
 
-  max_to_keep: int | None = 3
+  max_to_keep: int | None = DEFAULT_MAX_TO_KEEP
   keep_period: int | None = None
   keep_time_interval_secs: float | None = None
   best_metric_path: str | None = None
@@ -301,6 +302,23 @@ def policy_from_rules(rules: Mapping[str, Any]) -> RetentionPolicy:
       best_metric_path=rules.get("best_metric_path"),
       best_mode=rules.get("best_mode", "max"),
   )
+
+
+def best_step(policy: RetentionPolicy, records: Iterable[StepRecord]) -> Step | None:
+  """The best scored step (the newer one among equal scores); without a best metric, the newest step.
+
+  >>> records = [StepRecord(step=1, metrics={"loss": 0.5}), StepRecord(step=2, metrics={"loss": 0.9})]
+  >>> best_step(RetentionPolicy(best_metric_path="loss", best_mode="min"), records)
+  1
+  """
+  records = sorted({r.step: r for r in records}.values(), key=lambda r: r.step)
+  if not policy.ranks_by_metric:
+    return records[-1].step if records else None
+  scored = [(s, r.step) for r in records if (s := policy.score(r.metrics)) is not None]
+  if not scored:
+    return None
+  sign = 1.0 if policy.best_mode == "max" else -1.0
+  return max(scored, key=lambda p: (sign * p[0], p[1]))[1]
 
 
 def steps_to_delete(policy: RetentionPolicy, records: Sequence[StepRecord]) -> list[Step]:

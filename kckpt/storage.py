@@ -1,10 +1,9 @@
-"""How arrays are written to disk, and what each save and restore cost.
+"""How arrays are written to disk.
 
 `StorageOptions` is the on-disk format and the I/O limits of a `Checkpointer`
 (the field `Checkpointer.storage`); its defaults were chosen by
-``python -m benchmarks.run`` (see the README's table). `TransferStats` is what
-one save or restore moved and how long it took (`Checkpointer.last_save_stats`,
-`Checkpointer.last_restore_stats`).
+``python -m benchmarks.run`` (see the README's table). What each save and
+restore cost is `kckpt.telemetry`'s.
 
 Only the writer looks at `StorageOptions`: a restore reads the format of each
 checkpoint from the checkpoint itself, so kckpt (and plain Orbax) read
@@ -16,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from kckpt._types import Step
 
 
 def _check_gb(name: str, value: float | None) -> None:
@@ -80,48 +78,3 @@ class StorageOptions:
   def orbax_defaults(cls) -> StorageOptions:
     """What a plain Orbax `CheckpointManager` writes: OCDBT, Zarr v2, zstd."""
     return cls(compression=True, use_ocdbt=True, use_zarr3=False)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TransferStats:
-  """What one save or restore moved and how long it took.
-
-  Attributes:
-    operation: ``"save"`` or ``"restore"``.
-    step: the step saved or restored.
-    bytes: bytes of array data in the state (every array, NumPy value and
-      Python scalar of its pytree items; JSON items are not counted).
-    blocked_seconds: how long the call (`save` or `restore`) blocked the
-      caller.
-    seconds: from the start of the call until the step was durable (a save)
-      or returned (a restore). None while an async save is still being
-      written: it is filled in when the background save finishes.
-    async_save: whether the save ran in the background.
-  """
-
-  operation: str
-  step: Step
-  bytes: int
-  blocked_seconds: float
-  seconds: float | None
-  async_save: bool = False
-
-  @property
-  def done(self) -> bool:
-    """False while an async save is still being written."""
-    return self.seconds is not None
-
-  @property
-  def mb_per_s(self) -> float | None:
-    """Throughput in MB/s (10**6 bytes per second); None while not done."""
-    if self.seconds is None:
-      return None
-    return self.bytes / max(self.seconds, 1e-9) / 1e6
-
-  def describe(self) -> str:
-    """One line for a log: ``saved step 10: 536.9 MB in 0.61 s (880 MB/s), caller blocked 0.02 s``."""
-    verb = "saved" if self.operation == "save" else "restored"
-    where = f"{verb} step {self.step}: {self.bytes / 1e6:.1f} MB"
-    if self.seconds is None:
-      return f"{where} being written in the background, caller blocked {self.blocked_seconds:.3f} s"
-    return f"{where} in {self.seconds:.3f} s ({self.mb_per_s:.0f} MB/s), caller blocked {self.blocked_seconds:.3f} s"

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kckpt
-from kckpt import steps as steps_lib
+from kckpt import _run
 from tests.helpers import PYTHON, REPO, subprocess_env
 
 
@@ -32,7 +32,7 @@ def test_polling_never_reports_an_unfinished_step(tmp_path):
     time.sleep(0.005)
   writer.wait_until_finished()
   assert saw_unfinished  # the poll did run while the step was being written
-  listing = steps_lib.list_steps(tmp_path / "checkpoints")
+  listing = _run.list_steps(tmp_path / "checkpoints")
   assert listing.finished == (1, 2) and listing.unfinished == ()
   restored = reader.restore({k: np.zeros(v.shape, np.float32) for k, v in big.items()})
   np.testing.assert_array_equal(restored["w3"], np.full((8 * 1024 * 1024,), 3.0, np.float32))

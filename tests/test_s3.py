@@ -16,11 +16,12 @@ import urllib.request
 import boto3
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 import pytest
 
 import kckpt
 from kckpt import cloud
-from kckpt import steps as steps_lib
+from kckpt import _layout, _run
 from tests.helpers import PYTHON, REPO, subprocess_env
 from tests.programs.save_forever import state_for
 
@@ -187,7 +188,7 @@ def test_kill_during_save_never_exposes_a_partial_step(s3_server, s3_workdir):
       os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stdout.close()
-  listing = steps_lib.list_steps(steps_lib.checkpoints_dir(s3_workdir))
+  listing = _run.list_steps(_layout.checkpoints_dir(s3_workdir))
   reader = kckpt.Checkpointer.open(s3_workdir)
   steps = reader.all_steps
   assert steps and steps[0] == 1, (steps, listing)
@@ -202,7 +203,7 @@ def test_kill_during_save_never_exposes_a_partial_step(s3_server, s3_workdir):
   next_step = steps[-1] + 100
   with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None) as writer:
     writer.save({"w": jnp.ones(3)}, step=next_step)
-  after = steps_lib.list_steps(steps_lib.checkpoints_dir(s3_workdir))
+  after = _run.list_steps(_layout.checkpoints_dir(s3_workdir))
   assert after.finished == (*steps, next_step) and after.unfinished == (), after
 
 
@@ -256,13 +257,16 @@ def test_checkpointer_endpoint_option_overrides_the_environment(s3_server, s3_wo
 
 
 def test_orbax_builds_s3_kvstores_through_the_hook(s3_workdir):
-  """Guards the Orbax 0.12.8 internals hooked in kckpt/_orbax.py (fails loudly after an Orbax change)."""
-  from kckpt import _orbax  # pylint: disable=import-outside-toplevel
+  """Guards the Orbax 0.12.8 internals hooked in kckpt/_orbax/_patches.py (fails loudly after an Orbax change)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from kckpt._orbax import _commit, _patches  # pylint: disable=import-outside-toplevel
 
-  ocdbt = _orbax._ts_utils.build_kvstore_tspec("s3://bkt/run/ckpt_1/default", use_ocdbt=True)
+  assert _patches.s3_support_installed()  # installed by the first s3:// path, not at import
+  ocdbt = _patches._ts_utils.build_kvstore_tspec("s3://bkt/run/ckpt_1/default", use_ocdbt=True)
   assert ocdbt["driver"] == "ocdbt"
   assert {k: ocdbt["base"][k] for k in ("driver", "bucket", "path")} == {"driver": "s3", "bucket": "bkt", "path": "run/ckpt_1/default"}
-  plain = _orbax._ts_utils.build_kvstore_tspec("s3://bkt/run/ckpt_1/default", "w", use_ocdbt=False)
+  plain = _patches._ts_utils.build_kvstore_tspec("s3://bkt/run/ckpt_1/default", "w", use_ocdbt=False)
   assert plain["driver"] == "s3" and plain["path"] == "run/ckpt_1/default/w"
-  assert _orbax._ts_utils.build_kvstore_tspec("/tmp/x", use_ocdbt=False)["driver"] == "file"  # local paths untouched
-  assert _orbax._temporary_path_class(_orbax.epath.Path("s3://bkt/run"), True) is _orbax._atomicity.CommitFileTemporaryPath
+  assert _patches._ts_utils.build_kvstore_tspec("/tmp/x", use_ocdbt=False)["driver"] == "file"  # local paths untouched
+  options = _commit.commit_options(epath.Path("s3://bkt/run"), True)
+  assert options["atomicity_options"].mode == ocp.options.AtomicityMode.COMMIT_FILE

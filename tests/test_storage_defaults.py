@@ -209,9 +209,9 @@ def test_fast_leaf_specs_agree_with_orbax_metadata(tmp_path, name):
   with kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, async_save=False, storage=STORAGES[name]) as ckpt:
     ckpt.save(state, step=1)
   item_dir = epath.Path(tmp_path) / "checkpoints" / "ckpt_1" / "default"
-  fast = _orbax._leaf_specs_from_zarr_metadata(item_dir)  # pylint: disable=protected-access
+  fast = _orbax._metadata._leaf_specs_from_zarr_metadata(item_dir)  # pylint: disable=protected-access
   assert fast is not None
-  assert fast == _orbax._leaf_specs_from_orbax_metadata(item_dir)  # pylint: disable=protected-access
+  assert fast == _orbax._metadata._leaf_specs_from_orbax_metadata(item_dir)  # pylint: disable=protected-access
   assert fast["jax_bfloat16"] == trees.LeafSpec((3, 5), np.dtype(jnp.bfloat16))
   assert fast["rng"] == trees.LeafSpec((2,), np.dtype(np.uint32))
   assert fast["python_float"] == trees.LeafSpec((), None)
@@ -220,9 +220,9 @@ def test_fast_leaf_specs_agree_with_orbax_metadata(tmp_path, name):
 def test_fast_leaf_specs_step_aside_when_unsure(tmp_path):
   item_dir = epath.Path(tmp_path) / "item"
   item_dir.mkdir()
-  assert _orbax._leaf_specs_from_zarr_metadata(item_dir) is None  # pylint: disable=protected-access
+  assert _orbax._metadata._leaf_specs_from_zarr_metadata(item_dir) is None  # pylint: disable=protected-access
   (item_dir / "_METADATA").write_text('{"tree_metadata": {}, "use_ocdbt": "maybe"}')
-  assert _orbax._leaf_specs_from_zarr_metadata(item_dir) is None  # pylint: disable=protected-access
+  assert _orbax._metadata._leaf_specs_from_zarr_metadata(item_dir) is None  # pylint: disable=protected-access
 
 
 def test_mismatch_is_still_reported_by_path(tmp_path):

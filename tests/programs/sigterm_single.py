@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 import kckpt
-from kckpt import multihost
+from kckpt import _preemption
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
   sys.stdout.write("RESULT " + json.dumps({
       "installed": installed, "stopped_at": step, "saved": [s for s, v in saved.items() if v],
       "durable": durable, "restored": signal.getsignal(signal.SIGTERM) is before,
-      "forgotten": not multihost.sigterm_received(),
+      "forgotten": not _preemption.sigterm_received(),
   }) + "\n")
 
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+from etils import epath
+
+from kckpt import _layout
 from kckpt import _orbax
-from kckpt import steps as steps_lib
+from kckpt import _run
+from kckpt import policies
 from kckpt import trees
-from kckpt._types import PathLike, PyTree, Step
-
-
-class TransplantError(ValueError):
-  """A key of a `PartialLoader` matches nothing, or shapes differ; names the key."""
+from kckpt._types import PathLike, PyTree, StepSpec
+from kckpt.errors import CheckpointNotFoundError, TransplantError
 
 
 def _glob_regex(pattern: str, *, prefix: bool) -> re.Pattern[str]:
@@ -74,7 +75,8 @@ class PartialLoader:
     workdir: the run to load from (its ``checkpoints/ckpt_<step>`` folders).
     new_to_old: target path (in the state given to `transform`) -> source
       path (in the checkpoint). Both may hold ``*`` / ``**`` globs.
-    step: the source step; -1 for its newest.
+    step: the source step: a number, -1 / ``"latest"``, ``"best"`` (by the
+      metric the source run's writer recorded) or a tag.
     item: the source item (``"default"`` for a single saved state).
     ignore_new: target paths (globs) that stay as they are even when a key
       covers them.
@@ -93,8 +95,8 @@ class PartialLoader:
 
   workdir: PathLike
   new_to_old: Mapping[str, str]
-  step: int = -1
-  item: str = steps_lib.DEFAULT_ITEM
+  step: StepSpec = -1
+  item: str = _layout.DEFAULT_ITEM
   ignore_new: Sequence[str] = ()
   ignore_old: Sequence[str] = ()
 
@@ -177,17 +179,20 @@ class PartialLoader:
       new_leaves.update({target: read[source] for target, source in round_.items()})
     return trees.replace_leaves(state, new_leaves)
 
-  def _source_dir(self):
-    checkpoints = steps_lib.checkpoints_dir(self.workdir)
-    step: Step
-    if self.step == -1:
-      finished = steps_lib.list_steps(checkpoints).finished
-      if not finished:
-        raise FileNotFoundError(f"PartialLoader: no checkpoint in {checkpoints}")
-      step = finished[-1]
-    else:
-      step = self.step
-    path = steps_lib.step_dir(checkpoints, step) / self.item
+  def _source_dir(self) -> epath.Path:
+    checkpoints = _layout.checkpoints_dir(self.workdir)
+    rules = _layout.read_retention_rules(checkpoints)
+    retention = None
+    if rules is not None and not rules.get("best_fn"):
+      retention = policies.policy_from_rules(rules)
+    index = _run.RunIndex(checkpoints, retention=retention)
+    if index.resolve(self.step) is None:
+      raise CheckpointNotFoundError(f"PartialLoader: no checkpoint in {checkpoints}")
+    try:
+      step = index.require(self.step)
+    except CheckpointNotFoundError as e:
+      raise CheckpointNotFoundError(f"PartialLoader: {e}", available_steps=e.available_steps) from None
+    path = _layout.step_dir(checkpoints, step) / self.item
     if not path.exists():
-      raise FileNotFoundError(f"PartialLoader: no item {self.item!r} at step {step} in {checkpoints}")
+      raise CheckpointNotFoundError(f"PartialLoader: no item {self.item!r} at step {step} in {checkpoints}")
     return path

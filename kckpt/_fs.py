@@ -1,0 +1,87 @@
+"""Local vs object-store paths: the one place that tells them apart.
+
+A local (or POSIX-mounted) path supports atomic rename and cheap ``os`` calls;
+an object store (``gs://``, ``s3://``) does not: a "rename" is a copy and each
+call is a request. Everything in kckpt that must behave differently asks here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from etils import epath
+
+from kckpt import cloud
+
+# Object stores whose "rename" is a copy: finished steps carry a commit file instead.
+OBJECT_STORE_SCHEMES = ("gs://", "s3://")
+
+
+def is_local(path: Any) -> bool:
+  """Whether `path` is on a local or mounted file system (not ``scheme://``)."""
+  return "://" not in str(path)
+
+
+def is_object_store(path: Any) -> bool:
+  """Whether `path` is on an object store without atomic rename (``gs://``, ``s3://``)."""
+  return str(path).startswith(OBJECT_STORE_SCHEMES)
+
+
+def absolute(path: Any) -> Any:
+  """`path`, made absolute when it is local (Orbax refuses relative paths)."""
+  if is_local(path) and not os.path.isabs(path):
+    return os.path.abspath(path)
+  return path
+
+
+def list_names(directory: epath.Path) -> list[str]:
+  """The names in `directory`: one listing (raises FileNotFoundError / NotADirectoryError)."""
+  if is_local(directory):
+    return os.listdir(directory)  # 10x faster than building a Path per entry
+  cloud.prepare(directory)
+  return [p.name for p in directory.iterdir()]
+
+
+def write_text_atomic(path: epath.Path, text: str, *, tmp_name: str | None = None) -> None:
+  """Writes `path` so that a reader sees the old or the new content, never half of it.
+
+  Locally: a temporary file beside it, then `os.replace` (atomic, overwrites).
+  On object stores a single object write is already atomic.
+  """
+  if not is_local(path):
+    cloud.prepare(path)
+    path.write_text(text)
+    return
+  tmp = path.parent / (tmp_name or f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def mtime(path: epath.Path) -> float:
+  """Modification time in seconds (sub-second locally; epath's stat rounds to seconds)."""
+  if is_local(path):
+    return os.stat(path).st_mtime
+  return path.stat().mtime
+
+
+def folder_size(path: epath.Path) -> int:
+  """Bytes under `path` (walks the folder: call only when asked for a size)."""
+  if not is_local(path):
+    # One recursive listing through fsspec (etils' walk passes s3fs an
+    # argument it does not take, and a walk would list folder by folder).
+    import fsspec  # pylint: disable=import-outside-toplevel
+
+    cloud.prepare(path)
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if not fs.exists(root):
+      raise FileNotFoundError(f"No such folder: {path}")
+    return int(fs.du(root, total=True))
+  total = 0
+  for root, _, files in path.walk():
+    for name in files:
+      try:
+        total += (root / name).stat().length
+      except (FileNotFoundError, OSError):
+        pass  # deleted while walking
+  return total

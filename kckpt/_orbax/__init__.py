@@ -1,0 +1,91 @@
+"""The only code in kckpt that imports Orbax or knows its file format.
+
+A narrow API over Orbax 0.12, in four parts:
+
+- writing (`Writer`): one Orbax `CheckpointManager` per run, with kckpt's
+  retention deciding what stays, durable atomic commits, and deletions that a
+  reader never sees half done;
+- reading (`read_tree_into`, `read_items`, `read_leaves`, `LeafReader`): a
+  stand-alone Orbax `Checkpointer` on the step folder, so that a reader never
+  needs a manager, never writes, and avoids the manager's single-item mode
+  (which rejects `Composite` args once it sees a ``default/`` folder);
+- metadata (`saved_leaf_specs`, `metadata_as_shape_dtype`, `SavedLeaf`) and
+  the step folder's files (`read_step_metadata`, `item_formats`, `step_time`,
+  `is_temporary_name`, ...), read without loading any array;
+- `install_s3_support`, the one change kckpt makes to Orbax, installed at the
+  first ``s3://`` path (never at import).
+
+Every reach into an Orbax or JAX private name is listed in
+`kckpt._orbax.private_reaches` with a check that fails, naming the reach,
+when an upgrade breaks it.
+"""
+
+from kckpt._orbax._commit import DurableRenameTemporaryPath
+from kckpt._orbax._format import (
+    COMMIT_MARKER,
+    STEP_METADATA_FILE,
+    TMP_MARKER,
+    ItemFormat,
+    custom_metadata,
+    is_committed,
+    is_step_folder,
+    is_temporary_name,
+    item_formats,
+    needs_commit_marker,
+    read_step_metadata,
+    read_step_metrics,
+    remove_step_folder,
+    step_tag,
+    step_time,
+)
+from kckpt._orbax._handlers import MultiprocessingOptions
+from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, saved_leaf_specs
+from kckpt._orbax._patches import install_s3_support
+from kckpt._orbax._reader import (
+    RESTORE_BATCH_BYTES,
+    ItemRead,
+    LeafReader,
+    abstract_target,
+    match_scalar_types,
+    read_items,
+    read_leaves,
+    read_tree_into,
+    release,
+)
+from kckpt._orbax._writer import ItemWrite, Writer
+
+__all__ = [
+    "COMMIT_MARKER",
+    "DurableRenameTemporaryPath",
+    "ItemFormat",
+    "ItemRead",
+    "ItemWrite",
+    "LeafReader",
+    "MultiprocessingOptions",
+    "RESTORE_BATCH_BYTES",
+    "STEP_METADATA_FILE",
+    "SavedLeaf",
+    "TMP_MARKER",
+    "Writer",
+    "abstract_target",
+    "custom_metadata",
+    "install_s3_support",
+    "is_committed",
+    "is_step_folder",
+    "is_temporary_name",
+    "item_formats",
+    "match_scalar_types",
+    "metadata_as_shape_dtype",
+    "needs_commit_marker",
+    "pytree_metadata",
+    "read_items",
+    "read_leaves",
+    "read_step_metadata",
+    "read_step_metrics",
+    "read_tree_into",
+    "release",
+    "remove_step_folder",
+    "saved_leaf_specs",
+    "step_tag",
+    "step_time",
+]

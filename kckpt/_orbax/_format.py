@@ -1,0 +1,156 @@
+"""Orbax's files inside a run's folder: how to tell a finished step, and its small metadata files.
+
+Orbax writes a step into a temporary folder (``ckpt_<step>.orbax-checkpoint-tmp...``)
+and renames it when finished, so on a local or POSIX file system a folder named
+exactly ``ckpt_<step>`` is a finished step. On object stores without atomic
+rename (``gs://``, ``s3://``) the final folder is written in place and
+``commit_success.txt`` is written last. Each step holds ``_CHECKPOINT_METADATA``
+(item handlers, commit time, custom metadata) and, with metrics,
+``metrics/metrics``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from etils import epath
+
+from kckpt import _fs
+from kckpt import _layout
+from kckpt._types import Step
+
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+COMMIT_MARKER = "commit_success.txt"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+METRICS_ITEM = "metrics"  # Orbax's own place for a step's metrics: ``metrics/metrics``
+ITEM_METADATA_FILE = "_METADATA"  # in a pytree item's folder
+DELETING_SUFFIX = f"{TMP_MARKER}-deleting"
+KCKPT_METADATA_KEY = "kckpt"  # kckpt's entry in Orbax's per-step custom metadata
+
+ItemFormat = Literal["pytree", "json"]
+
+log = logging.getLogger("kckpt")
+
+
+def is_temporary_name(name: str) -> bool:
+  """Whether `name` is a step folder being written (or left by a crash, or being deleted)."""
+  return _layout.is_step_like(name) and TMP_MARKER in name
+
+
+def needs_commit_marker(path: Any) -> bool:
+  """Whether finished steps under `path` are told by their commit file (object stores)."""
+  return _fs.is_object_store(path)
+
+
+def is_committed(step_path: epath.Path) -> bool:
+  """On object stores: whether the step's commit file is there."""
+  return (step_path / COMMIT_MARKER).exists()
+
+
+def read_step_metadata(path: epath.Path) -> dict[str, Any]:
+  """The step's ``_CHECKPOINT_METADATA`` (empty when absent or unreadable)."""
+  try:
+    return json.loads((path / STEP_METADATA_FILE).read_text())
+  except (FileNotFoundError, NotADirectoryError):
+    return {}
+  except json.JSONDecodeError as e:
+    log.warning("Step metadata %s is not valid JSON (%s): its tag and time are unknown.", path / STEP_METADATA_FILE, e)
+    return {}
+
+
+def read_step_metrics(path: epath.Path) -> Mapping[str, Any] | None:
+  """The metrics saved with the step at `path`, or None."""
+  try:
+    return json.loads((path / METRICS_ITEM / METRICS_ITEM).read_text())
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+
+
+def step_time(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> datetime.datetime | None:
+  """When the step at `path` was committed (or started, for older checkpoints), UTC."""
+  if metadata is None:
+    metadata = read_step_metadata(path)
+  nsecs = metadata.get("commit_timestamp_nsecs") or metadata.get("init_timestamp_nsecs")
+  if nsecs:
+    return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.timezone.utc)
+  try:
+    return datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.timezone.utc)
+  except (FileNotFoundError, OSError, AttributeError):
+    return None
+
+
+def item_format(handler_name: str) -> ItemFormat:
+  """``"json"`` or ``"pytree"`` from the name of the Orbax handler that wrote an item."""
+  return "json" if "Json" in handler_name else "pytree"
+
+
+def item_formats(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> dict[str, ItemFormat]:
+  """Item name -> format for the step at `path`, bookkeeping folders included.
+
+  Taken from the step metadata; steps written without it (older Orbax) fall
+  back to the sub-folders, with the format guessed from their files.
+  """
+  if metadata is None:
+    metadata = read_step_metadata(path)
+  handlers = metadata.get("item_handlers")
+  if isinstance(handlers, Mapping) and handlers:
+    return {name: item_format(str(handler)) for name, handler in handlers.items()}
+  items: dict[str, ItemFormat] = {}
+  for child in path.iterdir():
+    if child.is_dir():
+      items[child.name] = "pytree" if (child / ITEM_METADATA_FILE).exists() else "json"
+  return items
+
+
+def step_tag(metadata: Mapping[str, Any]) -> str | None:
+  """The tag given to `save(..., tag=)`, from the step metadata."""
+  custom = metadata.get("custom_metadata") or {}
+  own = custom.get(KCKPT_METADATA_KEY) if isinstance(custom, Mapping) else None
+  return own.get("tag") if isinstance(own, Mapping) else None
+
+
+def custom_metadata(*, tag: str | None) -> dict[str, Any] | None:
+  """kckpt's entry in the step's custom metadata (None when there is nothing to record)."""
+  return {KCKPT_METADATA_KEY: {"tag": tag}} if tag is not None else None
+
+
+def is_step_folder(path: epath.Path) -> bool:
+  """Whether `path` looks like one step folder (named ``ckpt_<n>``, with metadata or items)."""
+  if _layout.parse_step(path.name) is None:
+    return False
+  return (path / STEP_METADATA_FILE).exists() or any(child.is_dir() for child in path.iterdir())
+
+
+def remove_step_folder(checkpoints: epath.Path, step: Step) -> bool:
+  """Deletes one finished step folder so that no reader ever sees half of it.
+
+  On a local or POSIX file system the folder is first renamed to
+  ``ckpt_<step>.orbax-checkpoint-tmp-deleting`` (atomic: listings stop
+  reporting the step at once; a leftover after a crash is an unfinished folder
+  that Orbax cleans up), then removed. On object stores, where a rename is a
+  copy, the commit marker goes first, then the files.
+
+  Returns:
+    False when the step was not there (deleted meanwhile by someone else).
+  """
+  path = _layout.step_dir(checkpoints, step)
+  if needs_commit_marker(path):
+    if not path.exists():
+      return False
+    (path / COMMIT_MARKER).unlink(missing_ok=True)
+    path.rmtree(missing_ok=True)
+    return True
+  doomed = checkpoints / f"{path.name}{DELETING_SUFFIX}"
+  if doomed.exists():  # left by an earlier deletion that was interrupted
+    doomed.rmtree(missing_ok=True)
+  try:
+    os.rename(path, doomed)
+  except FileNotFoundError:
+    return False
+  doomed.rmtree(missing_ok=True)
+  return True

@@ -1,0 +1,168 @@
+"""Restoring one finished step into a target: the only place that donates the target's arrays.
+
+The order matters: the step's items and every target leaf are checked against
+the saved metadata first, and only then are the target's arrays freed
+(donated) and the arrays read, so a mismatch never costs the caller its state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from etils import epath
+
+from kckpt import _layout
+from kckpt import _orbax
+from kckpt import items as items_lib
+from kckpt import storage as storage_lib
+from kckpt import trees
+from kckpt._types import Step
+from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, LeafReadError, TreeMismatchError
+
+
+@dataclasses.dataclass(frozen=True)
+class _ItemRead:
+  """How one item of the step is read: into `target`, or as saved when `target` is None."""
+
+  name: str
+  item: items_lib.CheckpointItem | None  # None: no target item (restore(None))
+  format: str
+  target: Any = None
+  partial_paths: frozenset[str] | None = None  # partial restore: the leaves both trees have
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `restore_step` read: the rebuilt state, and the bytes of array data in it."""
+
+  value: Any
+  nbytes: int
+
+
+def restore_step(
+    checkpoints: epath.Path,
+    step: Step,
+    state: Any,
+    *,
+    donate: bool,
+    partial: bool,
+    storage: storage_lib.StorageOptions | None = None,
+) -> Restored:
+  """Restores the finished `step` of `checkpoints` into the structure of `state` (None: as saved).
+
+  Raises:
+    CheckpointNotFoundError: the step disappeared (e.g. deleted by the trainer's retention mid-read).
+    TreeMismatchError: naming every missing, unexpected and mis-shaped leaf.
+    CheckpointReadError: a file of the step is missing, truncated or corrupted.
+  """
+  step_path = _layout.step_dir(checkpoints, step)
+  try:
+    return _restore(step_path, step, state, donate=donate, partial=partial, storage=storage)
+  except (CheckpointReadError, FileNotFoundError) as e:
+    if not step_path.exists():
+      raise CheckpointNotFoundError(f"Step {step} was deleted from {checkpoints} while it was being restored") from e
+    raise
+
+
+def _restore(
+    step_path: epath.Path, step: Step, state: Any, *, donate: bool, partial: bool, storage: storage_lib.StorageOptions | None
+) -> Restored:
+  saved_items = _orbax.item_formats(step_path)
+  user_items = {n: f for n, f in saved_items.items() if n not in _layout.RESERVED_ITEMS}
+  if not user_items:
+    raise CheckpointReadError(
+        f"Cannot read step {step} of {step_path.parent}: {step_path} holds no checkpoint item"
+        " (no _CHECKPOINT_METADATA and no item folder)",
+        step=step,
+    )
+  layout = _layout_for(state, user_items)
+  reads = _plan(step_path, step, layout, user_items, partial=partial)
+  restored: dict[str, Any] = {}
+  as_saved = [r for r in reads if r.target is None]
+  if as_saved:  # JSON items, and items with no target, in one Orbax call
+    with reading(step, ", ".join(r.name for r in as_saved), step_path):
+      restored.update(
+          _orbax.read_items(step_path, [_orbax.ItemRead(name=r.name, format=r.format) for r in as_saved], storage=storage)
+      )
+  for r in reads:
+    if r.target is not None:
+      with reading(step, r.name, step_path / r.name):
+        restored[r.name] = _orbax.match_scalar_types(r.target, _read_into(step_path / r.name, r, donate, storage))
+  nbytes = sum(trees.tree_nbytes(restored[r.name]) for r in reads if r.format == "pytree")
+  for r in reads:
+    if r.item is not None:
+      restored[r.name] = r.item.from_restored(restored[r.name])
+  return Restored(value=layout.rebuild({r.name: restored[r.name] for r in reads}), nbytes=nbytes)
+
+
+def _plan(
+    step_path: epath.Path, step: Step, layout: items_lib.Layout, saved_items: Mapping[str, str], *, partial: bool
+) -> list[_ItemRead]:
+  """What to read of each item, after checking every target against the saved metadata (no array read)."""
+  reads, problems = [], []
+  for name, item in layout.items.items():
+    if name not in saved_items:
+      problems.append(f"{name}: no such item in step {step} (it has: {sorted(saved_items)})")
+      continue
+    fmt = saved_items[name] if item is None else item.format
+    target = None if item is None or fmt == "json" else item.restore_target()
+    common = None
+    if target is not None:
+      with reading(step, name, step_path / name):
+        saved = _orbax.saved_leaf_specs(step_path / name)
+      wanted = {path: trees.leaf_spec(leaf) for path, leaf in trees.flatten_with_paths(target).items()}
+      if partial:
+        common = frozenset(saved.keys() & wanted.keys())
+        saved = {p: saved[p] for p in common}
+        wanted = {p: wanted[p] for p in common}
+      problems.extend(trees.compare_trees(saved, wanted, prefix="" if layout.kind == "single" else f"{name}/"))
+    reads.append(_ItemRead(name=name, item=item, format=fmt, target=target, partial_paths=common))
+  if problems:
+    raise TreeMismatchError(
+        f"Cannot restore step {step} of {step_path.parent}: the target does not match the checkpoint"
+        f" ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems)
+        + "\nTo restore only some items, ask for them by name with kckpt.items.Composite(name=...);"
+        " to keep target leaves the checkpoint lacks, pass partial=True.",
+        problems=problems,
+    )
+  return reads
+
+
+def _read_into(item_dir: epath.Path, read: _ItemRead, donate: bool, storage: storage_lib.StorageOptions | None) -> Any:
+  if read.partial_paths is None:
+    return _orbax.read_tree_into(item_dir, read.target, donate=donate, storage=storage)
+  # Partial: read the leaves both trees have, keep the target's others as they are.
+  leaves = trees.flatten_with_paths(read.target)
+  abstract = {p: _orbax.abstract_target(leaves[p]) for p in read.partial_paths}
+  if donate:
+    _orbax.release([leaves[p] for p in read.partial_paths])
+  return trees.replace_leaves(read.target, _orbax.read_leaves(item_dir, abstract) if abstract else {})
+
+
+def _layout_for(state: Any, saved_items: Mapping[str, str]) -> items_lib.Layout:
+  """The items to restore: those of `state`, or with no state the ``default`` item (else every item)."""
+  if state is not None:
+    return items_lib.layout_of(state)
+  if _layout.DEFAULT_ITEM in saved_items:
+    return items_lib.Layout({_layout.DEFAULT_ITEM: None}, "single")
+  return items_lib.Layout({n: None for n in saved_items}, "composite")
+
+
+@contextlib.contextmanager
+def reading(step: Step, item: str, path: epath.Path) -> Iterator[None]:
+  """Turns an error of Orbax/TensorStore while reading into one that names the step and item.
+
+  Only errors of the read itself: kckpt's own errors pass as they are, and so
+  do programming errors (TypeError, AttributeError...) of kckpt or its items.
+  """
+  try:
+    yield
+  except (CheckpointReadError, TreeMismatchError):
+    raise
+  except (LeafReadError, OSError, ValueError, RuntimeError, KeyError) as e:
+    raise CheckpointReadError(
+        f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}", step=step, item=item
+    ) from e

@@ -1,0 +1,277 @@
+"""The run index: lists a run's steps, resolves step names, reads per-step details.
+
+One place answers "which step does ``"best"`` (or ``-1``, or a tag) mean?" for
+`Checkpointer`, `PartialLoader` and the ``kckpt`` command. Every answer is
+local to this process (a listing and small files, never a collective);
+processes agree only inside calls every process makes (`Checkpointer.restore`
+shares the primary's answer through `agreed_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import operator
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from etils import epath
+
+from kckpt import _fs
+from kckpt import _layout
+from kckpt import _orbax
+from kckpt import multihost
+from kckpt import policies
+from kckpt._types import Step, StepSpec
+from kckpt.errors import CheckpointNotFoundError
+
+# Words a step may be named by, besides numbers and tags.
+STEP_WORDS = ("latest", "best")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepListing:
+  """One listing of a ``checkpoints/`` folder.
+
+  Attributes:
+    finished: sorted steps whose folders are complete.
+    unfinished: names of folders being written (or left by a crash).
+  """
+
+  finished: tuple[Step, ...] = ()
+  unfinished: tuple[str, ...] = ()
+
+
+def list_steps(checkpoints: epath.Path, *, known_finished: frozenset[Step] = frozenset()) -> StepListing:
+  """Lists the finished and unfinished step folders of `checkpoints`.
+
+  One directory listing. On object stores, steps not in `known_finished` are
+  checked for their commit marker.
+  """
+  try:
+    names = _fs.list_names(checkpoints)
+  except (FileNotFoundError, NotADirectoryError):
+    return StepListing()
+  check_marker = _orbax.needs_commit_marker(checkpoints)
+  finished, unfinished = [], []
+  for name in names:
+    step = _layout.parse_step(name)
+    if step is None:
+      if _orbax.is_temporary_name(name):
+        unfinished.append(name)
+      continue
+    if check_marker and step not in known_finished and not _orbax.is_committed(checkpoints / name):
+      unfinished.append(name)
+      continue
+    finished.append(step)
+  return StepListing(finished=tuple(sorted(finished)), unfinished=tuple(sorted(unfinished)))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDetails:
+  """What is known of one finished step without reading its arrays.
+
+  Attributes:
+    step: the step.
+    path: its folder.
+    time: when it was committed (UTC), if recorded.
+    metrics: the metrics given to `save`, if any.
+    items: names of the items in the step (bookkeeping folders included), each
+      with its format (``"pytree"`` or ``"json"``).
+    tag: the user tag given to `save`, if any.
+  """
+
+  step: Step
+  path: epath.Path
+  time: datetime.datetime | None
+  metrics: Mapping[str, Any] | None
+  items: Mapping[str, str]
+  tag: str | None = None
+
+  @property
+  def user_items(self) -> tuple[str, ...]:
+    return tuple(name for name in self.items if name not in _layout.RESERVED_ITEMS)
+
+  @property
+  def record(self) -> policies.StepRecord:
+    """What retention needs of the step."""
+    return policies.StepRecord(step=self.step, time=self.time.timestamp() if self.time else None, metrics=self.metrics)
+
+
+def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
+  """Time, metrics, items and tag of one step (its small files only)."""
+  path = _layout.step_dir(checkpoints, step)
+  metadata = _orbax.read_step_metadata(path)
+  return StepDetails(
+      step=step,
+      path=path,
+      time=_orbax.step_time(path, metadata),
+      metrics=_orbax.read_step_metrics(path),
+      items=_orbax.item_formats(path, metadata),
+      tag=_orbax.step_tag(metadata),
+  )
+
+
+def check_step(step: Any) -> Step:
+  """`step` as a non-negative int (ValueError naming it otherwise)."""
+  if isinstance(step, (bool, float)) or not hasattr(step, "__index__"):
+    raise ValueError(f"step must be a non-negative int, got {type(step).__name__}: {step!r}")
+  step = operator.index(step)
+  if step < 0:
+    raise ValueError(f"step must be a non-negative int, got {step}")
+  return step
+
+
+def check_tag(tag: str | None) -> None:
+  """A tag is a name that cannot be read as a step number or word."""
+  if tag is None:
+    return
+  if not isinstance(tag, str) or not tag or tag in STEP_WORDS or tag.lstrip("-").isdigit():
+    raise ValueError(f"tag must be a non-empty name other than {', '.join(map(repr, STEP_WORDS))} or a number, got {tag!r}")
+
+
+def parse_step_name(text: str) -> StepSpec:
+  """A step name as typed on a command line: ``"10"`` -> 10, ``"-1"`` -> -1, words and tags stay strings."""
+  try:
+    return int(text)
+  except ValueError:
+    return text
+
+
+class RunIndex:
+  """The steps of one run's ``checkpoints/`` folder, listed and named.
+
+  Listings are cached until `invalidate()` (a writer invalidates at each save;
+  readers ask for a fresh one where staleness matters). Per-step records
+  (metrics and time, for retention and ``"best"``) are read once per step.
+  Thread-safe; never writes.
+
+  >>> import tempfile
+  >>> index = RunIndex(epath.Path(tempfile.mkdtemp()))
+  >>> index.finished(), index.resolve("latest")
+  ((), None)
+  """
+
+  def __init__(self, checkpoints: epath.Path, *, retention: policies.RetentionPolicy | None = None):
+    self.checkpoints = checkpoints
+    self.retention = retention or policies.RetentionPolicy()
+    self._lock = threading.RLock()
+    self._listing: StepListing | None = None
+    # Steps seen finished by an earlier listing: on object stores their commit
+    # markers are not asked for again, so a poll is one prefix listing.
+    self._known_finished: frozenset[Step] = frozenset()
+    self._records: dict[Step, policies.StepRecord] = {}
+
+  # -- Listing ----------------------------------------------------------------
+
+  def listing(self, *, fresh: bool = False) -> StepListing:
+    """The folder's steps; listed again when `fresh` or after `invalidate()`."""
+    with self._lock:
+      if fresh or self._listing is None:
+        listing = list_steps(self.checkpoints, known_finished=self._known_finished)
+        self._known_finished = frozenset(listing.finished)
+        for step in set(self._records) - self._known_finished:
+          self._records.pop(step, None)  # a step missing from a listing is forgotten
+        self._listing = listing
+      return self._listing
+
+  def finished(self, *, fresh: bool = False) -> tuple[Step, ...]:
+    return self.listing(fresh=fresh).finished
+
+  def invalidate(self) -> None:
+    """Forgets the cached listing (the next call lists the folder again)."""
+    with self._lock:
+      self._listing = None
+
+  # -- Per-step records ---------------------------------------------------------
+
+  def record(self, step: Step) -> policies.StepRecord:
+    """What retention needs of `step` (metrics, time), read from disk once when not known."""
+    with self._lock:
+      record = self._records.get(step)
+    if record is None:
+      path = _layout.step_dir(self.checkpoints, step)
+      metrics = _orbax.read_step_metrics(path) if self.retention.ranks_by_metric else None
+      when = _orbax.step_time(path) if self.retention.keep_time_interval_secs else None
+      record = policies.StepRecord(step=step, time=when.timestamp() if when else None, metrics=metrics)
+      with self._lock:
+        self._records[step] = record
+    return record
+
+  def remember(self, record: policies.StepRecord) -> None:
+    """Records what a writer knows of a step it is saving (no need to read it back)."""
+    with self._lock:
+      self._records[record.step] = record
+
+  def forget(self, step: Step) -> None:
+    with self._lock:
+      self._records.pop(step, None)
+
+  def details(self, step: StepSpec = -1) -> StepDetails:
+    """Time, metrics, items and tag of the step `step` names."""
+    return read_step_details(self.checkpoints, self.require(step))
+
+  # -- Naming steps -------------------------------------------------------------
+
+  def best_step(self) -> Step | None:
+    """The best step by the retention policy's metric (the newest without one); None if unscored."""
+    finished = self.finished(fresh=True)
+    return policies.best_step(self.retention, [self.record(s) for s in finished])
+
+  def step_with_tag(self, tag: str) -> Step:
+    """The newest step saved with `tag` (reads the small metadata file of steps, newest first)."""
+    finished = self.finished(fresh=True)
+    for step in reversed(finished):
+      if _orbax.step_tag(_orbax.read_step_metadata(_layout.step_dir(self.checkpoints, step))) == tag:
+        return step
+    raise CheckpointNotFoundError(
+        f"No step of {self.checkpoints} has the tag {tag!r} (steps: {_layout.steps_repr(finished)});"
+        " a step is an int, -1, 'latest', 'best' or a tag given to save",
+        available_steps=finished,
+    )
+
+  def resolve(self, step: StepSpec) -> Step | None:
+    """The step number that `step` names; None when it names the newest or best and there is none.
+
+    `step`: an int, -1 or ``"latest"`` (the newest), ``"best"``, or a tag.
+    A number is returned as it is (see `require` to check that it exists).
+    """
+    if isinstance(step, str):
+      if step == "latest":
+        step = -1
+      elif step == "best":
+        return self.best_step()
+      else:
+        return self.step_with_tag(step)
+    if isinstance(step, int) and not isinstance(step, bool) and step == -1:
+      finished = self.finished(fresh=True)
+      return finished[-1] if finished else None
+    return check_step(step)
+
+  def require(self, step: StepSpec) -> Step:
+    """Like `resolve`, but the step must exist (`CheckpointNotFoundError` otherwise)."""
+    resolved = self.resolve(step)
+    if resolved is None:
+      what = "scored step (no step has the best metric)" if step == "best" else "checkpoint"
+      raise CheckpointNotFoundError(f"No {what} found in {self.checkpoints}")
+    return self.require_exists(resolved)
+
+  def require_exists(self, step: Step) -> Step:
+    finished = self.finished()
+    if step not in finished:
+      finished = self.finished(fresh=True)
+    if step not in finished:
+      raise CheckpointNotFoundError(
+          f"Step {step} is not in {self.checkpoints} (steps: {_layout.steps_repr(finished)})",
+          available_steps=finished,
+      )
+    return step
+
+
+def agreed_step(step: Step | None, *, timeout_secs: float, what: str) -> Step | None:
+  """The primary process's `step`, on every process (every process must call it); `step` alone."""
+  if multihost.process_count() == 1:
+    return step
+  return multihost.primary_value(step, timeout_secs=timeout_secs, what=what)
+

@@ -1,0 +1,216 @@
+"""The open writer of one run: its lock, the Orbax writer, the save in flight, retention.
+
+A `WriteSession` is what a `Checkpointer` opens at its first write and
+releases at `close`; it is never part of the `Checkpointer`'s configuration
+(copies and pickles of a `Checkpointer` carry none of it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+from etils import epath
+
+from kckpt import _layout
+from kckpt import _orbax
+from kckpt import _preemption
+from kckpt import _run
+from kckpt import items as items_lib
+from kckpt import lock as lock_lib
+from kckpt import markers
+from kckpt import multihost
+from kckpt import policies
+from kckpt import telemetry
+from kckpt import trees
+from kckpt._types import Step
+from kckpt.errors import StepAlreadyExistsError
+
+if TYPE_CHECKING:
+  from kckpt.checkpointer import Checkpointer
+
+log = logging.getLogger("kckpt")
+
+
+class WriteSession:
+  """Owns the writer lock and the Orbax writer of one `Checkpointer`'s run.
+
+  Opening one takes the writer lock (on the primary process) before Orbax's
+  manager exists: opening the manager cleans up temporary folders, which could
+  be another live writer's step in progress.
+  """
+
+  def __init__(self, config: Checkpointer, index: _run.RunIndex, runtime: Runtime):
+    self._config = config
+    self._index = index
+    self._runtime = runtime
+    self.directory = index.checkpoints
+    workdir = epath.Path(config.workdir)  # type: ignore[arg-type]  # checked by `Checkpointer.directory`
+    if workdir.exists() and not workdir.is_dir():
+      raise ValueError(f"Checkpointer.workdir {config.workdir} exists and is not a folder")
+    self._lock: lock_lib.WriterLock | None = None
+    if multihost.is_primary():
+      self._lock = lock_lib.WriterLock(self.directory, stale_secs=config.lock_stale_secs)
+      self._lock.acquire()
+      markers.clear_end_marker(config.workdir)  # saving again: the run is not finished
+      _layout.write_retention_rules(self.directory, policies.retention_rules(config.retention_policy))
+    try:
+      self._writer = _orbax.Writer(
+          self.directory,
+          async_save=config.async_save,
+          multiprocessing_options=config.multiprocessing_options,
+          decide_preservation=self._decide_preservation,
+          async_timeout_secs=config.async_timeout_secs,
+          durable=config.durable,
+          sync=multihost.SaveSync(str(self.directory), timeout_secs=config.barrier_timeout_secs)
+          if multihost.process_count() > 1 else None,
+          storage=config.storage,
+      )
+    except BaseException:
+      if self._lock is not None:
+        self._lock.release()
+      raise
+
+  # -- The save in flight -------------------------------------------------------
+
+  @property
+  def in_flight_step(self) -> Step | None:
+    """The step whose async save was started and not yet waited for."""
+    return self._writer.in_flight_step
+
+  def background_save_done(self) -> bool:
+    """Whether a save is in flight and its background part has finished (well or not)."""
+    return self._writer.in_flight_step is not None and not self._writer.is_busy()
+
+  def step_exists(self, step: Step) -> bool:
+    return self._writer.in_flight_step == step or step in self._index.finished()
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is durable; raises its error, naming the step."""
+    try:
+      self._writer.wait()
+    finally:
+      self._index.invalidate()
+
+  # -- Saving -------------------------------------------------------------------
+
+  def save(self, state: Any, *, step: Step, force: bool, metrics: Mapping[str, Any] | None, tag: str | None) -> bool:
+    """Starts saving `state` as `step` (see `Checkpointer.save`); False when `force` and it exists."""
+    started = time.perf_counter()
+    self._writer.poll()
+    if self._lock is not None:
+      self._lock.check()
+    layout = items_lib.layout_of(state)
+    writes = item_writes(layout)
+    _run.check_tag(tag)
+    if self.step_exists(step):
+      if force:
+        log.info("Step %d already exists in %s: not saved again.", step, self.directory)
+        return False
+      raise StepAlreadyExistsError(
+          f"Step {step} already exists in {self.directory}; kckpt never overwrites a step."
+          f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
+      )
+    now = time.time()
+    self._index.remember(policies.StepRecord(step=step, time=now, metrics=metrics))
+    stats = telemetry.SaveTelemetry(
+        self._publish_stats,
+        self.directory,
+        step=step,
+        nbytes=sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree"),
+        started=started,
+        async_save=self._config.async_save,
+    )
+    try:
+      self._writer.save(step, writes, metrics, custom_metadata=_orbax.custom_metadata(tag=tag), on_durable=stats.durable)
+    except BaseException:
+      self._index.forget(step)
+      raise
+    finally:
+      self._index.invalidate()
+    self._runtime.last_save_time = now
+    if not self._config.async_save:
+      self._writer.wait()
+    stats.returned(time.perf_counter())
+    return True
+
+  def _publish_stats(self, stats: telemetry.TransferStats) -> None:
+    self._runtime.save_stats = stats
+
+  def _decide_preservation(self, known_steps: Sequence[Step]) -> list[bool]:
+    """Orbax's question "which of these steps stay?", answered by kckpt's retention rules."""
+    records = [self._index.record(s) for s in known_steps]
+    decisions = {d.step: d.keep for d in policies.decide_retention(self._config.retention_policy, records)}
+    for step, keep in decisions.items():
+      if not keep:
+        self._index.forget(step)
+    return [decisions[s] for s in known_steps]
+
+  # -- Deleting -----------------------------------------------------------------
+
+  def delete(self, step: Step) -> None:
+    self._writer.delete(step)
+    self._index.forget(step)
+    self._index.invalidate()
+
+  def delete_all(self) -> list[Step]:
+    """Deletes every step folder and the leftovers of crashed saves; returns the deleted steps."""
+    self._writer.wait()
+    listing = self._index.listing(fresh=True)
+    for step in listing.finished:
+      self._writer.delete(step)
+      self._index.forget(step)
+    if multihost.is_primary():
+      for name in listing.unfinished:
+        (self.directory / name).rmtree(missing_ok=True)
+    markers.clear_end_marker(self._config.workdir)
+    self._index.invalidate()
+    return list(listing.finished)
+
+  def close(self) -> None:
+    """Waits for the save in flight, closes the Orbax manager and releases the writer lock."""
+    try:
+      self._writer.close()
+    finally:
+      if self._lock is not None:
+        self._lock.release()
+      self._index.invalidate()
+
+
+def item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
+  """What to hand the writer for each item of `layout`; ValueError naming an item or leaf that cannot be saved."""
+  writes = []
+  for name, item in layout.items.items():
+    if item is None:
+      raise ValueError(f"item {name!r} is None: nothing to save")
+    value = item.checkpoint_value()
+    if item.format == "json":
+      items_lib.check_json(value, name=name)
+    else:
+      bad = trees.unsaveable_leaves(value)
+      if bad:
+        where = "" if layout.kind == "single" else f"item {name!r}: "
+        raise ValueError(
+            f"{where}cannot save these leaves (a pytree of arrays, NumPy values and Python scalars is expected):\n  "
+            + "\n  ".join(bad)
+        )
+      if not jax.tree.leaves(value) and layout.kind == "single":
+        raise ValueError(f"cannot save {type(value).__name__}: it has no array or scalar leaves")
+    writes.append(_orbax.ItemWrite(name=name, format=item.format, value=value))
+  return writes
+
+
+class Runtime:
+  """The mutable side of one `Checkpointer`: its session and what outlives one (never configuration)."""
+
+  def __init__(self) -> None:
+    self.lock = threading.RLock()
+    self.session: WriteSession | None = None
+    self.preemption = _preemption.Preemption()
+    self.last_save_time = time.time()  # for `save_interval_secs`
+    self.save_stats: telemetry.TransferStats | None = None
+    self.restore_stats: telemetry.TransferStats | None = None
