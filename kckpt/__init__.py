@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _PUBLIC = {
-    "BaseCheckpointer": "kckpt.checkpointer",
+    "BaseCheckpointer": "kckpt.base",
     "Checkpointer": "kckpt.checkpointer",
-    "NoopCheckpointer": "kckpt.checkpointer",
+    "NoopCheckpointer": "kckpt.base",
     "PartialLoader": "kckpt.partial_loader",
     "StorageOptions": "kckpt.storage",
     "TransferStats": "kckpt.telemetry",
@@ -66,7 +66,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
   from kckpt import cloud, inspect, items, policies, telemetry, trees
-  from kckpt.checkpointer import BaseCheckpointer, Checkpointer, NoopCheckpointer
+  from kckpt.base import BaseCheckpointer, NoopCheckpointer
+  from kckpt.checkpointer import Checkpointer
   from kckpt.errors import (
       BackgroundSaveError,
       CheckpointNotFoundError,

@@ -4,7 +4,7 @@ One place answers "which step does ``"best"`` (or ``-1``, or a tag) mean?" for
 `Checkpointer`, `PartialLoader` and the ``kckpt`` command. Every answer is
 local to this process (a listing and small files, never a collective);
 processes agree only inside calls every process makes (`Checkpointer.restore`
-shares the primary's answer through `agreed_step`).
+shares the primary's answer through `agreed_resolution`).
 """
 
 from __future__ import annotations
@@ -269,9 +269,20 @@ class RunIndex:
     return step
 
 
-def agreed_step(step: Step | None, *, timeout_secs: float, what: str) -> Step | None:
-  """The primary process's `step`, on every process (every process must call it); `step` alone."""
-  if multihost.process_count() == 1:
-    return step
-  return multihost.primary_value(step, timeout_secs=timeout_secs, what=what)
+def agreed_resolution(index: RunIndex, step: StepSpec, *, timeout_secs: float) -> Step | None:
+  """What `step` names on the primary process, on every process (every process must call it).
+
+  The one multi-process rule for step names: the primary resolves, the others
+  take its answer, so ``"latest"``, ``"best"`` or a tag name one step on all
+  of them even while a writer adds steps. An error there is raised everywhere.
+  """
+  try:
+    local, error = index.resolve(step), None
+  except CheckpointNotFoundError as e:
+    local, error = None, str(e)
+  if multihost.process_count() > 1:
+    local, error = multihost.primary_value([local, error], timeout_secs=timeout_secs, what=f"restore(step={step!r})")
+  if error is not None:
+    raise CheckpointNotFoundError(error, available_steps=index.finished())
+  return local
 

@@ -1,30 +1,32 @@
-"""The `Checkpointer` users hold: a frozen config and the behaviour in one object.
+"""The `Checkpointer` users hold: a frozen config whose methods save, keep and restore with Orbax.
 
-`BaseCheckpointer` is the interface; `Checkpointer` saves with Orbax;
-`NoopCheckpointer` does nothing (for debugging runs and tests).
+Its public methods delegate: `kckpt._run` lists and names steps,
+`kckpt._session` is the open writer, `kckpt._restore` reads a step into a
+target, `kckpt.policies` decides. The interface, and `NoopCheckpointer` that
+saves nothing, are in `kckpt.base` (and importable from here).
 """
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import datetime
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 from etils import epath
 
+from kckpt import _config
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _restore
 from kckpt import _run
 from kckpt import _session
-from kckpt import cloud
 from kckpt import _views
+from kckpt import base
+from kckpt import cloud
 from kckpt import items as items_lib
 from kckpt import multihost
 from kckpt import policies
@@ -34,109 +36,15 @@ from kckpt import watch
 from kckpt._types import Metrics, PathLike, Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError, ReadOnlyCheckpointerError
 
+# The interface and the no-op checkpointer, importable from here as in the first release.
+BaseCheckpointer = base.BaseCheckpointer
+NoopCheckpointer = base.NoopCheckpointer
+
 log = logging.getLogger("kckpt")
-
-class BaseCheckpointer(abc.ABC):
-  """The interface shared by `Checkpointer` and `NoopCheckpointer`."""
-
-  @abc.abstractmethod
-  def restore(self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True) -> Any:
-    """Restores `state` from a checkpoint."""
-
-  @abc.abstractmethod
-  def should_save(self, step: Step) -> bool:
-    """Whether `maybe_save` would save at `step`."""
-
-  @abc.abstractmethod
-  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
-    """Saves `state` as `step`; True when a save was started."""
-
-  def maybe_save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None) -> bool:
-    """Saves when `should_save(step)` or `force`; True when a save was started."""
-    if force or self.should_save(step):
-      return self.save(state, step=step, force=True, metrics=metrics)
-    return False
-
-  def delete(self, step: Step) -> None:
-    """Removes one step."""
-    raise NotImplementedError(f"{type(self).__name__} cannot delete steps")
-
-  @property
-  def latest_step(self) -> Step | None:
-    """The newest finished step, or None."""
-    return None
-
-  @property
-  def all_steps(self) -> list[Step]:
-    """The finished steps, sorted."""
-    return []
-
-  def reload(self) -> None:
-    """Re-reads the folder (another process may have written)."""
-
-  def item_metadata(self, step: StepSpec = -1) -> Any:
-    """Shapes and dtypes of the saved leaves, read without loading arrays."""
-    raise NotImplementedError(f"{type(self).__name__} has no checkpoints")
-
-  def iter_new_checkpoints(
-      self,
-      *,
-      min_interval_secs: float = 0,
-      timeout: float | None = None,
-      timeout_fn: Callable[[], bool] | None = None,
-  ) -> Iterator[Step]:
-    """Yields each new finished step as it appears."""
-    del min_interval_secs, timeout, timeout_fn
-    yield from ()
-
-  def wait_until_finished(self) -> None:
-    """Blocks until pending async saves are durable; raises any error they hit."""
-
-  def request_preemption(self) -> None:
-    """Asks the run to stop at the next `maybe_save` (see `Checkpointer.request_preemption`)."""
-
-  @property
-  def reached_preemption(self) -> bool:
-    """True once a preemption was saved: the training loop should exit."""
-    return False
-
-  def close(self) -> None:
-    """Finishes pending work and releases resources."""
-
-  def __enter__(self) -> Self:
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
-
-
-# ---------------------------------------------------------------------------
-# Validation of fields
-# ---------------------------------------------------------------------------
-
-
-def _check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> None:
-  if value is None and allow_none:
-    return
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"Checkpointer.{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _as_timedelta(name: str, value: Any) -> datetime.timedelta | None:
-  if value is None:
-    return None
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    value = datetime.timedelta(seconds=value)
-  if not isinstance(value, datetime.timedelta) or value.total_seconds() <= 0:
-    raise ValueError(f"Checkpointer.{name} must be a positive datetime.timedelta (or seconds), got {value!r}")
-  return value
-
-
-_TIMEDELTA_FIELDS = ("keep_time_interval",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Checkpointer(BaseCheckpointer):
+class Checkpointer(base.BaseCheckpointer):
   """Saves, keeps and restores the checkpoints of one run, with Orbax.
 
   Steps live in ``<workdir>/checkpoints/ckpt_<step>/`` (Kauldron's layout).
@@ -232,29 +140,7 @@ class Checkpointer(BaseCheckpointer):
   s3_region: str | None = None
 
   def __post_init__(self):
-    _check_positive_int("save_interval_steps", self.save_interval_steps)
-    _check_positive_int("max_to_keep", self.max_to_keep)
-    _check_positive_int("keep_period", self.keep_period)
-    _check_positive_int("async_timeout_secs", self.async_timeout_secs)
-    object.__setattr__(self, "keep_time_interval", _as_timedelta("keep_time_interval", self.keep_time_interval))
-    if self.save_on_steps is not None:
-      object.__setattr__(self, "save_on_steps", tuple(sorted({_run.check_step(s) for s in self.save_on_steps})))
-    if self.best_mode not in policies.BEST_MODES:
-      raise ValueError(f"Checkpointer.best_mode must be one of {policies.BEST_MODES}, got {self.best_mode!r}")
-    if self.best_metric_path is not None and (not isinstance(self.best_metric_path, str) or not self.best_metric_path):
-      raise ValueError(f"Checkpointer.best_metric_path must be a dotted path like 'eval.loss', got {self.best_metric_path!r}")
-    if self.best_metric_path is not None and self.best_fn is not None:
-      raise ValueError("Checkpointer: give best_metric_path or best_fn, not both")
-    if self.save_interval_secs is not None and (
-        isinstance(self.save_interval_secs, bool) or not isinstance(self.save_interval_secs, (int, float)) or self.save_interval_secs <= 0
-    ):
-      raise ValueError(f"Checkpointer.save_interval_secs must be a positive number, got {self.save_interval_secs!r}")
-    if isinstance(self.barrier_timeout_secs, bool) or not isinstance(self.barrier_timeout_secs, (int, float)) or self.barrier_timeout_secs <= 0:
-      raise ValueError(f"Checkpointer.barrier_timeout_secs must be a positive number, got {self.barrier_timeout_secs!r}")
-    if self.workdir is not None and not isinstance(self.workdir, (str, os.PathLike)):
-      raise ValueError(f"Checkpointer.workdir must be a path, got {type(self.workdir).__name__}: {self.workdir!r}")
-    if not isinstance(self.storage, storage_lib.StorageOptions):
-      raise ValueError(f"Checkpointer.storage must be a kckpt.StorageOptions, got {type(self.storage).__name__}: {self.storage!r}")
+    _config.validate(self)
 
   # -- Construction ---------------------------------------------------------
 
@@ -269,23 +155,7 @@ class Checkpointer(BaseCheckpointer):
     >>> ckpt.keep_time_interval
     datetime.timedelta(seconds=3600)
     """
-    if hasattr(config, "to_dict"):
-      config = config.to_dict()
-    if not isinstance(config, Mapping):
-      raise TypeError(f"Checkpointer.from_config expects a mapping, got {type(config).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-      raise ValueError(f"Checkpointer.from_config: unknown fields {unknown}; the fields are {sorted(known)}")
-    kwargs = dict(config)
-    mp = kwargs.get("multiprocessing_options")
-    if isinstance(mp, Mapping):
-      kwargs["multiprocessing_options"] = _orbax.MultiprocessingOptions(**mp)
-    if isinstance(kwargs.get("storage"), Mapping):
-      kwargs["storage"] = storage_lib.StorageOptions(**kwargs["storage"])
-    if "save_on_steps" in kwargs and kwargs["save_on_steps"] is not None:
-      kwargs["save_on_steps"] = tuple(kwargs["save_on_steps"])
-    return cls(**kwargs)
+    return cls(**_config.constructor_kwargs(cls, config))
 
   @classmethod
   def open(cls, workdir: PathLike, **kwargs: Any) -> Checkpointer:
@@ -297,10 +167,6 @@ class Checkpointer(BaseCheckpointer):
     """
     kwargs.setdefault("save_interval_steps", None)
     return cls(workdir=workdir, create=False, **kwargs)
-
-  def replace(self, **changes: Any) -> Checkpointer:
-    """``dataclasses.replace(self, **changes)``: a new, unopened Checkpointer."""
-    return dataclasses.replace(self, **changes)
 
   # -- Runtime state (never configuration) ------------------------------------
 
@@ -437,14 +303,7 @@ class Checkpointer(BaseCheckpointer):
     return self._should_save(step, time_due=self._time_due(step))
 
   def _time_due(self, step: Step) -> bool:
-    """Whether the `save_interval_secs` rule asks for `step`, on this process's clock."""
-    policy = self.save_policy
-    return (
-        policy.interval_secs is not None
-        and policies.save_reason(policy, step) is None
-        and not (step == 0 and policy.never_save_step_zero)
-        and time.time() - self._rt.last_save_time >= policy.interval_secs
-    )
+    return policies.time_due(self.save_policy, step, since_last_save=time.time() - self._rt.last_save_time)
 
   def _should_save(self, step: Step, *, time_due: bool) -> bool:
     if policies.save_reason(self.save_policy, step) is None and not time_due:
@@ -479,7 +338,7 @@ class Checkpointer(BaseCheckpointer):
     """
     step = _run.check_step(step)
     session = self._session()
-    return session.save(state, step=step, force=force, metrics=self._check_metrics(metrics, step), tag=tag)
+    return session.save(state, step=step, force=force, metrics=policies.check_metrics(metrics, self.retention_policy, what=f"save(step={step})"), tag=tag)
 
   def maybe_save(
       self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
@@ -554,25 +413,6 @@ class Checkpointer(BaseCheckpointer):
     step saved for the preemption is the latest.
     """
     return self._rt.preemption.reached
-
-  def _check_metrics(self, metrics: Metrics | None, step: Step) -> Any:
-    if metrics is None:
-      return None
-    try:
-      json_metrics = policies.to_json_metrics(metrics)
-      if not isinstance(json_metrics, Mapping):
-        raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
-      if self.best_metric_path is not None:
-        policies.as_score(
-            policies.metric_at_path(json_metrics, self.best_metric_path), what=f"metric {self.best_metric_path!r}"
-        )
-      elif self.best_fn is not None:
-        policies.as_score(self.best_fn(json_metrics), what="best_fn(metrics)")
-    except KeyError as e:
-      raise ValueError(f"save(step={step}): {e.args[0]}") from None
-    except ValueError as e:
-      raise ValueError(f"save(step={step}): {e}") from None
-    return json_metrics
 
   def delete(self, step: Step) -> None:
     """Removes one finished step (an error with `create=False`)."""
@@ -660,7 +500,7 @@ class Checkpointer(BaseCheckpointer):
     """
     started = time.perf_counter()
     self.wait_until_finished()
-    resolved = self._agreed_restore_step(step)
+    resolved = _run.agreed_resolution(self._index, step, timeout_secs=self.barrier_timeout_secs)
     if resolved is None:
       if noop_if_missing and step in (-1, "latest"):
         return state
@@ -674,20 +514,6 @@ class Checkpointer(BaseCheckpointer):
     restored = _restore.restore_step(self.directory, step, state, donate=donate, partial=partial, storage=self.storage)
     self._rt.restore_stats = telemetry.restore_stats(step, restored.nbytes, started, self.directory)
     return restored.value
-
-  def _agreed_restore_step(self, step: StepSpec) -> Step | None:
-    """What `step` names on the primary process, on every process (an error there is raised everywhere)."""
-    try:
-      local, error = self._index.resolve(step), None
-    except CheckpointNotFoundError as e:
-      local, error = None, str(e)
-    if multihost.process_count() > 1:
-      local, error = multihost.primary_value(
-          [local, error], timeout_secs=self.barrier_timeout_secs, what=f"restore(step={step!r})"
-      )
-    if error is not None:
-      raise CheckpointNotFoundError(error, available_steps=self._index.finished())
-    return local
 
   # -- Telemetry --------------------------------------------------------------
 
@@ -764,34 +590,3 @@ class Checkpointer(BaseCheckpointer):
         poll_interval_secs=poll_interval_secs,
         only_newest=only_newest,
     )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class NoopCheckpointer(BaseCheckpointer):
-  """A checkpointer that saves nothing: `restore` returns `state`, saves return False.
-
-  >>> NoopCheckpointer().save({"w": 1}, step=1)
-  False
-  """
-
-  def restore(
-      self, state: Any = None, *, step: StepSpec = -1, noop_if_missing: bool = False, donate: bool = True,
-      partial: bool = False,
-  ) -> Any:
-    del step, noop_if_missing, donate, partial
-    return state
-
-  def should_save(self, step: Step) -> bool:
-    return False
-
-  def save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
-  ) -> bool:
-    del state, step, force, metrics, tag
-    return False
-
-  def maybe_save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
-  ) -> bool:
-    del state, step, force, metrics, tag
-    return False

@@ -143,6 +143,22 @@ def save_reason(
   return None
 
 
+def time_due(policy: SavePolicy, step: Step, *, since_last_save: float) -> bool:
+  """Whether the `interval_secs` rule alone asks to save `step`, `since_last_save` seconds after the last save.
+
+  >>> time_due(SavePolicy(interval_steps=100, interval_secs=60), 7, since_last_save=61.0)
+  True
+  >>> time_due(SavePolicy(interval_steps=100, interval_secs=60), 100, since_last_save=61.0)  # saved by the interval
+  False
+  """
+  return (
+      policy.interval_secs is not None
+      and save_reason(policy, step) is None
+      and not (step == 0 and policy.never_save_step_zero)
+      and since_last_save >= policy.interval_secs
+  )
+
+
 # ---------------------------------------------------------------------------
 # What to keep
 # ---------------------------------------------------------------------------
@@ -302,6 +318,29 @@ def policy_from_rules(rules: Mapping[str, Any]) -> RetentionPolicy:
       best_metric_path=rules.get("best_metric_path"),
       best_mode=rules.get("best_mode", "max"),
   )
+
+
+def check_metrics(metrics: Metrics | None, policy: RetentionPolicy, *, what: str) -> Any:
+  """`metrics` as JSON data, checked to hold a score when `policy` ranks by one; ValueError starting with `what`.
+
+  >>> check_metrics({"eval": {"loss": np.float32(0.5)}}, RetentionPolicy(best_metric_path="eval.loss"), what="save")
+  {'eval': {'loss': 0.5}}
+  """
+  if metrics is None:
+    return None
+  try:
+    json_metrics = to_json_metrics(metrics)
+    if not isinstance(json_metrics, Mapping):
+      raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
+    if policy.best_metric_path is not None:
+      as_score(metric_at_path(json_metrics, policy.best_metric_path), what=f"metric {policy.best_metric_path!r}")
+    elif policy.best_fn is not None:
+      as_score(policy.best_fn(json_metrics), what="best_fn(metrics)")
+  except KeyError as e:
+    raise ValueError(f"{what}: {e.args[0]}") from None
+  except ValueError as e:
+    raise ValueError(f"{what}: {e}") from None
+  return json_metrics
 
 
 def best_step(policy: RetentionPolicy, records: Iterable[StepRecord]) -> Step | None:

@@ -5,9 +5,9 @@ import doctest
 import pytest
 
 import kckpt
-from kckpt import _run, checkpointer, inspect, items, markers, partial_loader, policies, telemetry, trees, watch
+from kckpt import _run, base, checkpointer, inspect, items, markers, partial_loader, policies, telemetry, trees, watch
 
-MODULES = [kckpt, _run, checkpointer, inspect, items, markers, partial_loader, policies, telemetry, trees, watch]
+MODULES = [kckpt, _run, base, checkpointer, inspect, items, markers, partial_loader, policies, telemetry, trees, watch]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -15,9 +15,9 @@ A narrow API over Orbax 0.12, in four parts:
 - `install_s3_support`, the one change kckpt makes to Orbax, installed at the
   first ``s3://`` path (never at import).
 
-Every reach into an Orbax or JAX private name is listed in
-`kckpt._orbax.private_reaches` with a check that fails, naming the reach,
-when an upgrade breaks it.
+Every reach into an Orbax or JAX private name is listed in the table of
+`kckpt._orbax._reaches`, with a check (run by the tests) that fails, naming
+the reach, when an upgrade breaks it.
 """
 
 from kckpt._orbax._commit import DurableRenameTemporaryPath

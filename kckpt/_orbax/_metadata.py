@@ -106,7 +106,7 @@ def _leaf_specs_from_zarr_metadata(item_dir: epath.Path) -> dict[str, trees.Leaf
       spec = ts_utils.build_kvstore_tspec(str(item_dir), use_ocdbt=use_ocdbt)
       if not use_ocdbt:  # a plain kvstore: keys are relative to a folder path ending in '/'
         spec = {**spec, "path": spec["path"].rstrip("/") + "/"}
-      kvstore = ts.KvStore.open(spec, context=ts_utils.get_ts_context(use_ocdbt=use_ocdbt)).result()
+      kvstore = ts.KvStore.open(spec, context=ocp.serialization.get_ts_context(use_ocdbt=use_ocdbt)).result()
       suffix = "zarr.json" if use_zarr3 else ".zarray"
       reads = {name: kvstore.read(f"{name}/{suffix}") for name in arrays}
       for name, future in reads.items():

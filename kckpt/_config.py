@@ -1,0 +1,84 @@
+"""Checking a `Checkpointer`'s fields, and building one from a plain config mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from kckpt import _orbax
+from kckpt import _run
+from kckpt import policies
+from kckpt import storage as storage_lib
+
+if TYPE_CHECKING:
+  from kckpt.checkpointer import Checkpointer
+
+
+def _check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> None:
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"Checkpointer.{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_positive_number(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    raise ValueError(f"Checkpointer.{name} must be a positive number, got {value!r}")
+
+
+def _as_timedelta(name: str, value: Any) -> datetime.timedelta | None:
+  if value is None:
+    return None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    value = datetime.timedelta(seconds=value)
+  if not isinstance(value, datetime.timedelta) or value.total_seconds() <= 0:
+    raise ValueError(f"Checkpointer.{name} must be a positive datetime.timedelta (or seconds), got {value!r}")
+  return value
+
+
+def validate(ckpt: Checkpointer) -> None:
+  """Checks every field (ValueError naming it) and normalises a few in place (frozen: via object.__setattr__)."""
+  _check_positive_int("save_interval_steps", ckpt.save_interval_steps)
+  _check_positive_int("max_to_keep", ckpt.max_to_keep)
+  _check_positive_int("keep_period", ckpt.keep_period)
+  _check_positive_int("async_timeout_secs", ckpt.async_timeout_secs)
+  object.__setattr__(ckpt, "keep_time_interval", _as_timedelta("keep_time_interval", ckpt.keep_time_interval))
+  if ckpt.save_on_steps is not None:
+    object.__setattr__(ckpt, "save_on_steps", tuple(sorted({_run.check_step(s) for s in ckpt.save_on_steps})))
+  if ckpt.best_mode not in policies.BEST_MODES:
+    raise ValueError(f"Checkpointer.best_mode must be one of {policies.BEST_MODES}, got {ckpt.best_mode!r}")
+  if ckpt.best_metric_path is not None and (not isinstance(ckpt.best_metric_path, str) or not ckpt.best_metric_path):
+    raise ValueError(f"Checkpointer.best_metric_path must be a dotted path like 'eval.loss', got {ckpt.best_metric_path!r}")
+  if ckpt.best_metric_path is not None and ckpt.best_fn is not None:
+    raise ValueError("Checkpointer: give best_metric_path or best_fn, not both")
+  if ckpt.save_interval_secs is not None:
+    _check_positive_number("save_interval_secs", ckpt.save_interval_secs)
+  _check_positive_number("barrier_timeout_secs", ckpt.barrier_timeout_secs)
+  if ckpt.workdir is not None and not isinstance(ckpt.workdir, (str, os.PathLike)):
+    raise ValueError(f"Checkpointer.workdir must be a path, got {type(ckpt.workdir).__name__}: {ckpt.workdir!r}")
+  if not isinstance(ckpt.storage, storage_lib.StorageOptions):
+    raise ValueError(f"Checkpointer.storage must be a kckpt.StorageOptions, got {type(ckpt.storage).__name__}: {ckpt.storage!r}")
+
+
+def constructor_kwargs(cls: type, config: Mapping[str, Any] | Any) -> dict[str, Any]:
+  """`config` (a mapping or a `ConfigDict`) as keyword arguments of `cls`, nested options built."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise TypeError(f"Checkpointer.from_config expects a mapping, got {type(config).__name__}")
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise ValueError(f"Checkpointer.from_config: unknown fields {unknown}; the fields are {sorted(known)}")
+  kwargs = dict(config)
+  mp = kwargs.get("multiprocessing_options")
+  if isinstance(mp, Mapping):
+    kwargs["multiprocessing_options"] = _orbax.MultiprocessingOptions(**mp)
+  if isinstance(kwargs.get("storage"), Mapping):
+    kwargs["storage"] = storage_lib.StorageOptions(**kwargs["storage"])
+  if "save_on_steps" in kwargs and kwargs["save_on_steps"] is not None:
+    kwargs["save_on_steps"] = tuple(kwargs["save_on_steps"])
+  return kwargs

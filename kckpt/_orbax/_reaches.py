@@ -1,0 +1,108 @@
+"""Every private name of Orbax or JAX that kckpt reaches, and a check of each.
+
+kckpt pins ``orbax-checkpoint>=0.12.8,<0.13`` and ``jax<0.13``; within those
+ranges an upgrade may still move a private name. `check_all()` (run by the test
+suite) imports or inspects each reach and returns one line per broken one,
+naming it, so an upgrade fails loudly in CI instead of at a user's save.
+
+| reach | where | why (public alternative in Orbax 0.12.8?) |
+| --- | --- | --- |
+| ``jax._src.distributed.global_state.client`` | `kckpt.multihost` | the coordination service's key-value store and bounded barriers (none: JAX exports no accessor; Orbax reads the same attribute) |
+| ``orbax.checkpoint._src.serialization.tensorstore_utils._normalize_path`` | `_patches` | keep ``s3://`` in paths (none: Orbax knows only gs://, issue #359) |
+| ``orbax.checkpoint._src.serialization.tensorstore_utils._use_gcs_driver`` | `_patches` | send s3:// to the remote branch of the spec builders (none) |
+| ``orbax.checkpoint._src.path.gcs_utils.get_kvstore_for_gcs`` | `_patches` | return TensorStore's ``s3`` kvstore spec (none) |
+| ``orbax.checkpoint._src.serialization.tensorstore_utils.build_kvstore_tspec`` | `_metadata` | open an item's kvstore to read all Zarr JSONs in one pass (25x faster than `PyTreeCheckpointHandler.metadata`) |
+| ``CheckpointManager._checkpoint_deleter`` | `_writer` | a deleter that renames before removing, so readers never see half a step (none: no option takes a deleter) |
+| ``CheckpointManager._finalize`` | `_writer` | the moment a step is committed, for `last_save_stats` (none: `post_finalization_callback` runs before the commit and gets no step) |
+| ``CheckpointManager._checkpoints`` / ``_load_checkpoint_infos(skip_metadata_read=True)`` | `_writer` | re-list steps after a failed save or before deleting a step another process wrote, without reading every step's metadata (`reload()` reads it all) |
+| ``CheckpointManagerOptions.temporary_path_class`` (public, deprecated since 0.12.3) | `_commit` | fsync every file before the atomic rename (`atomicity_options` can pick only Orbax's own classes) |
+| ``_METADATA`` keys ``tree_metadata``, ``key_metadata``, ``value_metadata.value_type``, ``use_ocdbt``, ``use_zarr3`` | `_metadata` | the fast leaf-spec read (falls back to Orbax's metadata when anything is unexpected) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Reach:
+  """One private name kckpt relies on, and how to check it is still there."""
+
+  name: str
+  check: Callable[[], bool]
+
+
+def _has(module: str, *names: str) -> Callable[[], bool]:
+  def check() -> bool:
+    mod = importlib.import_module(module)
+    return all(callable(getattr(mod, n, None)) for n in names)
+
+  return check
+
+
+def _jax_client() -> bool:
+  distributed = importlib.import_module("jax._src.distributed")
+  return hasattr(getattr(distributed, "global_state", None), "client")
+
+
+def _manager_has(*names: str) -> Callable[[], bool]:
+  def check() -> bool:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    return all(hasattr(ocp.CheckpointManager, n) for n in names if not n.startswith("self.")) and all(
+        n[len("self.") :] in inspect.getsource(ocp.CheckpointManager.__init__) for n in names if n.startswith("self.")
+    )
+
+  return check
+
+
+def _finalize_signature() -> bool:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  return list(inspect.signature(ocp.CheckpointManager._finalize).parameters) == ["self", "step", "steps_to_remove"]  # pylint: disable=protected-access
+
+
+def _load_infos_signature() -> bool:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  params = inspect.signature(ocp.CheckpointManager._load_checkpoint_infos).parameters  # pylint: disable=protected-access
+  return "skip_metadata_read" in params
+
+
+def _temporary_path_class_option() -> bool:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  return "temporary_path_class" in {f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)}
+
+
+_TS_UTILS = "orbax.checkpoint._src.serialization.tensorstore_utils"
+
+REACHES = (
+    Reach("jax._src.distributed.global_state.client", _jax_client),
+    Reach(f"{_TS_UTILS}._normalize_path", _has(_TS_UTILS, "_normalize_path")),
+    Reach(f"{_TS_UTILS}._use_gcs_driver", _has(_TS_UTILS, "_use_gcs_driver")),
+    Reach(f"{_TS_UTILS}.build_kvstore_tspec", _has(_TS_UTILS, "build_kvstore_tspec")),
+    Reach("orbax.checkpoint._src.path.gcs_utils.get_kvstore_for_gcs", _has("orbax.checkpoint._src.path.gcs_utils", "get_kvstore_for_gcs")),
+    Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
+    Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
+    Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),
+    Reach("CheckpointManager._load_checkpoint_infos(skip_metadata_read=)", _load_infos_signature),
+    Reach("CheckpointManagerOptions.temporary_path_class", _temporary_path_class_option),
+)
+
+
+def check_all() -> list[str]:
+  """One line per reach that is gone or changed shape (empty when all hold)."""
+  broken = []
+  for reach in REACHES:
+    try:
+      ok = reach.check()
+    except Exception as e:  # pylint: disable=broad-exception-caught  # an import error is the finding itself
+      broken.append(f"{reach.name}: {type(e).__name__}: {e}")
+      continue
+    if not ok:
+      broken.append(f"{reach.name}: not found (or its signature changed) in this Orbax/JAX")
+  return broken

@@ -1,0 +1,38 @@
+"""Every Orbax/JAX private name kckpt reaches still exists in the installed versions (see kckpt/_orbax/_reaches.py)."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+import kckpt
+from kckpt._orbax import _metadata
+from kckpt._orbax import _reaches
+
+
+def test_every_private_reach_still_exists():
+  broken = _reaches.check_all()
+  assert not broken, "Orbax/JAX private names kckpt relies on changed; update kckpt/_orbax:\n  " + "\n  ".join(broken)
+
+
+def test_the_item_metadata_layout_is_the_one_the_fast_reader_knows(tmp_path):
+  with kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save({"w": np.ones((2, 3), np.float32), "n": 3}, step=1)
+  specs = _metadata._leaf_specs_from_zarr_metadata(tmp_path / "checkpoints" / "ckpt_1" / "default")  # pylint: disable=protected-access
+  assert specs is not None, "Orbax's _METADATA layout changed: the fast leaf-spec reader falls back on every restore"
+  assert specs["w"].shape == (2, 3) and specs["w"].dtype == np.float32
+
+
+def test_import_kckpt_changes_nothing_in_orbax_or_logging():
+  code = (
+      "import logging\n"
+      "from orbax.checkpoint._src.serialization import tensorstore_utils as t\n"
+      "from orbax.checkpoint._src.path import gcs_utils as g\n"
+      "before = (t._normalize_path, t._use_gcs_driver, g.get_kvstore_for_gcs, list(logging.getLogger('absl').filters))\n"
+      "import kckpt, kckpt.checkpointer, kckpt.cli, kckpt._orbax\n"
+      "after = (t._normalize_path, t._use_gcs_driver, g.get_kvstore_for_gcs, list(logging.getLogger('absl').filters))\n"
+      "assert before == after, (before, after)\n"
+      "print('unchanged')\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+  assert out.returncode == 0 and "unchanged" in out.stdout, out.stderr[-2000:]
