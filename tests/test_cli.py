@@ -8,7 +8,6 @@ this process, which is the same code without the 2 s of importing JAX.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pty
 import re
@@ -26,6 +25,8 @@ import pytest
 import kckpt
 from kckpt import cli
 from kckpt import items
+from kckpt.cli import _common
+from kckpt.cli import _format
 from tests.conftest import snapshot
 from tests.helpers import PYTHON, subprocess_env
 
@@ -74,7 +75,9 @@ def run_on_terminal(args, *, answer: str | None = None, prompt: str | None = Non
   status and everything the terminal showed.
   """
   leader, follower = pty.openpty()
-  proc = subprocess.Popen(kckpt_cmd(*args), stdin=follower, stdout=follower, stderr=follower, env=subprocess_env(), close_fds=True)
+  proc = subprocess.Popen(
+    kckpt_cmd(*args), stdin=follower, stdout=follower, stderr=follower, env=subprocess_env(), close_fds=True
+  )
   os.close(follower)
   shown = b""
   deadline = time.monotonic() + TIMEOUT
@@ -109,8 +112,8 @@ def run_on_terminal(args, *, answer: str | None = None, prompt: str | None = Non
 def base_params():
   rng = np.random.default_rng(0)
   return {
-      "dense": {"w": rng.normal(size=(64, 32)).astype(np.float32), "b": np.zeros(32, np.float32)},
-      "emb": rng.normal(size=(100, 16)).astype(np.float32),
+    "dense": {"w": rng.normal(size=(64, 32)).astype(np.float32), "b": np.zeros(32, np.float32)},
+    "emb": rng.normal(size=(100, 16)).astype(np.float32),
   }
 
 
@@ -130,9 +133,9 @@ def composite_run(tmp_path_factory):
   with kckpt.Checkpointer(workdir=workdir, save_interval_steps=100, max_to_keep=None, async_save=False) as ckpt:
     for i, step in enumerate(STEPS):
       state = items.Composite(
-          params=params_at(i),
-          opt_state={"mu": np.zeros((64, 32), np.float32), "count": np.int32(step)},
-          meta=items.Json({"epoch": i}),
+        params=params_at(i),
+        opt_state={"mu": np.zeros((64, 32), np.float32), "count": np.int32(step)},
+        meta=items.Json({"epoch": i}),
       )
       ckpt.save(state, step=step, metrics={"eval": {"loss": LOSSES[i]}, "lr": 0.001})
   crashed = workdir / "checkpoints" / "ckpt_500.orbax-checkpoint-tmp"
@@ -144,9 +147,9 @@ def composite_run(tmp_path_factory):
 def train_state(step, scale=1.0):
   rng = np.random.default_rng(step)
   return {
-      "params": {"w": (scale * rng.normal(size=(64, 64))).astype(np.float32), "b": np.zeros(64, np.float32)},
-      "opt_state": {"mu": rng.normal(size=(64, 64)).astype(np.float32)},
-      "step": np.int32(step),
+    "params": {"w": (scale * rng.normal(size=(64, 64))).astype(np.float32), "b": np.zeros(64, np.float32)},
+    "opt_state": {"mu": rng.normal(size=(64, 64)).astype(np.float32)},
+    "step": np.int32(step),
   }
 
 
@@ -170,31 +173,39 @@ def copy_run(workdir, tmp_path) -> Path:
 
 
 def test_human_bytes_and_durations():
-  assert [cli.human_bytes(n) for n in (None, 0, 1023, 1536, 10 * 2**20, 3 * 2**40)] == [
-      "-", "0 B", "1023 B", "1.5 KiB", "10.0 MiB", "3.0 TiB"
+  assert [_format.human_bytes(n) for n in (None, 0, 1023, 1536, 10 * 2**20, 3 * 2**40)] == [
+    "-",
+    "0 B",
+    "1023 B",
+    "1.5 KiB",
+    "10.0 MiB",
+    "3.0 TiB",
   ]
-  assert [cli.parse_duration(t) for t in ("90", "1.5", "30m", "2h", "1d")] == [90, 1.5, 1800, 7200, 86400]
+  assert [_common.parse_duration(t) for t in ("90", "1.5", "30m", "2h", "1d")] == [90, 1.5, 1800, 7200, 86400]
   with pytest.raises(Exception, match="duration"):
-    cli.parse_duration("soon")
+    _common.parse_duration("soon")
 
 
-def test_compare_values_reports_max_abs_and_relative_difference():
-  a = np.array([1.0, -4.0, 2.0, np.nan], np.float32)
-  b = np.array([1.5, -4.0, 2.0, np.nan], np.float32)
-  assert cli.compare_values(a, b) == (True, 0.5, 0.5 / 4.0)  # NaN in both places is equal
-  assert cli.compare_values(a, a.copy()) == (False, 0.0, 0.0)
-  changed, max_abs, _ = cli.compare_values(np.array([1.0, 2.0]), np.array([1.0, np.nan]))
-  assert changed and math.isnan(max_abs)
-  assert cli.compare_values(np.int32(100), np.int32(400)) == (True, 300.0, 3.0)
-  assert cli.compare_values("a", "b") == (True, None, None)
-  assert cli.compare_values(np.zeros(3), np.zeros(4)) == (True, None, None)
-
-
-def test_leaf_batches_bound_the_bytes_read_at_once():
-  leaf = lambda path, n: kckpt._orbax.SavedLeaf(path, "array", (n,), np.dtype(np.uint8))  # pylint: disable=protected-access
-  leaves = [leaf("a", 40), leaf("b", 40), leaf("c", 40), leaf("big", 500), leaf("d", 10)]
-  batches = [[x.path for x in batch] for batch in cli.leaf_batches(leaves, max_bytes=100)]
-  assert batches == [["a", "b"], ["c"], ["big"], ["d"]]
+def test_step_arguments_take_what_restore_takes(tmp_path):
+  assert [_common.parse_step_arg(t) for t in ("10", "0", "-1", "latest", "best", "my-tag")] == [
+    10,
+    0,
+    -1,
+    "latest",
+    "best",
+    "my-tag",
+  ]
+  with pytest.raises(Exception, match="a step is"):
+    _common.parse_step_arg("-2")
+  assert _common.split_run_at_step("/tmp/run@10") == ("/tmp/run", 10)
+  assert _common.split_run_at_step("/tmp/run@best") == ("/tmp/run", "best")
+  assert _common.split_run_at_step("/tmp/run@-1") == ("/tmp/run", -1)
+  assert _common.split_run_at_step("/tmp/a@b/run@my-tag") == ("/tmp/a@b/run", "my-tag")  # the last '@'
+  assert _common.split_run_at_step("/tmp/a@b/run") == ("/tmp/a@b/run", None)
+  assert _common.split_run_at_step("@20", "/tmp/run@10") == ("/tmp/run", 20)
+  assert _common.split_run_at_step("@latest", "/tmp/run") == ("/tmp/run", "latest")
+  (tmp_path / "run@v2").mkdir()  # a folder whose name holds an '@' stays a path
+  assert _common.split_run_at_step(str(tmp_path / "run@v2")) == (str(tmp_path / "run@v2"), None)
 
 
 # -- ls ------------------------------------------------------------------------
@@ -225,6 +236,7 @@ def test_ls_json_and_a_step_folder(composite_run, capsys):
   assert [s["step"] for s in report["steps"]] == list(STEPS)
   assert report["unfinished"] == ["ckpt_500.orbax-checkpoint-tmp"]
   assert report["retention"]["max_to_keep"] is None and not report["retention_from_flags"]  # recorded by the writer
+  assert report["retention"]["best_metric_path"] is None and report["retention"]["best_mode"] == "max"
   first = report["steps"][0]
   assert first["metrics"] == {"eval.loss": 0.9, "lr": 0.001}
   assert first["items"] == ["meta", "opt_state", "params"]
@@ -250,7 +262,8 @@ def test_tree_lists_paths_shapes_dtypes_and_bytes_from_metadata(composite_run):
   assert rows["opt_state/count"][1:] == ["()", "int32", "4", "B"]
   assert rows["meta/<json>"][1:3] == ["-", "json"]
   total_bytes = 64 * 32 * 4 + 32 * 4 + 100 * 16 * 4 + 64 * 32 * 4 + 4
-  assert lines[-1].startswith(f"total: 5 leaves, {cli.human_bytes(total_bytes)} in memory, ")
+  assert total_bytes == 22916
+  assert lines[-1].startswith("total: 5 leaves, 22.4 KiB in memory, ")
 
 
 def test_tree_json_of_one_item(composite_run, capsys):
@@ -320,10 +333,76 @@ def test_diff_and_verify_read_a_bounded_batch_of_leaves_at_a_time(composite_run,
     return original_read(reader, paths)
 
   monkeypatch.setattr(kckpt._orbax.LeafReader, "read", recording_read)  # pylint: disable=protected-access
-  monkeypatch.setattr(cli, "LEAF_BATCH_BYTES", 8192)  # one 64x32 float32 array
+  # The one batch limit (restores use it too), read at each call: one 64x32 float32 array.
+  monkeypatch.setattr(kckpt._orbax, "RESTORE_BATCH_BYTES", 8192)  # pylint: disable=protected-access
   assert call_cli(capsys, "diff", f"{composite_run}@100", "@400")[0] == cli.EXIT_FOUND
   assert call_cli(capsys, "verify", composite_run, "--step", 100)[0] == 0
   assert len(reads) >= 2 * 4 + 3 and max(reads) <= 8192
+
+
+# -- Step names: best, latest, tags -------------------------------------------
+
+
+RANKED_LOSSES = {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.6}  # the best (min) is step 2
+
+
+@pytest.fixture(scope="module")
+def ranked_run(tmp_path_factory):
+  """Steps 1..4 ranked by eval.loss (min) by their writer, step 3 tagged ``warm-restart``; under a path with an '@'."""
+  workdir = tmp_path_factory.mktemp("names") / "team@lab" / "run"
+  with kckpt.Checkpointer(
+    workdir=workdir, save_interval_steps=1, max_to_keep=None, best_metric_path="eval.loss", best_mode="min", async_save=False
+  ) as ckpt:
+    for step, loss in RANKED_LOSSES.items():
+      state = items.Composite(params={"w": np.full((4, 4), step, np.float32)}, meta=items.Json({"step": step}))
+      ckpt.save(state, step=step, metrics={"eval": {"loss": loss}}, tag="warm-restart" if step == 3 else None)
+  return workdir
+
+
+def test_tree_step_best_and_a_tag(ranked_run, capsys):
+  status, out, err = call_cli(capsys, "tree", ranked_run, "--step", "best")
+  assert status == 0, err
+  assert out.splitlines()[0] == f"step 2 of {ranked_run / 'checkpoints'}"  # ranked by the writer's recorded rules
+  status, out, err = call_cli(capsys, "tree", ranked_run, "--step", "warm-restart", "--json")
+  assert status == 0, err
+  assert json.loads(out)["step"] == 3
+  for latest in ("latest", "-1"):
+    status, out, _ = call_cli(capsys, "tree", ranked_run, "--step", latest, "--json")
+    assert json.loads(out)["step"] == 4
+  # A step folder and a name for the same step agree; a name for another step is an error.
+  status, out, _ = call_cli(capsys, "tree", ranked_run / "checkpoints" / "ckpt_2", "--step", "best", "--json")
+  assert status == 0 and json.loads(out)["step"] == 2
+  status, _, err = call_cli(capsys, "tree", ranked_run / "checkpoints" / "ckpt_2", "--step", "warm-restart")
+  assert_one_line_error(status, err, "is step 2, but --step warm-restart (step 3) was asked for")
+
+
+def test_unknown_tags_and_bad_step_names_are_one_line_errors(ranked_run, capsys):
+  status, _, err = call_cli(capsys, "tree", ranked_run, "--step", "nope")
+  assert_one_line_error(status, err, "has the tag 'nope'", "[1, 2, 3, 4]")
+  status, _, err = call_cli(capsys, "diff", f"{ranked_run}@nope", "@best")
+  assert_one_line_error(status, err, "has the tag 'nope'")
+  status, _, err = call_cli(capsys, "verify", ranked_run, "--step", "-3")
+  assert status == cli.EXIT_ERROR and "a step is a number >= 0, -1, 'latest', 'best' or a tag" in err
+
+
+def test_diff_best_against_latest(ranked_run):
+  result = run_cli("diff", f"{ranked_run}@best", f"{ranked_run}@latest", "--json")
+  assert result.returncode == cli.EXIT_FOUND, result.stderr
+  report = json.loads(result.stdout)
+  assert (report["a"]["step"], report["b"]["step"]) == (2, 4)
+  changed = {c["leaf"]: c for c in report["changed"]}
+  assert sorted(changed) == ["meta/<json>", "params/w"]
+  assert changed["params/w"]["max_abs_diff"] == 2.0 and changed["params/w"]["max_rel_diff"] == 1.0
+
+
+def test_steps_by_name_in_verify_export_and_diff_shorthand(ranked_run, tmp_path, capsys):
+  status, out, _ = call_cli(capsys, "verify", ranked_run, "--step", "warm-restart")
+  assert status == 0 and out.splitlines()[0].startswith("step 3: ok")
+  status, out, _ = call_cli(capsys, "diff", f"{ranked_run}@warm-restart", "@3")
+  assert status == 0 and out.splitlines()[-1] == "0 changed, 0 only in A, 0 only in B, 2 identical"
+  status, out, err = call_cli(capsys, "export", ranked_run, tmp_path / "best", "--step", "best", "--items", "params")
+  assert status == 0, err
+  assert out.splitlines()[-1] == f"wrote step 2 to {tmp_path / 'best' / 'checkpoints' / 'ckpt_2'}"
 
 
 # -- verify --------------------------------------------------------------------
@@ -335,9 +414,9 @@ def test_verify_reads_every_step_and_is_quiet_when_piped(composite_run):
   assert result.returncode == 0, result.stdout + result.stderr
   assert result.stderr == ""  # no progress line: stderr is not a terminal
   lines = result.stdout.splitlines()
-  step_bytes = 2 * 64 * 32 * 4 + 32 * 4 + 100 * 16 * 4 + 4  # w, mu, b, emb, count
-  assert lines[:4] == [f"step {s}: ok (4 items, 5 leaves, {cli.human_bytes(step_bytes)})" for s in STEPS]
-  assert lines[-1] == f"OK: 4 steps, 20 leaves, {cli.human_bytes(4 * step_bytes)} read"
+  assert 2 * 64 * 32 * 4 + 32 * 4 + 100 * 16 * 4 + 4 == 22916  # w, mu, b, emb, count: 22.4 KiB a step
+  assert lines[:4] == [f"step {s}: ok (4 items, 5 leaves, 22.4 KiB)" for s in STEPS]
+  assert lines[-1] == "OK: 4 steps, 20 leaves, 89.5 KiB read"
   assert snapshot(composite_run) == before  # read-only
 
 
@@ -396,9 +475,7 @@ def test_gc_dry_run_deletes_nothing_and_explains_each_step(composite_run, capsys
   assert status == 0
   report = json.loads(out)
   decisions = {d["step"]: (d["keep"], d["reasons"]) for d in report["decisions"]}
-  assert decisions == {
-      100: (False, []), 200: (True, ["period"]), 300: (False, []), 400: (True, ["newest", "latest", "period"])
-  }
+  assert decisions == {100: (False, []), 200: (True, ["period"]), 300: (False, []), 400: (True, ["newest", "latest", "period"])}
   assert report["to_delete"] == [100, 300] and report["deleted"] == [] and report["bytes_to_free"] > 0
   assert snapshot(composite_run) == before
   # Without flags: the rules the run's writer recorded (here max_to_keep=None: keep all).
@@ -439,7 +516,9 @@ def test_gc_deletes_with_yes_and_refuses_without_a_terminal(composite_run, tmp_p
   assert ckpt.all_steps == [200, 400]  # best (0.5) and newest
   names = sorted(p.name for p in (run / "checkpoints").iterdir())
   assert names == ["RETENTION.json", "ckpt_200", "ckpt_400", "ckpt_500.orbax-checkpoint-tmp"]  # nothing left half-deleted
-  np.testing.assert_array_equal(ckpt.restore(items.Composite(params=None), step=200).params["dense"]["w"], params_at(1)["dense"]["w"])
+  np.testing.assert_array_equal(
+    ckpt.restore(items.Composite(params=None), step=200).params["dense"]["w"], params_at(1)["dense"]["w"]
+  )
 
 
 def test_gc_asks_on_a_terminal(composite_run, tmp_path):
@@ -458,8 +537,11 @@ def test_watch_prints_each_new_step_until_the_trainer_finishes(tmp_path):
   trainer = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
   trainer.save({"w": np.zeros(3)}, step=1, metrics={"loss": 1.0})
   proc = subprocess.Popen(
-      kckpt_cmd("watch", workdir, "--json", "--until-finished", "--timeout", 60, "--interval", 0.1),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+    kckpt_cmd("watch", workdir, "--json", "--until-finished", "--timeout", 60, "--interval", 0.1),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=subprocess_env(),
   )
   try:
     ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
@@ -546,9 +628,9 @@ def test_errors_are_one_line_for_a_missing_workdir_and_a_missing_step(composite_
 @pytest.mark.parametrize("command", ["ls", "tree", "diff", "verify", "gc", "watch", "export"])
 def test_every_command_fails_in_one_line_on_a_bad_path(command, tmp_path, capsys):
   args = {
-      "diff": [tmp_path / "nowhere", tmp_path / "nowhere"],
-      "gc": [tmp_path / "nowhere", "--max-to-keep", "1"],
-      "export": [tmp_path / "nowhere", tmp_path / "out", "--items", "params"],
+    "diff": [tmp_path / "nowhere", tmp_path / "nowhere"],
+    "gc": [tmp_path / "nowhere", "--max-to-keep", "1"],
+    "export": [tmp_path / "nowhere", tmp_path / "out", "--items", "params"],
   }.get(command, [tmp_path / "nowhere"])
   status, out, err = call_cli(capsys, command, *args)
   assert_one_line_error(status, err, f"kckpt {command}: error: no such folder")
@@ -560,8 +642,11 @@ def test_every_command_fails_in_one_line_on_a_bad_path(command, tmp_path, capsys
 
 
 def test_missing_steps_are_one_line_errors(composite_run, capsys):
-  for args in (["tree", composite_run, "--step", 7], ["verify", composite_run, "--step", 7],
-               ["export", composite_run, composite_run.parent / "never", "--step", 7, "--items", "params"]):
+  for args in (
+    ["tree", composite_run, "--step", 7],
+    ["verify", composite_run, "--step", 7],
+    ["export", composite_run, composite_run.parent / "never", "--step", 7, "--items", "params"],
+  ):
     status, _, err = call_cli(capsys, *args)
     assert_one_line_error(status, err, "step 7 is not in")
   assert not (composite_run.parent / "never").exists()
@@ -581,10 +666,15 @@ def test_help_has_an_example_for_every_command(capsys):
 
 def test_read_only_commands_change_nothing(composite_run, tmp_path, capsys):
   before = snapshot(composite_run)
-  for args in (["ls", composite_run], ["tree", composite_run], ["diff", f"{composite_run}@100", "@200"],
-               ["verify", composite_run, "--step", 100], ["gc", composite_run, "--max-to-keep", 1, "--dry-run"],
-               ["watch", composite_run, "--timeout", 0.1, "--interval", 0.05],
-               ["export", composite_run, tmp_path / "w", "--items", "params"]):
+  for args in (
+    ["ls", composite_run],
+    ["tree", composite_run],
+    ["diff", f"{composite_run}@100", "@200"],
+    ["verify", composite_run, "--step", 100],
+    ["gc", composite_run, "--max-to-keep", 1, "--dry-run"],
+    ["watch", composite_run, "--timeout", 0.1, "--interval", 0.05],
+    ["export", composite_run, tmp_path / "w", "--items", "params"],
+  ):
     status, _, err = call_cli(capsys, *args)
     assert status in (0, cli.EXIT_FOUND), (args, err)
   assert snapshot(composite_run) == before
@@ -593,6 +683,8 @@ def test_read_only_commands_change_nothing(composite_run, tmp_path, capsys):
 def test_installed_console_script(composite_run):
   script = shutil.which("kckpt", path=str(Path(sys.executable).parent))
   assert script, f"no `kckpt` console script next to {sys.executable}: reinstall the package (pip install -e .)"
-  result = subprocess.run([script, "ls", composite_run, "--json"], capture_output=True, text=True, timeout=TIMEOUT, env=subprocess_env())
+  result = subprocess.run(
+    [script, "ls", composite_run, "--json"], capture_output=True, text=True, timeout=TIMEOUT, env=subprocess_env()
+  )
   assert result.returncode == 0, result.stderr
   assert [s["step"] for s in json.loads(result.stdout)["steps"]] == list(STEPS)

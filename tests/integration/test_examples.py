@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import subprocess_env
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 TIMEOUT = 120  # seconds, for any one subprocess
 
 # A small run: 6 checkpoints, a few seconds of training.
