@@ -60,10 +60,5 @@ def _metrics_text(details: _run.StepDetails) -> str:
 def run_summary(index: _run.RunIndex, *, max_rows: int) -> RunSummary:
   """One fresh listing and the details of the newest `max_rows` steps (those deleted meanwhile are left out)."""
   listing = index.listing(fresh=True)
-  newest = []
-  for step in listing.finished[-max_rows:][::-1]:
-    try:
-      newest.append(_run.read_step_details(index.checkpoints, step))
-    except FileNotFoundError:
-      continue
+  newest = inspect_lib.read_details(index.checkpoints, listing.finished[-max_rows:][::-1])
   return RunSummary(directory=str(index.checkpoints), listing=listing, newest=tuple(newest))

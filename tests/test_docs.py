@@ -6,8 +6,9 @@ import pytest
 
 import kckpt
 from kckpt import _run, base, checkpointer, inspect, items, markers, partial_loader, policies, telemetry, trees, watch
+from kckpt.inspect import _common, _diff, _rows, _verify
 
-MODULES = [kckpt, _run, base, checkpointer, inspect, items, markers, partial_loader, policies, telemetry, trees, watch]
+MODULES = [kckpt, _run, base, checkpointer, inspect, _common, _diff, _rows, _verify, items, markers, partial_loader, policies, telemetry, trees, watch]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

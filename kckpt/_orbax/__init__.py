@@ -23,6 +23,7 @@ the reach, when an upgrade breaks it.
 from kckpt._orbax._commit import DurableRenameTemporaryPath
 from kckpt._orbax._format import (
     COMMIT_MARKER,
+    METRICS_ITEM,
     STEP_METADATA_FILE,
     TMP_MARKER,
     ItemFormat,
@@ -61,6 +62,7 @@ __all__ = [
     "ItemRead",
     "ItemWrite",
     "LeafReader",
+    "METRICS_ITEM",
     "MultiprocessingOptions",
     "RESTORE_BATCH_BYTES",
     "STEP_METADATA_FILE",

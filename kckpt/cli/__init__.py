@@ -1,0 +1,140 @@
+"""The `kckpt` command: see, compare, check and clean checkpoints from a shell.
+
+::
+
+  kckpt ls RUN                      steps, times, sizes, items, metrics, why each stays
+  kckpt tree RUN [--step STEP]      the saved tree: path, shape, dtype, bytes (metadata only)
+  kckpt diff A B                    leaves only in A / only in B, shape and value changes
+  kckpt verify RUN [--step STEP]    read every array; check shapes and dtypes
+  kckpt gc RUN --max-to-keep N ...  delete what the retention rules would not keep
+  kckpt watch RUN                   print each new finished step as it appears
+  kckpt export RUN --items params OUT   a weights-only checkpoint
+
+RUN is a workdir, its ``checkpoints/`` folder, or one ``ckpt_<step>`` folder;
+STEP is what ``restore(step=...)`` takes: a number, -1 or ``latest``, ``best``
+or a tag. Every command is read-only except ``gc`` (deletes) and ``export``
+(writes OUT). Tables by default, ``--json`` for scripts. Errors are one line
+on stderr and exit 2; ``verify`` exits 1 when it finds a problem, ``diff``
+when A and B differ (as ``diff(1)`` does).
+
+This package only parses arguments and renders: one module per command, the
+reading itself in `kckpt.inspect`. Built on `argparse`: the standard library
+covers sub-commands, help with examples and typed flags, and adds no
+dependency to a library that training jobs install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kckpt import inspect
+from kckpt.cli import diff
+from kckpt.cli import export
+from kckpt.cli import gc
+from kckpt.cli import ls
+from kckpt.cli import tree
+from kckpt.cli import verify
+from kckpt.cli import watch
+from kckpt.cli._common import EXIT_ERROR
+from kckpt.cli._common import EXIT_FOUND
+from kckpt.cli._common import EXIT_INTERRUPTED
+from kckpt.cli._common import EXIT_OK
+from kckpt.cli._common import PROG
+from kckpt.cli._common import RUN_HELP
+from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, CliError, StepAlreadyExistsError
+
+__all__ = ["EXIT_ERROR", "EXIT_FOUND", "EXIT_INTERRUPTED", "EXIT_OK", "PROG", "build_parser", "main"]
+
+# Each command module has SUMMARY, EPILOG, add_arguments(parser) and run(args) -> exit status.
+COMMANDS = {"ls": ls, "tree": tree, "diff": diff, "verify": verify, "gc": gc, "watch": watch, "export": export}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `kckpt` argument parser: one sub-command per module of `COMMANDS`."""
+  parser = argparse.ArgumentParser(
+    prog=PROG,
+    description="See, compare, check and clean kckpt / Orbax checkpoints from a shell.",
+    epilog="RUN is " + RUN_HELP + ".\nRun 'kckpt COMMAND --help' for a command's flags and examples.\n\n"
+    "examples:\n  kckpt ls /tmp/run\n  kckpt tree /tmp/run --step 1000\n  kckpt verify /tmp/run",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  for name, module in COMMANDS.items():
+    sub = commands.add_parser(
+      name,
+      help=module.SUMMARY,
+      description=module.SUMMARY,
+      epilog=module.EPILOG,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.set_defaults(func=module.run)
+    sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    module.add_arguments(sub)
+  return parser
+
+
+def _quiet_libraries() -> None:
+  """Keeps Orbax's and absl's log lines out of the command's output."""
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  logging.getLogger("kckpt").setLevel(logging.WARNING)
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    jax.config.update("jax_platforms", "cpu")  # the command never needs an accelerator
+  except Exception:  # pylint: disable=broad-exception-caught
+    pass  # a backend is already up (main() called from Python): use it
+
+
+def _drop_closed_loop_noise(unraisable: Any) -> None:
+  """Drops a harmless traceback that Python would print after a failed read.
+
+  Orbax 0.12 runs each read on a fresh asyncio loop and closes it; when one
+  array fails to read (a corrupted file for `verify`), TensorStore's callbacks
+  for the other arrays land on the closed loop.
+  """
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the `kckpt` command; returns its exit status."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  _quiet_libraries()
+  # Left installed: the callbacks may come late, even while the process exits.
+  sys.unraisablehook = _drop_closed_loop_noise
+  try:
+    return args.func(args)
+  except (CliError, CheckpointNotFoundError, CheckpointReadError, StepAlreadyExistsError) as e:
+    _print_error(args.command, str(e))
+  except KeyboardInterrupt:
+    return EXIT_INTERRUPTED
+  except BrokenPipeError:
+    _silence_stdout()
+    return EXIT_OK
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if os.environ.get("KCKPT_DEBUG"):
+      raise
+    _print_error(args.command, inspect.short_error(e) + " (KCKPT_DEBUG=1 shows the traceback)")
+  return EXIT_ERROR
+
+
+def _print_error(command: str, message: str) -> None:
+  print(f"{PROG} {command}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+  # Output piped into `head`: the reader left; exit quietly, without a second error at shutdown.
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+  sys.exit(main())

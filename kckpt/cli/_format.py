@@ -1,0 +1,122 @@
+"""What the `kckpt` command prints: sizes, numbers, tables, JSON and the progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+import numpy as np
+from etils import epath
+
+
+def human_bytes(n: int | None) -> str:
+  """``1536 -> '1.5 KiB'``; None -> ``'-'``."""
+  if n is None:
+    return "-"
+  if n < 1024:
+    return f"{n} B"
+  value = float(n)
+  for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+    value /= 1024
+    if value < 1024 or unit == "PiB":
+      return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+  raise AssertionError("unreachable")
+
+
+def format_number(value: Any) -> str:
+  """A metric value in a table: floats with 4 significant digits."""
+  if isinstance(value, bool) or value is None:
+    return str(value)
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def plural(n: int, word: str) -> str:
+  """``plural(1, "step") == "1 step"``, ``plural(2, "step") == "2 steps"``."""
+  return f"{n} {word}{'s' * (n != 1)}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: frozenset[int] = frozenset()) -> str:
+  """Columns padded to their widest cell; columns in `right` are right-aligned."""
+  widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+  def line(cells: Sequence[str]) -> str:
+    parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+    return "  ".join(parts).rstrip()
+
+  return "\n".join([line(headers)] + [line(r) for r in rows])
+
+
+def print_json(value: Any, out: TextIO | None = None, *, indent: int | None = 2) -> None:
+  """Strict JSON (NaN and infinities become the strings "nan", "inf", "-inf"); `indent=None`: one line."""
+  out = out if out is not None else sys.stdout
+  json.dump(_jsonable(value), out, indent=indent, default=_json_default, allow_nan=False)
+  out.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, Mapping):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (epath.Path, os.PathLike)):
+    return os.fspath(value)
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def is_terminal(stream: Any) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
+class Progress:
+  """One status line on stderr, rewritten in place; only when stderr is a terminal.
+
+  Piped or redirected output stays clean: nothing is written at all.
+  """
+
+  def __init__(self, stream: TextIO | None = None, *, min_interval_secs: float = 0.1):
+    self._stream = stream if stream is not None else sys.stderr
+    self.enabled = is_terminal(self._stream)
+    self._min_interval = min_interval_secs
+    self._last = 0.0
+    self._shown = False
+
+  def update(self, text: str, *, force: bool = False) -> None:
+    if not self.enabled:
+      return
+    now = time.monotonic()
+    if not force and now - self._last < self._min_interval:
+      return
+    self._last = now
+    self._stream.write("\r\x1b[K" + text)
+    self._stream.flush()
+    self._shown = True
+
+  def clear(self) -> None:
+    if self.enabled and self._shown:
+      self._stream.write("\r\x1b[K")
+      self._stream.flush()
+      self._shown = False
+
+  def callback(self, prefix: str = "") -> Callable[[str], None] | None:
+    """A `progress` argument for `kckpt.inspect` that shows its lines after `prefix` (None when disabled)."""
+    if not self.enabled:
+      return None
+    return lambda text: self.update(prefix + text)
