@@ -90,11 +90,13 @@ def main(argv=None) -> dict:
       shutil.rmtree(workdir)
   finally:
     shutil.rmtree(root, ignore_errors=True)
-  print(f"{'steps':>7} | {'kckpt open':>11} {'reload':>8} | {'orbax open':>11} {'reload':>8} | {'orbax/kckpt open':>16} {'reload':>8}")
+  print(
+    f"{'steps':>7} | {'kckpt open':>11} {'reload':>8} | {'orbax open':>11} {'reload':>8} | {'orbax/kckpt open':>16} {'reload':>8}"
+  )
   for r in results:
     print(
-        f"{r['steps']:>7} | {r['kckpt_open_ms']:>9.2f}ms {r['kckpt_reload_ms']:>6.2f}ms | "
-        f"{r['orbax_open_ms']:>9.2f}ms {r['orbax_reload_ms']:>6.2f}ms | {r['open_ratio']:>15.1f}x {r['reload_ratio']:>7.1f}x"
+      f"{r['steps']:>7} | {r['kckpt_open_ms']:>9.2f}ms {r['kckpt_reload_ms']:>6.2f}ms | "
+      f"{r['orbax_open_ms']:>9.2f}ms {r['orbax_reload_ms']:>6.2f}ms | {r['open_ratio']:>15.1f}x {r['reload_ratio']:>7.1f}x"
     )
   report = {"benchmark": "listing", "median_of": args.repeats, "cpu_count": os.cpu_count(), "results": results}
   if args.json:

@@ -64,8 +64,8 @@ def worker(args: argparse.Namespace) -> None:
 
   ckpt = kckpt.Checkpointer(workdir=root / "kckpt", save_interval_steps=1, max_to_keep=None, handle_sigterm=False)
   manager = ocp.CheckpointManager(
-      root / "orbax" / "checkpoints",
-      options=ocp.CheckpointManagerOptions(step_prefix="ckpt", max_to_keep=None, enable_async_checkpointing=True),
+    root / "orbax" / "checkpoints",
+    options=ocp.CheckpointManagerOptions(step_prefix="ckpt", max_to_keep=None, enable_async_checkpointing=True),
   )
 
   def kckpt_save(step):
@@ -82,7 +82,8 @@ def worker(args: argparse.Namespace) -> None:
   def orbax_restore(step):
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     restored = manager.restore(
-        step, args=ocp.args.Composite(default=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)))
+      step, args=ocp.args.Composite(default=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+    )
     return restored["default"]
 
   impls = {"kckpt": (kckpt_save, kckpt_restore), "orbax": (orbax_save, orbax_restore)}
@@ -133,21 +134,40 @@ def _free_port() -> int:
 def run_cluster(num_processes: int, args: argparse.Namespace, root: Path) -> dict:
   """Runs one cluster of `num_processes` workers; returns the primary's measurements."""
   devices_per_process = args.devices // num_processes
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+  }
   coordinator = f"127.0.0.1:{_free_port()}"
   logs = [root / f"p{i}.log" for i in range(num_processes)]
   procs = []
   for i in range(num_processes):
-    cmd = [sys.executable, "-m", "benchmarks.multihost", "--worker", "--root", str(root),
-           "--megabytes", str(args.megabytes), "--repeats", str(args.repeats), "--coordinator", coordinator,
-           "--num-processes", str(num_processes), "--process-id", str(i)]
+    cmd = [
+      sys.executable,
+      "-m",
+      "benchmarks.multihost",
+      "--worker",
+      "--root",
+      str(root),
+      "--megabytes",
+      str(args.megabytes),
+      "--repeats",
+      str(args.repeats),
+      "--coordinator",
+      coordinator,
+      "--num-processes",
+      str(num_processes),
+      "--process-id",
+      str(i),
+    ]
     with open(logs[i], "w") as log:
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   deadline = time.monotonic() + args.timeout
   try:
-    for i, p in enumerate(procs):
+    for p in procs:
       p.wait(timeout=max(0.1, deadline - time.monotonic()))
   finally:
     for p in procs:
@@ -157,8 +177,8 @@ def run_cluster(num_processes: int, args: argparse.Namespace, root: Path) -> dic
   for i, p in enumerate(procs):
     if p.returncode != 0:
       raise RuntimeError(f"process {i} of {num_processes} exited with {p.returncode}:\n{logs[i].read_text()[-6000:]}")
-  lines = [l for l in logs[0].read_text().splitlines() if l.startswith(RESULT_PREFIX)]
-  return json.loads(lines[-1][len(RESULT_PREFIX):])
+  lines = [line for line in logs[0].read_text().splitlines() if line.startswith(RESULT_PREFIX)]
+  return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def main(argv=None) -> dict:
@@ -199,15 +219,22 @@ def main(argv=None) -> dict:
 
   mb = results[0]["megabytes"] if results else 0
   print(f"{mb:.0f} MB in {NUM_ARRAYS} arrays over {args.devices} CPU devices; median of {args.repeats}; {os.cpu_count()} cores")
-  print(f"{'processes':>9} | {'kckpt save':>10} {'restore':>8} | {'orbax save':>10} {'restore':>8} | "
-        f"{'kckpt/orbax save':>16} {'restore':>8}")
+  print(
+    f"{'processes':>9} | {'kckpt save':>10} {'restore':>8} | {'orbax save':>10} {'restore':>8} | "
+    f"{'kckpt/orbax save':>16} {'restore':>8}"
+  )
   for r in results:
     print(
-        f"{r['processes']:>9} | {r['kckpt_save_s']:>9.3f}s {r['kckpt_restore_s']:>7.3f}s | "
-        f"{r['orbax_save_s']:>9.3f}s {r['orbax_restore_s']:>7.3f}s | {r['save_ratio']:>15.2f}x {r['restore_ratio']:>7.2f}x"
+      f"{r['processes']:>9} | {r['kckpt_save_s']:>9.3f}s {r['kckpt_restore_s']:>7.3f}s | "
+      f"{r['orbax_save_s']:>9.3f}s {r['orbax_restore_s']:>7.3f}s | {r['save_ratio']:>15.2f}x {r['restore_ratio']:>7.2f}x"
     )
-  report = {"benchmark": "multihost", "median_of": args.repeats, "cpu_count": os.cpu_count(),
-            "devices": args.devices, "results": results}
+  report = {
+    "benchmark": "multihost",
+    "median_of": args.repeats,
+    "cpu_count": os.cpu_count(),
+    "devices": args.devices,
+    "results": results,
+  }
   if args.json:
     args.json.write_text(json.dumps(report, indent=2))
   return report

@@ -43,7 +43,9 @@ def child(workdir: str, mode: str, megabytes: int, leaves: int) -> dict:
   if mode == "orbax":
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-    with ocp.CheckpointManager(Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(step_prefix="ckpt", create=False)) as mngr:
+    with ocp.CheckpointManager(
+      Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(step_prefix="ckpt", create=False)
+    ) as mngr:
       restored = mngr.restore(1, args=ocp.args.StandardRestore(target))
   else:
     import kckpt  # pylint: disable=g-import-not-at-top
@@ -64,10 +66,24 @@ def measure(megabytes: int = 512, leaves: int = 8) -> dict:
     results = {}
     for mode in MODES:
       out = subprocess.run(
-          [sys.executable, "-m", "benchmarks.restore_memory", "--child", mode, "--workdir", workdir,
-           "--mb", str(megabytes), "--leaves", str(leaves)],
-          capture_output=True, text=True, timeout=600,
-          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        [
+          sys.executable,
+          "-m",
+          "benchmarks.restore_memory",
+          "--child",
+          mode,
+          "--workdir",
+          workdir,
+          "--mb",
+          str(megabytes),
+          "--leaves",
+          str(leaves),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
       )
       if out.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{out.stderr[-3000:]}")

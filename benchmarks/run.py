@@ -71,13 +71,13 @@ GOAL_RESTORE_SPEEDUP = 1.5
 GOAL_ASYNC_BLOCKED_FRACTION = 0.02
 
 SWEEP_OPTIONS: dict[str, kckpt.StorageOptions] = {
-    "zstd, OCDBT, zarr2 (Orbax's format)": kckpt.StorageOptions.orbax_defaults(),
-    "none, OCDBT, zarr2": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False),
-    "none, OCDBT, zarr3": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True),
-    "none, no OCDBT, zarr2": kckpt.StorageOptions(compression=False, use_ocdbt=False, use_zarr3=False),
-    "none, no OCDBT, zarr3": kckpt.StorageOptions(compression=False, use_ocdbt=False, use_zarr3=True),
-    "zstd, OCDBT, zarr3": kckpt.StorageOptions(compression=True, use_ocdbt=True, use_zarr3=True),
-    "kckpt defaults, concurrency 0.25 GB": kckpt.StorageOptions(save_concurrent_gb=0.25, restore_concurrent_gb=0.25),
+  "zstd, OCDBT, zarr2 (Orbax's format)": kckpt.StorageOptions.orbax_defaults(),
+  "none, OCDBT, zarr2": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False),
+  "none, OCDBT, zarr3": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True),
+  "none, no OCDBT, zarr2": kckpt.StorageOptions(compression=False, use_ocdbt=False, use_zarr3=False),
+  "none, no OCDBT, zarr3": kckpt.StorageOptions(compression=False, use_ocdbt=False, use_zarr3=True),
+  "zstd, OCDBT, zarr3": kckpt.StorageOptions(compression=True, use_ocdbt=True, use_zarr3=True),
+  "kckpt defaults, concurrency 0.25 GB": kckpt.StorageOptions(save_concurrent_gb=0.25, restore_concurrent_gb=0.25),
 }
 
 
@@ -135,10 +135,10 @@ def abstract_of(state: Any) -> Any:
 
 def tiny_state() -> dict[str, Any]:
   return {
-      "w": jnp.ones((8, 8), jnp.float32),
-      "b": jnp.zeros(8, jnp.float32),
-      "step": jnp.asarray(7, jnp.int32),
-      "ema": np.arange(4, dtype=np.float32),
+    "w": jnp.ones((8, 8), jnp.float32),
+    "b": jnp.zeros(8, jnp.float32),
+    "step": jnp.asarray(7, jnp.int32),
+    "ema": np.arange(4, dtype=np.float32),
   }
 
 
@@ -179,7 +179,6 @@ class System:
 
 
 class KckptSystem(System):
-
   def __init__(self, name: str, root: Path, storage: kckpt.StorageOptions | None = None, max_to_keep: int | None = None):
     self.name, self.root = name, root
     extra = {} if storage is None else {"storage": storage}
@@ -210,7 +209,6 @@ class KckptSystem(System):
 
 
 class OrbaxSystem(System):
-
   def __init__(self, name: str, root: Path, max_to_keep: int | None = None):
     self.name, self.root = name, root
 
@@ -280,23 +278,23 @@ def warm_up(systems: Sequence[System], steps: Steps) -> None:
 
 
 def measure_case(
-    case: Case,
-    systems: Sequence[System],
-    steps: Steps,
-    *,
-    repeats: int,
-    with_async: bool,
-    evict_before_restore: bool,
-    log: Callable[[str], None],
+  case: Case,
+  systems: Sequence[System],
+  steps: Steps,
+  *,
+  repeats: int,
+  with_async: bool,
+  evict_before_restore: bool,
+  log: Callable[[str], None],
 ) -> dict[str, Any]:
   """Times each system on one state; the order of the systems rotates every repeat."""
   state = make_state(case)
   abstract = abstract_of(state)
   samples: dict[str, dict[str, list[float]]] = {
-      s.name: {"save_s": [], "restore_s": [], "async_blocked_s": [], "async_durable_s": []} for s in systems
+    s.name: {"save_s": [], "restore_s": [], "async_blocked_s": [], "async_durable_s": []} for s in systems
   }
   for r in range(repeats):
-    order = list(systems[r % len(systems):]) + list(systems[: r % len(systems)])
+    order = list(systems[r % len(systems) :]) + list(systems[: r % len(systems)])
     for system in order:
       got = samples[system.name]
       step = steps()
@@ -324,14 +322,14 @@ def measure_case(
   state = None  # free the arrays before the next case is built
   gc.collect()
   return {
-      "case": case.name,
-      "bytes": case.total_bytes,
-      "dtype": case.dtype,
-      "layout": case.layout,
-      "leaves": case.num_leaves,
-      "repeats": repeats,
-      "samples": samples,
-      "summary": {name: _summarise(got, case.total_bytes) for name, got in samples.items()},
+    "case": case.name,
+    "bytes": case.total_bytes,
+    "dtype": case.dtype,
+    "layout": case.layout,
+    "leaves": case.num_leaves,
+    "repeats": repeats,
+    "samples": samples,
+    "summary": {name: _summarise(got, case.total_bytes) for name, got in samples.items()},
   }
 
 
@@ -379,10 +377,10 @@ def measure_tiny(kckpt_sys: System, orbax_sys: System, steps: Steps, *, saves: i
       system.wait()
       samples[system.name]["async_s"].append(time.perf_counter() - start)
   return {
-      "saves": saves,
-      "leaves": len(jax.tree.leaves(state)),
-      "samples": samples,
-      "summary": {name: {k: _stats(v) for k, v in got.items()} for name, got in samples.items()},
+    "saves": saves,
+    "leaves": len(jax.tree.leaves(state)),
+    "samples": samples,
+    "summary": {name: {k: _stats(v) for k, v in got.items()} for name, got in samples.items()},
   }
 
 
@@ -459,16 +457,16 @@ def _fmt_x(x: float | None) -> str:
 def print_sync_table(rows: Sequence[dict[str, Any]], a: str, b: str, title: str) -> None:
   print(f"\n{title} (MB/s = 10^6 bytes/s: median (min-max); speedup = {b} time / {a} time)")
   header = (
-      f"{'state':<28} | {a + ' save':>22} {b + ' save':>22} {'speedup':>8} |"
-      f" {a + ' restore':>22} {b + ' restore':>22} {'speedup':>8}"
+    f"{'state':<28} | {a + ' save':>22} {b + ' save':>22} {'speedup':>8} |"
+    f" {a + ' restore':>22} {b + ' restore':>22} {'speedup':>8}"
   )
   print(header)
   print("-" * len(header))
   for row in rows:
     sa, sb = row["summary"][a], row["summary"][b]
     print(
-        f"{row['case']:<28} | {_rate(sa, 'save'):>22} {_rate(sb, 'save'):>22} {_fmt_x(_speedup(sb, sa, 'save')):>8} |"
-        f" {_rate(sa, 'restore'):>22} {_rate(sb, 'restore'):>22} {_fmt_x(_speedup(sb, sa, 'restore')):>8}"
+      f"{row['case']:<28} | {_rate(sa, 'save'):>22} {_rate(sb, 'save'):>22} {_fmt_x(_speedup(sb, sa, 'save')):>8} |"
+      f" {_rate(sa, 'restore'):>22} {_rate(sb, 'restore'):>22} {_fmt_x(_speedup(sb, sa, 'restore')):>8}"
     )
 
 
@@ -483,8 +481,8 @@ def print_async_table(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> N
       s = row["summary"][n]
       blocked, durable, sync = s["async_blocked_s"], s["async_durable_s"], s["save_s"]
       cells.append(
-          f"{blocked['median'] * 1e3:>10.1f} ({blocked['min'] * 1e3:.1f}-{blocked['max'] * 1e3:.1f})".rjust(24)
-          + f" {100 * blocked['median'] / sync['median']:>5.1f}% {durable['median']:>7.2f}s"
+        f"{blocked['median'] * 1e3:>10.1f} ({blocked['min'] * 1e3:.1f}-{blocked['max'] * 1e3:.1f})".rjust(24)
+        + f" {100 * blocked['median'] / sync['median']:>5.1f}% {durable['median']:>7.2f}s"
       )
     print(f"{row['case']:<28} | " + " | ".join(cells))
 
@@ -495,9 +493,9 @@ def print_tiny(tiny: dict[str, Any], a: str, b: str) -> None:
   for key, label in (("sync_s", "sync save"), ("async_s", "async save + wait"), ("async_blocked_s", "async blocked")):
     fa, fb = sa[key], sb[key]
     print(
-        f"  {label:<18} {a}: {fa['median'] * 1e3:6.1f} ({fa['min'] * 1e3:.1f}-{fa['max'] * 1e3:.1f})"
-        f"   {b}: {fb['median'] * 1e3:6.1f} ({fb['min'] * 1e3:.1f}-{fb['max'] * 1e3:.1f})"
-        f"   {a}/{b}: {fa['median'] / fb['median']:.2f}"
+      f"  {label:<18} {a}: {fa['median'] * 1e3:6.1f} ({fa['min'] * 1e3:.1f}-{fa['max'] * 1e3:.1f})"
+      f"   {b}: {fb['median'] * 1e3:6.1f} ({fb['min'] * 1e3:.1f}-{fb['max'] * 1e3:.1f})"
+      f"   {a}/{b}: {fa['median'] / fb['median']:.2f}"
     )
 
 
@@ -505,10 +503,10 @@ def print_disk(disk: dict[str, Any]) -> None:
   s = disk["summary"]
   print(f"\nDisk ({_size_str(disk['bytes'])}, plain file I/O): MB/s median (min-max)")
   for key, label in (
-      ("write_fsync_1_stream_mb_per_s", "write + fsync, 1 stream"),
-      ("write_fsync_2_streams_mb_per_s", "write + fsync, 2 streams"),
-      ("read_cold_mb_per_s", "read, evicted from cache"),
-      ("read_cached_mb_per_s", "read, page cache"),
+    ("write_fsync_1_stream_mb_per_s", "write + fsync, 1 stream"),
+    ("write_fsync_2_streams_mb_per_s", "write + fsync, 2 streams"),
+    ("read_cold_mb_per_s", "read, evicted from cache"),
+    ("read_cached_mb_per_s", "read, page cache"),
   ):
     v = s[key]
     print(f"  {label:<26} {v['median']:8.0f} ({v['min']:.0f}-{v['max']:.0f})")
@@ -574,13 +572,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   quick = args.quick
   defaults = {
-      "sizes_mb": [16, 64] if quick else [64, 512, 2048],
-      "bf16_mb": 16 if quick else 512,
-      "repeats": 2 if quick else 5,
-      "big_repeats": 2 if quick else 3,
-      "tiny_saves": 6 if quick else 40,
-      "sweep_mb": 16 if quick else 512,
-      "disk_mb": 64 if quick else 512,
+    "sizes_mb": [16, 64] if quick else [64, 512, 2048],
+    "bf16_mb": 16 if quick else 512,
+    "repeats": 2 if quick else 5,
+    "big_repeats": 2 if quick else 3,
+    "tiny_saves": 6 if quick else 40,
+    "sweep_mb": 16 if quick else 512,
+    "disk_mb": 64 if quick else 512,
   }
   for key, value in defaults.items():
     if getattr(args, key) is None:
@@ -590,12 +588,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _machine() -> dict[str, Any]:
   info: dict[str, Any] = {
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "orbax_checkpoint": ocp.__version__ if hasattr(ocp, "__version__") else None,
-      "kckpt": kckpt.__version__,
-      "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "orbax_checkpoint": ocp.__version__ if hasattr(ocp, "__version__") else None,
+    "kckpt": kckpt.__version__,
+    "platform": platform.platform(),
   }
   try:
     info["load_average_at_start"] = os.getloadavg()
@@ -634,10 +632,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       repeats = args.big_repeats if case.total_bytes >= 2**30 else args.repeats
       log(f"{case.name}: {repeats} repeats ...")
       rows.append(
-          measure_case(
-              case, [kckpt_sys, orbax_sys], steps, repeats=repeats, with_async=not args.no_async,
-              evict_before_restore=not args.warm, log=log,
-          )
+        measure_case(
+          case,
+          [kckpt_sys, orbax_sys],
+          steps,
+          repeats=repeats,
+          with_async=not args.no_async,
+          evict_before_restore=not args.warm,
+          log=log,
+        )
       )
     report["sync"] = rows
 
@@ -661,10 +664,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         case = Case(int(args.sweep_mb * MiB), layout)
         log(f"sweep, {case.name}: {args.repeats} repeats of {len(sweep_systems)} systems ...")
         sweep_rows.append(
-            measure_case(
-                case, sweep_systems, steps, repeats=args.repeats, with_async=False,
-                evict_before_restore=not args.warm, log=log,
-            )
+          measure_case(
+            case,
+            sweep_systems,
+            steps,
+            repeats=args.repeats,
+            with_async=False,
+            evict_before_restore=not args.warm,
+            log=log,
+          )
         )
     report["sweep"] = sweep_rows
   finally:
@@ -695,10 +703,10 @@ def print_report(report: dict[str, Any]) -> None:
   machine, rows = report["machine"], report["sync"]
   warm = report["args"].get("warm") == "True"
   print(
-      f"\nkckpt {machine['kckpt']} vs Orbax {machine['orbax_checkpoint']} CheckpointManager defaults;"
-      f" {machine['cpu_count']} CPUs; load average {_load(machine.get('load_average_at_start'))} at start,"
-      f" {_load(machine.get('load_average_at_end'))} at end; {report['seconds']:.0f} s;"
-      f" peak RSS {machine.get('peak_rss_mb', 0):.0f} MB"
+    f"\nkckpt {machine['kckpt']} vs Orbax {machine['orbax_checkpoint']} CheckpointManager defaults;"
+    f" {machine['cpu_count']} CPUs; load average {_load(machine.get('load_average_at_start'))} at start,"
+    f" {_load(machine.get('load_average_at_end'))} at end; {report['seconds']:.0f} s;"
+    f" peak RSS {machine.get('peak_rss_mb', 0):.0f} MB"
   )
   print_disk(report["disk"])
   title = "Sync save (until durable) and restore (after page-cache eviction)"
@@ -714,8 +722,8 @@ def print_report(report: dict[str, Any]) -> None:
     for name, s in row["summary"].items():
       label = "kckpt defaults: " + _options_str(kckpt.StorageOptions()) if name == "kckpt" else name
       print(
-          f"  {label:<46} save {_rate(s, 'save'):>18} {_fmt_x(_speedup(base, s, 'save')):>7}"
-          f"   restore {_rate(s, 'restore'):>18} {_fmt_x(_speedup(base, s, 'restore')):>7}"
+        f"  {label:<46} save {_rate(s, 'save'):>18} {_fmt_x(_speedup(base, s, 'save')):>7}"
+        f"   restore {_rate(s, 'restore'):>18} {_fmt_x(_speedup(base, s, 'restore')):>7}"
       )
   print_goals(report["goals"])
 

@@ -18,6 +18,7 @@ written as one JSON line ``{"step": N, "eval_loss": X}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -32,11 +33,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="the training run's root folder (it may not exist yet)")
   p.add_argument("--out", help="write the results here as JSON lines (the file is replaced)")
-  p.add_argument("--timeout", type=float, default=2.0,
-                 help="once the trainer has finished, stop after this many seconds without a new step")
+  p.add_argument(
+    "--timeout", type=float, default=2.0, help="once the trainer has finished, stop after this many seconds without a new step"
+  )
   p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between two listings of the folder")
-  p.add_argument("--from-latest", action="store_true",
-                 help="start with the newest step present now, instead of every step from the first")
+  p.add_argument(
+    "--from-latest", action="store_true", help="start with the newest step present now, instead of every step from the first"
+  )
   return p.parse_args(argv)
 
 
@@ -44,11 +47,11 @@ def watch(ckpt: kckpt.Checkpointer, args: argparse.Namespace) -> Iterator[int]:
   """The steps to evaluate, in order, until the trainer is done."""
   workdir = args.workdir
   return ckpt.iter_new_checkpoints(
-      timeout=args.timeout,
-      timeout_fn=lambda: kckpt.trainer_finished(workdir),
-      poll_interval_secs=args.poll_interval,
-      # `after=None` starts at the newest step that exists now; -1 yields every step.
-      after=None if args.from_latest else -1,
+    timeout=args.timeout,
+    timeout_fn=lambda: kckpt.trainer_finished(workdir),
+    poll_interval_secs=args.poll_interval,
+    # `after=None` starts at the newest step that exists now; -1 yields every step.
+    after=None if args.from_latest else -1,
   )
 
 
@@ -79,8 +82,11 @@ def _still_exists(ckpt: kckpt.Checkpointer, step: int) -> bool:
 
 
 def _warn_deleted(step: int, error: BaseException) -> None:
-  print(f"warning: step {step} was deleted before it could be evaluated (skipped): {type(error).__name__}: {error}",
-        file=sys.stderr, flush=True)
+  print(
+    f"warning: step {step} was deleted before it could be evaluated (skipped): {type(error).__name__}: {error}",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def report(step: int, loss: float, out: IO[str] | None) -> None:
@@ -97,16 +103,13 @@ def run(args: argparse.Namespace) -> list[int]:
   eval_data = _toy.eval_set()
   evaluated = []
   print(f"watching {ckpt.directory} (read-only)", flush=True)
-  out = open(args.out, "w") if args.out else None  # pylint: disable=consider-using-with
-  try:
+  with contextlib.ExitStack() as stack:
+    out = stack.enter_context(open(args.out, "w")) if args.out else None
     for step in watch(ckpt, args):
       loss = evaluate_step(ckpt, step, eval_data)
       if loss is not None:
         report(step, loss, out)
         evaluated.append(step)
-  finally:
-    if out is not None:
-      out.close()
   return evaluated
 
 

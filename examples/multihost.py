@@ -103,8 +103,10 @@ def train(args: argparse.Namespace) -> int:
   ckpt = kckpt.Checkpointer(workdir=args.workdir, save_interval_steps=args.save_every, max_to_keep=3)
   state = ckpt.restore(state, noop_if_missing=True)  # every process restores its own shards
   start = int(state["step"])
-  say(f"{'resumed from step ' + str(start) if start else 'starting from scratch'}"
-      f" ({jax.process_count()} process(es), {jax.device_count()} devices)")
+  say(
+    f"{'resumed from step ' + str(start) if start else 'starting from scratch'}"
+    f" ({jax.process_count()} process(es), {jax.device_count()} devices)"
+  )
   w, m = state["params"]["w"], state["params"]["m"]
   for step in range(start + 1, args.steps + 1):
     w, m = train_step(w, m, target, step)
@@ -144,16 +146,35 @@ def _free_port() -> int:
 def launch(args: argparse.Namespace) -> int:
   """Starts `args.processes` workers on this machine, prints their output, returns the worst status."""
   coordinator = f"127.0.0.1:{_free_port()}"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process}"}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONUNBUFFERED": "1",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process}",
+  }
   common = [
-      "--workdir", args.workdir, "--steps", str(args.steps), "--save-every", str(args.save_every),
-      "--step-delay", str(args.step_delay), "--coordinator", coordinator, "--num-processes", str(args.processes),
+    "--workdir",
+    args.workdir,
+    "--steps",
+    str(args.steps),
+    "--save-every",
+    str(args.save_every),
+    "--step-delay",
+    str(args.step_delay),
+    "--coordinator",
+    coordinator,
+    "--num-processes",
+    str(args.processes),
   ]
   procs = [
-      subprocess.Popen([sys.executable, os.path.abspath(__file__), *common, "--process-id", str(i)], env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(args.processes)
+    subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), *common, "--process-id", str(i)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(args.processes)
   ]
   for i, proc in enumerate(procs):
     print(f"[launcher] started process {i} (pid {proc.pid})", flush=True)

@@ -52,19 +52,28 @@ STEP_LINE = re.compile(r"^step (\d+): loss ")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """The command line of both modes."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--mode", choices=("demo", "train"), default="demo",
-                 help="demo: the whole kill-and-resume story (default); train: one start-or-resume training run")
+  p.add_argument(
+    "--mode",
+    choices=("demo", "train"),
+    default="demo",
+    help="demo: the whole kill-and-resume story (default); train: one start-or-resume training run",
+  )
   p.add_argument("--workdir", help="root folder (default: a fresh temporary folder, removed after a successful demo)")
   p.add_argument("--steps", type=int, default=300, help="number of training steps")
   p.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps")
   p.add_argument("--max-to-keep", type=int, default=3, help="checkpoints kept (0: keep all)")
   p.add_argument("--log-every", type=int, default=10, help="print the loss every N steps (and at every save)")
   p.add_argument("--seed", type=int, default=0, help="seed of the initial parameters and of the data")
-  p.add_argument("--kill-at", type=int, default=None,
-                 help="demo: SIGKILL the run once it reports this step (default: 70%% of --steps)")
-  p.add_argument("--step-delay", type=float, default=None,
-                 help="seconds to sleep after each step (train mode: default 0; demo: only the run to be killed"
-                      " sleeps, 0.01 by default, so that the kill lands before it ends)")
+  p.add_argument(
+    "--kill-at", type=int, default=None, help="demo: SIGKILL the run once it reports this step (default: 70%% of --steps)"
+  )
+  p.add_argument(
+    "--step-delay",
+    type=float,
+    default=None,
+    help="seconds to sleep after each step (train mode: default 0; demo: only the run to be killed"
+    " sleeps, 0.01 by default, so that the kill lands before it ends)",
+  )
   p.add_argument("--child-timeout", type=float, default=300, help="demo: seconds each training subprocess may take")
   args = p.parse_args(argv)
   _check_args(p, args)
@@ -97,10 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train(args: argparse.Namespace) -> int:
   """Starts or resumes a run in `args.workdir` and trains it to `args.steps`."""
   ckpt = kckpt.Checkpointer(
-      workdir=args.workdir,
-      save_interval_steps=args.save_every,
-      max_to_keep=args.max_to_keep or None,
-      async_save=True,
+    workdir=args.workdir,
+    save_interval_steps=args.save_every,
+    max_to_keep=args.max_to_keep or None,
+    async_save=True,
   )
   state = ckpt.restore(_toy.initial_state(args.seed), noop_if_missing=True)
   start = _report_start(state, ckpt, args)
@@ -129,11 +138,10 @@ def _report_start(state: kckpt.items.Composite, ckpt: kckpt.Checkpointer, args: 
     return 0
   if state.data.position != start or state.data.seed != args.seed or start > args.steps:
     raise SystemExit(
-        f"checkpoint {start} does not fit this run: data position {state.data.position}, seed {state.data.seed}"
-        f" (expected {start} <= --steps {args.steps}, seed {args.seed})"
+      f"checkpoint {start} does not fit this run: data position {state.data.position}, seed {state.data.seed}"
+      f" (expected {start} <= --steps {args.steps}, seed {args.seed})"
     )
-  print(f"resumed from step {start} (checkpoints on disk: {ckpt.all_steps}, data position {state.data.position})",
-        flush=True)
+  print(f"resumed from step {start} (checkpoints on disk: {ckpt.all_steps}, data position {state.data.position})", flush=True)
   return start
 
 
@@ -201,9 +209,22 @@ def _banner(text: str) -> None:
 def train_command(args: argparse.Namespace, workdir: str, *, step_delay: float = 0) -> list[str]:
   """The command line of a training subprocess (this script, ``--mode train``)."""
   cmd = [
-      sys.executable, os.path.abspath(__file__), "--mode", "train", "--workdir", workdir,
-      "--steps", str(args.steps), "--save-every", str(args.save_every), "--max-to-keep", str(args.max_to_keep),
-      "--log-every", str(args.log_every), "--seed", str(args.seed),
+    sys.executable,
+    os.path.abspath(__file__),
+    "--mode",
+    "train",
+    "--workdir",
+    workdir,
+    "--steps",
+    str(args.steps),
+    "--save-every",
+    str(args.save_every),
+    "--max-to-keep",
+    str(args.max_to_keep),
+    "--log-every",
+    str(args.log_every),
+    "--seed",
+    str(args.seed),
   ]
   if step_delay:
     cmd += ["--step-delay", str(step_delay)]
@@ -223,12 +244,12 @@ def child_env(root: str) -> dict[str, str]:
 
 
 def run_child(
-    cmd: list[str],
-    *,
-    label: str,
-    env: dict[str, str],
-    timeout: float,
-    on_line: Callable[[str, subprocess.Popen], None] | None = None,
+  cmd: list[str],
+  *,
+  label: str,
+  env: dict[str, str],
+  timeout: float,
+  on_line: Callable[[str, subprocess.Popen], None] | None = None,
 ) -> int:
   """Runs `cmd`, echoing its output as ``[label] line``; returns its exit status.
 
@@ -271,8 +292,11 @@ def run_and_kill(cmd: list[str], *, kill_at: int, env: dict[str, str], timeout: 
     if match and not killed_at and int(match.group(1)) >= kill_at:
       os.kill(proc.pid, signal.SIGKILL)
       killed_at.append(int(match.group(1)))
-      print(f"*** SIGKILL sent to pid {proc.pid} after it reported step {killed_at[0]}"
-            " (it was still training; no chance to save or clean up)", flush=True)
+      print(
+        f"*** SIGKILL sent to pid {proc.pid} after it reported step {killed_at[0]}"
+        " (it was still training; no chance to save or clean up)",
+        flush=True,
+      )
 
   code = run_child(cmd, label="run", env=env, timeout=timeout, on_line=maybe_kill)
   if not killed_at:
@@ -287,8 +311,9 @@ def show_checkpoints(workdir: str) -> None:
   """Prints what a reader sees in a killed run's folder."""
   ckpt = kckpt.Checkpointer.open(workdir)
   leftovers = sorted(n for n in os.listdir(ckpt.directory) if n.startswith("ckpt_") and "tmp" in n)
-  print(f"kckpt sees finished steps {ckpt.all_steps} (latest {ckpt.latest_step});"
-        f" trainer_finished={kckpt.trainer_finished(workdir)}")
+  print(
+    f"kckpt sees finished steps {ckpt.all_steps} (latest {ckpt.latest_step}); trainer_finished={kckpt.trainer_finished(workdir)}"
+  )
   if leftovers:
     print(f"half-written step folders left by the kill (ignored, cleaned up on the next save): {leftovers}")
 
@@ -302,15 +327,13 @@ def read_result(workdir: str) -> dict[str, Any]:
 def compare(reference: dict[str, Any], resumed: dict[str, Any]) -> int:
   """Prints both results; 0 when the final losses are exactly equal, else 1."""
   for name, r in (("reference", reference), ("resumed", resumed)):
-    print(f"{name:>9} run: final loss {r['final_loss']!r} at step {r['final_step']},"
-          f" params sha256 {r['params_sha256'][:16]}...")
+    print(f"{name:>9} run: final loss {r['final_loss']!r} at step {r['final_step']}, params sha256 {r['params_sha256'][:16]}...")
   same_loss = reference["final_loss"] == resumed["final_loss"]
   same_params = reference["params_sha256"] == resumed["params_sha256"]
   if same_loss and same_params:
     print("OK: final losses are identical (exact float equality) and the parameters are bit-identical")
     return 0
-  print(f"MISMATCH: final losses {'equal' if same_loss else 'differ'},"
-        f" parameters {'bit-identical' if same_params else 'differ'}")
+  print(f"MISMATCH: final losses {'equal' if same_loss else 'differ'}, parameters {'bit-identical' if same_params else 'differ'}")
   return 1
 
 

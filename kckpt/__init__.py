@@ -18,29 +18,29 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _PUBLIC = {
-    "BaseCheckpointer": "kckpt.base",
-    "Checkpointer": "kckpt.checkpointer",
-    "NoopCheckpointer": "kckpt.base",
-    "PartialLoader": "kckpt.partial_loader",
-    "StorageOptions": "kckpt.storage",
-    "TransferStats": "kckpt.telemetry",
-    "clear_end_marker": "kckpt.markers",
-    "trainer_finished": "kckpt.markers",
-    "write_end_marker": "kckpt.markers",
-    "BackgroundSaveError": "kckpt.errors",
-    "CheckpointNotFoundError": "kckpt.errors",
-    "CheckpointReadError": "kckpt.errors",
-    "ConcurrentWriterError": "kckpt.errors",
-    "ProcessTimeoutError": "kckpt.errors",
-    "ReadOnlyCheckpointerError": "kckpt.errors",
-    "StepAlreadyExistsError": "kckpt.errors",
-    "TransplantError": "kckpt.errors",
-    "TreeMismatchError": "kckpt.errors",
+  "BaseCheckpointer": "kckpt.base",
+  "Checkpointer": "kckpt.checkpointer",
+  "NoopCheckpointer": "kckpt.base",
+  "PartialLoader": "kckpt.partial_loader",
+  "StorageOptions": "kckpt.storage",
+  "TransferStats": "kckpt.telemetry",
+  "clear_end_marker": "kckpt.markers",
+  "trainer_finished": "kckpt.markers",
+  "write_end_marker": "kckpt.markers",
+  "BackgroundSaveError": "kckpt.errors",
+  "CheckpointNotFoundError": "kckpt.errors",
+  "CheckpointReadError": "kckpt.errors",
+  "ConcurrentWriterError": "kckpt.errors",
+  "ProcessTimeoutError": "kckpt.errors",
+  "ReadOnlyCheckpointerError": "kckpt.errors",
+  "StepAlreadyExistsError": "kckpt.errors",
+  "TransplantError": "kckpt.errors",
+  "TreeMismatchError": "kckpt.errors",
 }
 _SUBMODULES = ("cloud", "inspect", "items", "policies", "telemetry", "trees")
 # Names that moved: old name -> (module, name); still importable, with no warning yet.
 _MOVED = {
-    "transplant": ("kckpt.partial_loader", None),
+  "transplant": ("kckpt.partial_loader", None),
 }
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
@@ -65,19 +65,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-  from kckpt import cloud, inspect, items, policies, telemetry, trees
+  from kckpt import cloud
+  from kckpt import inspect
+  from kckpt import items
+  from kckpt import policies
+  from kckpt import telemetry
+  from kckpt import trees
   from kckpt.base import BaseCheckpointer, NoopCheckpointer
   from kckpt.checkpointer import Checkpointer
   from kckpt.errors import (
-      BackgroundSaveError,
-      CheckpointNotFoundError,
-      CheckpointReadError,
-      ConcurrentWriterError,
-      ProcessTimeoutError,
-      ReadOnlyCheckpointerError,
-      StepAlreadyExistsError,
-      TransplantError,
-      TreeMismatchError,
+    BackgroundSaveError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    ConcurrentWriterError,
+    ProcessTimeoutError,
+    ReadOnlyCheckpointerError,
+    StepAlreadyExistsError,
+    TransplantError,
+    TreeMismatchError,
   )
   from kckpt.markers import clear_end_marker, trainer_finished, write_end_marker
   from kckpt.partial_loader import PartialLoader

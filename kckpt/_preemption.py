@@ -13,7 +13,6 @@ import threading
 import weakref
 from typing import Any
 
-
 _sigterm = threading.Event()
 _sigterm_lock = threading.Lock()
 _sigterm_users = 0

@@ -43,13 +43,13 @@ class Restored:
 
 
 def restore_step(
-    checkpoints: epath.Path,
-    step: Step,
-    state: Any,
-    *,
-    donate: bool,
-    partial: bool,
-    storage: storage_lib.StorageOptions | None = None,
+  checkpoints: epath.Path,
+  step: Step,
+  state: Any,
+  *,
+  donate: bool,
+  partial: bool,
+  storage: storage_lib.StorageOptions | None = None,
 ) -> Restored:
   """Restores the finished `step` of `checkpoints` into the structure of `state` (None: as saved).
 
@@ -68,15 +68,15 @@ def restore_step(
 
 
 def _restore(
-    step_path: epath.Path, step: Step, state: Any, *, donate: bool, partial: bool, storage: storage_lib.StorageOptions | None
+  step_path: epath.Path, step: Step, state: Any, *, donate: bool, partial: bool, storage: storage_lib.StorageOptions | None
 ) -> Restored:
   saved_items = _orbax.item_formats(step_path)
   user_items = {n: f for n, f in saved_items.items() if n not in _layout.RESERVED_ITEMS}
   if not user_items:
     raise CheckpointReadError(
-        f"Cannot read step {step} of {step_path.parent}: {step_path} holds no checkpoint item"
-        " (no _CHECKPOINT_METADATA and no item folder)",
-        step=step,
+      f"Cannot read step {step} of {step_path.parent}: {step_path} holds no checkpoint item"
+      " (no _CHECKPOINT_METADATA and no item folder)",
+      step=step,
     )
   layout = _layout_for(state, user_items)
   reads = _plan(step_path, step, layout, user_items, partial=partial)
@@ -85,7 +85,7 @@ def _restore(
   if as_saved:  # JSON items, and items with no target, in one Orbax call
     with reading(step, ", ".join(r.name for r in as_saved), step_path):
       restored.update(
-          _orbax.read_items(step_path, [_orbax.ItemRead(name=r.name, format=r.format) for r in as_saved], storage=storage)
+        _orbax.read_items(step_path, [_orbax.ItemRead(name=r.name, format=r.format) for r in as_saved], storage=storage)
       )
   for r in reads:
     if r.target is not None:
@@ -99,7 +99,7 @@ def _restore(
 
 
 def _plan(
-    step_path: epath.Path, step: Step, layout: items_lib.Layout, saved_items: Mapping[str, str], *, partial: bool
+  step_path: epath.Path, step: Step, layout: items_lib.Layout, saved_items: Mapping[str, str], *, partial: bool
 ) -> list[_ItemRead]:
   """What to read of each item, after checking every target against the saved metadata (no array read)."""
   reads, problems = [], []
@@ -122,11 +122,12 @@ def _plan(
     reads.append(_ItemRead(name=name, item=item, format=fmt, target=target, partial_paths=common))
   if problems:
     raise TreeMismatchError(
-        f"Cannot restore step {step} of {step_path.parent}: the target does not match the checkpoint"
-        f" ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems)
-        + "\nTo restore only some items, ask for them by name with kckpt.items.Composite(name=...);"
-        " to keep target leaves the checkpoint lacks, pass partial=True.",
-        problems=problems,
+      f"Cannot restore step {step} of {step_path.parent}: the target does not match the checkpoint"
+      f" ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  "
+      + "\n  ".join(problems)
+      + "\nTo restore only some items, ask for them by name with kckpt.items.Composite(name=...);"
+      " to keep target leaves the checkpoint lacks, pass partial=True.",
+      problems=problems,
     )
   return reads
 
@@ -164,5 +165,5 @@ def reading(step: Step, item: str, path: epath.Path) -> Iterator[None]:
     raise
   except (LeafReadError, OSError, ValueError, RuntimeError, KeyError) as e:
     raise CheckpointReadError(
-        f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}", step=step, item=item
+      f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}", step=step, item=item
     ) from e

@@ -104,12 +104,12 @@ def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
   path = _layout.step_dir(checkpoints, step)
   metadata = _orbax.read_step_metadata(path)
   return StepDetails(
-      step=step,
-      path=path,
-      time=_orbax.step_time(path, metadata),
-      metrics=_orbax.read_step_metrics(path),
-      items=_orbax.item_formats(path, metadata),
-      tag=_orbax.step_tag(metadata),
+    step=step,
+    path=path,
+    time=_orbax.step_time(path, metadata),
+    metrics=_orbax.read_step_metrics(path),
+    items=_orbax.item_formats(path, metadata),
+    tag=_orbax.step_tag(metadata),
   )
 
 
@@ -226,9 +226,9 @@ class RunIndex:
       if _orbax.step_tag(_orbax.read_step_metadata(_layout.step_dir(self.checkpoints, step))) == tag:
         return step
     raise CheckpointNotFoundError(
-        f"No step of {self.checkpoints} has the tag {tag!r} (steps: {_layout.steps_repr(finished)});"
-        " a step is an int, -1, 'latest', 'best' or a tag given to save",
-        available_steps=finished,
+      f"No step of {self.checkpoints} has the tag {tag!r} (steps: {_layout.steps_repr(finished)});"
+      " a step is an int, -1, 'latest', 'best' or a tag given to save",
+      available_steps=finished,
     )
 
   def resolve(self, step: StepSpec) -> Step | None:
@@ -263,8 +263,8 @@ class RunIndex:
       finished = self.finished(fresh=True)
     if step not in finished:
       raise CheckpointNotFoundError(
-          f"Step {step} is not in {self.checkpoints} (steps: {_layout.steps_repr(finished)})",
-          available_steps=finished,
+        f"Step {step} is not in {self.checkpoints} (steps: {_layout.steps_repr(finished)})",
+        available_steps=finished,
       )
     return step
 
@@ -285,4 +285,3 @@ def agreed_resolution(index: RunIndex, step: StepSpec, *, timeout_secs: float) -
   if error is not None:
     raise CheckpointNotFoundError(error, available_steps=index.finished())
   return local
-

@@ -49,26 +49,29 @@ class WriteSession:
     self._index = index
     self._runtime = runtime
     self.directory = index.checkpoints
-    workdir = epath.Path(config.workdir)  # type: ignore[arg-type]  # checked by `Checkpointer.directory`
+    assert config.workdir is not None  # `Checkpointer.directory` raised otherwise
+    self._workdir = config.workdir
+    workdir = epath.Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
       raise ValueError(f"Checkpointer.workdir {config.workdir} exists and is not a folder")
     self._lock: lock_lib.WriterLock | None = None
     if multihost.is_primary():
       self._lock = lock_lib.WriterLock(self.directory, stale_secs=config.lock_stale_secs)
       self._lock.acquire()
-      markers.clear_end_marker(config.workdir)  # saving again: the run is not finished
+      markers.clear_end_marker(self._workdir)  # saving again: the run is not finished
       _layout.write_retention_rules(self.directory, policies.retention_rules(config.retention_policy))
     try:
       self._writer = _orbax.Writer(
-          self.directory,
-          async_save=config.async_save,
-          multiprocessing_options=config.multiprocessing_options,
-          decide_preservation=self._decide_preservation,
-          async_timeout_secs=config.async_timeout_secs,
-          durable=config.durable,
-          sync=multihost.SaveSync(str(self.directory), timeout_secs=config.barrier_timeout_secs)
-          if multihost.process_count() > 1 else None,
-          storage=config.storage,
+        self.directory,
+        async_save=config.async_save,
+        multiprocessing_options=config.multiprocessing_options,
+        decide_preservation=self._decide_preservation,
+        async_timeout_secs=config.async_timeout_secs,
+        durable=config.durable,
+        sync=multihost.SaveSync(str(self.directory), timeout_secs=config.barrier_timeout_secs)
+        if multihost.process_count() > 1
+        else None,
+        storage=config.storage,
       )
     except BaseException:
       if self._lock is not None:
@@ -112,18 +115,18 @@ class WriteSession:
         log.info("Step %d already exists in %s: not saved again.", step, self.directory)
         return False
       raise StepAlreadyExistsError(
-          f"Step {step} already exists in {self.directory}; kckpt never overwrites a step."
-          f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
+        f"Step {step} already exists in {self.directory}; kckpt never overwrites a step."
+        f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
       )
     now = time.time()
     self._index.remember(policies.StepRecord(step=step, time=now, metrics=metrics))
     stats = telemetry.SaveTelemetry(
-        self._publish_stats,
-        self.directory,
-        step=step,
-        nbytes=sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree"),
-        started=started,
-        async_save=self._config.async_save,
+      self._publish_stats,
+      self.directory,
+      step=step,
+      nbytes=sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree"),
+      started=started,
+      async_save=self._config.async_save,
     )
     try:
       self._writer.save(step, writes, metrics, custom_metadata=_orbax.custom_metadata(tag=tag), on_durable=stats.durable)
@@ -167,7 +170,7 @@ class WriteSession:
     if multihost.is_primary():
       for name in listing.unfinished:
         (self.directory / name).rmtree(missing_ok=True)
-    markers.clear_end_marker(self._config.workdir)
+    markers.clear_end_marker(self._workdir)
     self._index.invalidate()
     return list(listing.finished)
 
@@ -195,8 +198,8 @@ def item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
       if bad:
         where = "" if layout.kind == "single" else f"item {name!r}: "
         raise ValueError(
-            f"{where}cannot save these leaves (a pytree of arrays, NumPy values and Python scalars is expected):\n  "
-            + "\n  ".join(bad)
+          f"{where}cannot save these leaves (a pytree of arrays, NumPy values and Python scalars is expected):\n  "
+          + "\n  ".join(bad)
         )
       if not jax.tree.leaves(value) and layout.kind == "single":
         raise ValueError(f"cannot save {type(value).__name__}: it has no array or scalar leaves")

@@ -30,25 +30,25 @@ class RunSummary:
       metrics = _metrics_text(d)
       tag = f"  tag: {d.tag}" if d.tag else ""
       lines.append(
-          f"  step {d.step:>8}  {inspect_lib.format_time(d.time)}  items: {', '.join(d.user_items)}{tag}"
-          + (f"  {metrics}" if metrics else "")
+        f"  step {d.step:>8}  {inspect_lib.format_time(d.time)}  items: {', '.join(d.user_items)}{tag}"
+        + (f"  {metrics}" if metrics else "")
       )
     return "\n".join(lines)
 
   def as_html(self) -> str:
     finished = self.listing.finished
     rows = "".join(
-        f"<tr><td>{d.step}</td><td>{html.escape(inspect_lib.format_time(d.time))}</td>"
-        f"<td>{html.escape(', '.join(d.user_items))}</td><td>{html.escape(_metrics_text(d))}</td></tr>"
-        for d in self.newest
+      f"<tr><td>{d.step}</td><td>{html.escape(inspect_lib.format_time(d.time))}</td>"
+      f"<td>{html.escape(', '.join(d.user_items))}</td><td>{html.escape(_metrics_text(d))}</td></tr>"
+      for d in self.newest
     )
     return (
-        f"<div><b>kckpt.Checkpointer</b> <code>{html.escape(self.directory)}</code><br>"
-        f"{len(finished)} step(s): {html.escape(_layout.steps_repr(finished))}"
-        + (f"; being written: {html.escape(', '.join(self.listing.unfinished))}" if self.listing.unfinished else "")
-        + "<table><tr><th>step</th><th>saved</th><th>items</th><th>metrics</th></tr>"
-        + rows
-        + "</table></div>"
+      f"<div><b>kckpt.Checkpointer</b> <code>{html.escape(self.directory)}</code><br>"
+      f"{len(finished)} step(s): {html.escape(_layout.steps_repr(finished))}"
+      + (f"; being written: {html.escape(', '.join(self.listing.unfinished))}" if self.listing.unfinished else "")
+      + "<table><tr><th>step</th><th>saved</th><th>items</th><th>metrics</th></tr>"
+      + rows
+      + "</table></div>"
     )
 
 

@@ -102,14 +102,14 @@ class BaseCheckpointer(abc.ABC):
 
   @abc.abstractmethod
   def iter_new_checkpoints(
-      self,
-      *,
-      min_interval_secs: float = 0,
-      timeout: float | None = None,
-      timeout_fn: Callable[[], bool] | None = None,
-      poll_interval_secs: float = 1.0,
-      after: Step | None = None,
-      only_newest: bool = False,
+    self,
+    *,
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Callable[[], bool] | None = None,
+    poll_interval_secs: float = 1.0,
+    after: Step | None = None,
+    only_newest: bool = False,
   ) -> Iterator[Step]:
     """Yields each new finished step as it appears."""
 
@@ -120,14 +120,12 @@ class BaseCheckpointer(abc.ABC):
     """Whether `maybe_save` would save at `step` (local)."""
 
   @abc.abstractmethod
-  def save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
-  ) -> bool:
+  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None) -> bool:
     """Saves `state` as `step`; True when a save was started."""
 
   @abc.abstractmethod
   def maybe_save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+    self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
   ) -> bool:
     """Saves when `should_save(step)` or `force`; True when a save was started."""
 
@@ -166,13 +164,13 @@ class BaseCheckpointer(abc.ABC):
 
   @abc.abstractmethod
   def restore(
-      self,
-      state: Any = None,
-      *,
-      step: StepSpec = -1,
-      noop_if_missing: bool = False,
-      donate: bool = True,
-      partial: bool = False,
+    self,
+    state: Any = None,
+    *,
+    step: StepSpec = -1,
+    noop_if_missing: bool = False,
+    donate: bool = True,
+    partial: bool = False,
   ) -> Any:
     """Restores `state` from a checkpoint."""
 
@@ -255,14 +253,14 @@ class NoopCheckpointer(BaseCheckpointer):
     return None
 
   def iter_new_checkpoints(
-      self,
-      *,
-      min_interval_secs: float = 0,
-      timeout: float | None = None,
-      timeout_fn: Callable[[], bool] | None = None,
-      poll_interval_secs: float = 1.0,
-      after: Step | None = None,
-      only_newest: bool = False,
+    self,
+    *,
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Callable[[], bool] | None = None,
+    poll_interval_secs: float = 1.0,
+    after: Step | None = None,
+    only_newest: bool = False,
   ) -> Iterator[Step]:
     del min_interval_secs, timeout, timeout_fn, poll_interval_secs, after, only_newest
     yield from ()
@@ -271,14 +269,12 @@ class NoopCheckpointer(BaseCheckpointer):
     del step
     return False
 
-  def save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
-  ) -> bool:
+  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None) -> bool:
     del state, step, force, metrics, tag
     return False
 
   def maybe_save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+    self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
   ) -> bool:
     del state, step, force, metrics, tag
     return False
@@ -303,13 +299,13 @@ class NoopCheckpointer(BaseCheckpointer):
     pass
 
   def restore(
-      self,
-      state: Any = None,
-      *,
-      step: StepSpec = -1,
-      noop_if_missing: bool = False,
-      donate: bool = True,
-      partial: bool = False,
+    self,
+    state: Any = None,
+    *,
+    step: StepSpec = -1,
+    noop_if_missing: bool = False,
+    donate: bool = True,
+    partial: bool = False,
   ) -> Any:
     del step, noop_if_missing, donate, partial
     return state

@@ -191,8 +191,8 @@ class Checkpointer(base.BaseCheckpointer):
     """``<workdir>/checkpoints``; raises ValueError while `workdir` is None."""
     if self.workdir is None:
       raise ValueError(
-          "Checkpointer.workdir is None: bind it before saving or restoring, e.g."
-          " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
+        "Checkpointer.workdir is None: bind it before saving or restoring, e.g."
+        " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
       )
     if self.s3_endpoint or self.s3_region:
       cloud.configure_s3(endpoint=self.s3_endpoint, region=self.s3_region)
@@ -201,28 +201,28 @@ class Checkpointer(base.BaseCheckpointer):
   @property
   def save_policy(self) -> policies.SavePolicy:
     return policies.SavePolicy(
-        interval_steps=self.save_interval_steps,
-        on_steps=frozenset(self.save_on_steps or ()),
-        interval_secs=self.save_interval_secs,
-        never_save_step_zero=self.never_save_step_zero,
+      interval_steps=self.save_interval_steps,
+      on_steps=frozenset(self.save_on_steps or ()),
+      interval_secs=self.save_interval_secs,
+      never_save_step_zero=self.never_save_step_zero,
     )
 
   @property
   def retention_policy(self) -> policies.RetentionPolicy:
     return policies.RetentionPolicy(
-        max_to_keep=self.max_to_keep,
-        keep_period=self.keep_period,
-        keep_time_interval_secs=policies.timedelta_seconds(self.keep_time_interval),
-        best_metric_path=self.best_metric_path,
-        best_fn=self.best_fn,
-        best_mode=self.best_mode,  # type: ignore[arg-type]
+      max_to_keep=self.max_to_keep,
+      keep_period=self.keep_period,
+      keep_time_interval_secs=policies.timedelta_seconds(self.keep_time_interval),
+      best_metric_path=self.best_metric_path,
+      best_fn=self.best_fn,
+      best_mode=self.best_mode,  # type: ignore[arg-type]
     )
 
   def _session(self) -> _session.WriteSession:
     """The open writer, opened at the first write (and again after `close`)."""
     if not self.create:
       raise ReadOnlyCheckpointerError(
-          f"This Checkpointer of {self.workdir} is read-only (create=False): it never saves or deletes."
+        f"This Checkpointer of {self.workdir} is read-only (create=False): it never saves or deletes."
       )
     rt = self._rt
     with rt.lock:
@@ -311,9 +311,7 @@ class Checkpointer(base.BaseCheckpointer):
     session = self._rt.session
     return not (session.step_exists(step) if session is not None else step in self._index.finished())
 
-  def save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
-  ) -> bool:
+  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None) -> bool:
     """Saves `state` as `step` now (in the background when `async_save`).
 
     Args:
@@ -338,10 +336,16 @@ class Checkpointer(base.BaseCheckpointer):
     """
     step = _run.check_step(step)
     session = self._session()
-    return session.save(state, step=step, force=force, metrics=policies.check_metrics(metrics, self.retention_policy, what=f"save(step={step})"), tag=tag)
+    return session.save(
+      state,
+      step=step,
+      force=force,
+      metrics=policies.check_metrics(metrics, self.retention_policy, what=f"save(step={step})"),
+      tag=tag,
+    )
 
   def maybe_save(
-      self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+    self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
   ) -> bool:
     """Saves when `should_save(step)`, or when `force` (unless the step exists).
 
@@ -363,13 +367,13 @@ class Checkpointer(base.BaseCheckpointer):
       rt.preemption.handle_sigterm(self)
     session = rt.session
     decision = multihost.vote(
-        multihost.StepVote(
-            preempt=rt.preemption.pending,
-            time_due=self._time_due(step),
-            save_done=session is not None and session.background_save_done(),
-        ),
-        timeout_secs=self.barrier_timeout_secs,
-        what=f"maybe_save(step={step})",
+      multihost.StepVote(
+        preempt=rt.preemption.pending,
+        time_due=self._time_due(step),
+        save_done=session is not None and session.background_save_done(),
+      ),
+      timeout_secs=self.barrier_timeout_secs,
+      what=f"maybe_save(step={step})",
     )
     if decision.save_done:
       self.wait_until_finished()  # raises a background error, on every process
@@ -377,8 +381,7 @@ class Checkpointer(base.BaseCheckpointer):
       saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag)
       self.wait_until_finished()
       rt.preemption.reached = True
-      log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.",
-                  step, self.directory)
+      log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.", step, self.directory)
       return saved
     if force or self._should_save(step, time_due=decision.time_due):
       return self.save(state, step=step, force=True, metrics=metrics, tag=tag)
@@ -422,8 +425,8 @@ class Checkpointer(base.BaseCheckpointer):
     finished = self._index.finished(fresh=True)
     if step not in finished:
       raise CheckpointNotFoundError(
-          f"Cannot delete step {step}: not in {self.directory} (steps: {_layout.steps_repr(finished)})",
-          available_steps=finished,
+        f"Cannot delete step {step}: not in {self.directory} (steps: {_layout.steps_repr(finished)})",
+        available_steps=finished,
       )
     session.delete(step)
 
@@ -460,13 +463,13 @@ class Checkpointer(base.BaseCheckpointer):
   # -- Restoring --------------------------------------------------------------
 
   def restore(
-      self,
-      state: Any = None,
-      *,
-      step: StepSpec = -1,
-      noop_if_missing: bool = False,
-      donate: bool = True,
-      partial: bool = False,
+    self,
+    state: Any = None,
+    *,
+    step: StepSpec = -1,
+    noop_if_missing: bool = False,
+    donate: bool = True,
+    partial: bool = False,
   ) -> Any:
     """Restores a step into the structure, shapes, dtypes and shardings of `state`.
 
@@ -553,14 +556,14 @@ class Checkpointer(base.BaseCheckpointer):
   # -- Watching ---------------------------------------------------------------
 
   def iter_new_checkpoints(
-      self,
-      *,
-      min_interval_secs: float = 0,
-      timeout: float | None = None,
-      timeout_fn: Callable[[], bool] | None = None,
-      poll_interval_secs: float = 1.0,
-      after: Step | None = None,
-      only_newest: bool = False,
+    self,
+    *,
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Callable[[], bool] | None = None,
+    poll_interval_secs: float = 1.0,
+    after: Step | None = None,
+    only_newest: bool = False,
   ) -> Iterator[Step]:
     """Yields each new finished step as it appears (for an eval job in another process).
 
@@ -582,11 +585,11 @@ class Checkpointer(base.BaseCheckpointer):
         evaluator slower than the trainer).
     """
     yield from watch.new_steps(
-        lambda: self._index.finished(fresh=True),
-        after=after,
-        min_interval_secs=min_interval_secs,
-        timeout=timeout,
-        timeout_fn=timeout_fn,
-        poll_interval_secs=poll_interval_secs,
-        only_newest=only_newest,
+      lambda: self._index.finished(fresh=True),
+      after=after,
+      min_interval_secs=min_interval_secs,
+      timeout=timeout,
+      timeout_fn=timeout_fn,
+      poll_interval_secs=poll_interval_secs,
+      only_newest=only_newest,
     )

@@ -83,7 +83,7 @@ class WriterLock:
 
   def _write(self) -> None:
     _fs.write_text_atomic(
-        self.path, json.dumps({**self.owner, "since": time.time()}), tmp_name=f".{LOCK_FILE}.{self.owner['token']}"
+      self.path, json.dumps({**self.owner, "since": time.time()}), tmp_name=f".{LOCK_FILE}.{self.owner['token']}"
     )
 
   def _describe(self, holder: dict) -> str:
@@ -104,16 +104,16 @@ class WriterLock:
         # Another Checkpointer of this process (a notebook cell run again): the
         # newer one wins, and the older one's next save raises.
         logging.getLogger("kckpt").warning(
-            "%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent
+          "%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent
         )
         break
       if not same_host and self._age() > self.stale_secs:
         break  # not refreshed for too long: its writer is gone
       if same_host or time.monotonic() > deadline:
         raise ConcurrentWriterError(
-            f"{self.path.parent} is being written by {self._describe(holder)} (lock {self.path}, refreshed"
-            f" {self._age():.0f} s ago). Two trainers must not share a workdir; if that writer is really"
-            f" gone, delete the lock file."
+          f"{self.path.parent} is being written by {self._describe(holder)} (lock {self.path}, refreshed"
+          f" {self._age():.0f} s ago). Two trainers must not share a workdir; if that writer is really"
+          f" gone, delete the lock file."
         )
       time.sleep(min(self.refresh_secs, 1.0))
     self._write()
@@ -139,9 +139,9 @@ class WriterLock:
     holder = self._read()
     if holder is None or holder.get("token") != self.owner["token"]:
       raise ConcurrentWriterError(
-          f"This writer's lock on {self.path.parent} was taken over"
-          + (f" by {self._describe(holder)}" if holder else " (the lock file was removed)")
-          + "; it stops saving so that it cannot delete the other writer's steps."
+        f"This writer's lock on {self.path.parent} was taken over"
+        + (f" by {self._describe(holder)}" if holder else " (the lock file was removed)")
+        + "; it stops saving so that it cannot delete the other writer's steps."
       )
 
   def release(self) -> None:

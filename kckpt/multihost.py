@@ -65,8 +65,8 @@ def _client() -> Any:
   client = distributed.global_state.client
   if client is None:
     raise RuntimeError(
-        f"This is process {jax.process_index()} of {jax.process_count()}, but JAX's distributed"
-        " service is not running: call jax.distributed.initialize() first."
+      f"This is process {jax.process_index()} of {jax.process_count()}, but JAX's distributed"
+      " service is not running: call jax.distributed.initialize() first."
     )
   return client
 
@@ -92,10 +92,10 @@ def _timeout_error(what: str, timeout_secs: float, error: BaseException) -> Proc
   missing = _missing_processes(error)
   who = f"process(es) {list(missing)}" if missing else "some process(es)"
   return ProcessTimeoutError(
-      f"{what}: {who} did not get there within {timeout_secs:g} s (Checkpointer.barrier_timeout_secs)."
-      " A process died or is stuck; the run cannot go on. Exit this process (os._exit: JAX's shutdown"
-      f" would wait for the missing ones) and restart the job. ({str(error).strip().splitlines()[0][:300]})",
-      processes=missing,
+    f"{what}: {who} did not get there within {timeout_secs:g} s (Checkpointer.barrier_timeout_secs)."
+    " A process died or is stuck; the run cannot go on. Exit this process (os._exit: JAX's shutdown"
+    f" would wait for the missing ones) and restart the job. ({str(error).strip().splitlines()[0][:300]})",
+    processes=missing,
   )
 
 
@@ -184,9 +184,9 @@ def vote(mine: StepVote, *, timeout_secs: float, what: str) -> StepVote:
   posted = {k for k, v in dataclasses.asdict(mine).items() if v and (k != "time_due" or is_primary())}
   values = exchange("vote", sorted(posted) or None, timeout_secs=timeout_secs, what=what)
   return StepVote(
-      preempt=any("preempt" in v for v in values.values()),
-      time_due="time_due" in values.get(0, ()),
-      save_done=any("save_done" in v for v in values.values()),
+    preempt=any("preempt" in v for v in values.values()),
+    time_due="time_due" in values.get(0, ()),
+    save_done=any("save_done" in v for v in values.values()),
   )
 
 
@@ -283,8 +283,7 @@ class SaveSync:
         return
       if failed:
         raise PeerSaveError(
-            f"stopped saving step {step}: "
-            + "; ".join(f"process {p} failed: {m}" for p, m in sorted(failed.items()))
+          f"stopped saving step {step}: " + "; ".join(f"process {p} failed: {m}" for p, m in sorted(failed.items()))
         )
       # A process waiting at a later barrier that never came here skipped this
       # one: its part of the save failed (it raises its own error).
@@ -295,8 +294,8 @@ class SaveSync:
       if remaining <= 0:
         missing = sorted(set(range(self._n)) - arrived)
         raise TimeoutError(
-            f"Saving step {step}: process(es) {missing} did not reach Orbax barrier {key!r} within"
-            f" {timeout_ms / 1000:g} s (Checkpointer.async_timeout_secs)"
+          f"Saving step {step}: process(es) {missing} did not reach Orbax barrier {key!r} within"
+          f" {timeout_ms / 1000:g} s (Checkpointer.async_timeout_secs)"
         )
       try:  # sleeps until the last process arrives, or `pause` to look for failures again
         self._client.blocking_key_value_get(done_key, max(1, int(min(pause, remaining) * 1000)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+
 from etils import epath
 
 from kckpt import _layout
@@ -109,7 +110,9 @@ class PartialLoader:
         raise TransplantError(f"new_to_old[{new!r}] = {old!r}: both sides need the same number of globs")
 
   def __hash__(self) -> int:
-    return hash((str(self.workdir), tuple(sorted(self.new_to_old.items())), self.step, self.item, self.ignore_new, self.ignore_old))
+    return hash(
+      (str(self.workdir), tuple(sorted(self.new_to_old.items())), self.step, self.item, self.ignore_new, self.ignore_old)
+    )
 
   def mapping(self, state: PyTree) -> dict[str, str]:
     """Target leaf path -> source leaf path, for every leaf that will be copied.
@@ -143,8 +146,8 @@ class PartialLoader:
         if source not in source_specs:
           nearby = sorted(p for p in source_specs if p.startswith(source.split(".")[0]))[:5]
           raise TransplantError(
-              f"key {new!r}: target leaf {path} maps to {source}, which is not in the checkpoint"
-              f" {source_dir} (some of its leaves: {nearby})"
+            f"key {new!r}: target leaf {path} maps to {source}, which is not in the checkpoint"
+            f" {source_dir} (some of its leaves: {nearby})"
           )
         saved, wanted = source_specs[source], trees.leaf_spec(leaf)
         if saved.shape != wanted.shape:
@@ -153,9 +156,7 @@ class PartialLoader:
           raise TransplantError(f"key {new!r}: {path} is already mapped from {result[path]}")
         result[path] = source
       if not matched:
-        raise TransplantError(
-            f"key {new!r} matches no leaf of the state (its paths look like {sorted(target_leaves)[:5]})"
-        )
+        raise TransplantError(f"key {new!r} matches no leaf of the state (its paths look like {sorted(target_leaves)[:5]})")
     return result
 
   def transform(self, state: PyTree) -> PyTree:

@@ -73,7 +73,7 @@ def metric_at_path(metrics: Metrics, path: str) -> Any:
     KeyError: naming the first missing part of `path` and the keys that exist.
   """
   value: Any = metrics
-  walked = []
+  walked: list[str] = []
   for part in path.split("."):
     if not isinstance(value, Mapping) or part not in value:
       where = ".".join(walked) or "<metrics>"
@@ -115,11 +115,11 @@ class SavePolicy:
 
 
 def save_reason(
-    policy: SavePolicy,
-    step: Step,
-    *,
-    now: float | None = None,
-    last_save_time: float | None = None,
+  policy: SavePolicy,
+  step: Step,
+  *,
+  now: float | None = None,
+  last_save_time: float | None = None,
 ) -> str | None:
   """Why `step` should be saved (``"interval"``, ``"on_steps"``, ``"time"``), or None.
 
@@ -152,10 +152,10 @@ def time_due(policy: SavePolicy, step: Step, *, since_last_save: float) -> bool:
   False
   """
   return (
-      policy.interval_secs is not None
-      and save_reason(policy, step) is None
-      and not (step == 0 and policy.never_save_step_zero)
-      and since_last_save >= policy.interval_secs
+    policy.interval_secs is not None
+    and save_reason(policy, step) is None
+    and not (step == 0 and policy.never_save_step_zero)
+    and since_last_save >= policy.interval_secs
   )
 
 
@@ -223,6 +223,7 @@ class RetentionPolicy:
       if self.best_fn is not None:
         value = as_score(self.best_fn(metrics), what="best_fn(metrics)")
       else:
+        assert self.best_metric_path is not None  # ranks_by_metric
         value = as_score(metric_at_path(metrics, self.best_metric_path), what=f"metric {self.best_metric_path!r}")
     except (KeyError, ValueError, TypeError):
       return None  # Checked at save; a step written by other code just goes unranked.
@@ -263,10 +264,10 @@ def decide_retention(policy: RetentionPolicy, records: Iterable[StepRecord]) -> 
 
   scores = {r.step: policy.score(r.metrics) for r in records}
   if policy.ranks_by_metric:
-    ranked = [r.step for r in records if scores[r.step] is not None]
+    scored = {s: score for s, score in scores.items() if score is not None}
     sign = -1.0 if policy.best_mode == "max" else 1.0
     # Best first; among equal scores the newer step ranks higher.
-    ranked.sort(key=lambda s: (sign * scores[s], -s))
+    ranked = sorted(scored, key=lambda s: (sign * scored[s], -s))
     limit = len(ranked) if policy.max_to_keep is None else policy.max_to_keep
     for rank, step in enumerate(ranked[:limit], start=1):
       reasons[step].append(f"best #{rank}")
@@ -290,20 +291,19 @@ def decide_retention(policy: RetentionPolicy, records: Iterable[StepRecord]) -> 
         last_kept = r.time
 
   return [
-      KeepDecision(step=r.step, keep=bool(reasons[r.step]), reasons=tuple(reasons[r.step]), score=scores[r.step])
-      for r in records
+    KeepDecision(step=r.step, keep=bool(reasons[r.step]), reasons=tuple(reasons[r.step]), score=scores[r.step]) for r in records
   ]
 
 
 def retention_rules(policy: RetentionPolicy) -> dict[str, Any]:
   """The policy as plain JSON data (a `best_fn` is recorded by name only)."""
   return {
-      "max_to_keep": policy.max_to_keep,
-      "keep_period": policy.keep_period,
-      "keep_time_interval_secs": policy.keep_time_interval_secs,
-      "best_metric_path": policy.best_metric_path,
-      "best_fn": getattr(policy.best_fn, "__qualname__", repr(policy.best_fn)) if policy.best_fn else None,
-      "best_mode": policy.best_mode,
+    "max_to_keep": policy.max_to_keep,
+    "keep_period": policy.keep_period,
+    "keep_time_interval_secs": policy.keep_time_interval_secs,
+    "best_metric_path": policy.best_metric_path,
+    "best_fn": getattr(policy.best_fn, "__qualname__", repr(policy.best_fn)) if policy.best_fn else None,
+    "best_mode": policy.best_mode,
   }
 
 
@@ -312,11 +312,11 @@ def policy_from_rules(rules: Mapping[str, Any]) -> RetentionPolicy:
   if rules.get("best_fn"):
     raise ValueError(f"the run ranks steps with a Python function ({rules['best_fn']}), which cannot be read back")
   return RetentionPolicy(
-      max_to_keep=rules.get("max_to_keep"),
-      keep_period=rules.get("keep_period"),
-      keep_time_interval_secs=rules.get("keep_time_interval_secs"),
-      best_metric_path=rules.get("best_metric_path"),
-      best_mode=rules.get("best_mode", "max"),
+    max_to_keep=rules.get("max_to_keep"),
+    keep_period=rules.get("keep_period"),
+    keep_time_interval_secs=rules.get("keep_time_interval_secs"),
+    best_metric_path=rules.get("best_metric_path"),
+    best_mode=rules.get("best_mode", "max"),
   )
 
 

@@ -16,7 +16,6 @@ import dataclasses
 import numbers
 
 
-
 def _check_gb(name: str, value: float | None) -> None:
   if value is None:
     return

@@ -73,8 +73,14 @@ class SaveTelemetry:
   """
 
   def __init__(
-      self, publish: Callable[[TransferStats], None], directory: epath.Path, *, step: Step, nbytes: int, started: float,
-      async_save: bool,
+    self,
+    publish: Callable[[TransferStats], None],
+    directory: epath.Path,
+    *,
+    step: Step,
+    nbytes: int,
+    started: float,
+    async_save: bool,
   ):
     self._publish_stats, self._directory = publish, directory
     self._step, self._nbytes, self._started, self._async = step, nbytes, started, async_save
@@ -96,12 +102,12 @@ class SaveTelemetry:
   def _publish(self) -> None:
     assert self._returned is not None
     stats = TransferStats(
-        operation="save",
-        step=self._step,
-        bytes=self._nbytes,
-        blocked_seconds=self._returned - self._started,
-        seconds=None if self._durable is None else self._durable - self._started,
-        async_save=self._async,
+      operation="save",
+      step=self._step,
+      bytes=self._nbytes,
+      blocked_seconds=self._returned - self._started,
+      seconds=None if self._durable is None else self._durable - self._started,
+      async_save=self._async,
     )
     self._publish_stats(stats)
     if stats.done:

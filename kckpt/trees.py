@@ -74,7 +74,12 @@ def leaf_spec(leaf: Any) -> LeafSpec:
 
 
 def _dtype_family(dtype: np.dtype) -> str:
-  for family, generic in (("bool", np.bool_), ("integer", np.integer), ("floating", np.floating), ("complex", np.complexfloating)):
+  for family, generic in (
+    ("bool", np.bool_),
+    ("integer", np.integer),
+    ("floating", np.floating),
+    ("complex", np.complexfloating),
+  ):
     if jax.numpy.issubdtype(dtype, generic):
       return family
   return str(dtype)
@@ -104,10 +109,10 @@ def tree_nbytes(tree: PyTree) -> int:
 
 
 def compare_trees(
-    saved: Mapping[str, LeafSpec],
-    target: Mapping[str, LeafSpec],
-    *,
-    prefix: str = "",
+  saved: Mapping[str, LeafSpec],
+  target: Mapping[str, LeafSpec],
+  *,
+  prefix: str = "",
 ) -> list[str]:
   """One line per leaf at fault: missing, unexpected, mis-shaped or mis-typed.
 
@@ -129,10 +134,7 @@ def compare_trees(
 
 
 def is_saveable_leaf(leaf: Any) -> bool:
-  return (
-      isinstance(leaf, (jax.Array, np.ndarray, np.generic, str, numbers.Number))
-      or leaf is None
-  )
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic, str, numbers.Number)) or leaf is None
 
 
 def unsaveable_leaves(tree: PyTree) -> list[str]:

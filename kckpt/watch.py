@@ -14,16 +14,16 @@ from kckpt._types import Step
 
 
 def new_steps(
-    list_steps: Callable[[], Sequence[Step]],
-    *,
-    after: Step | None = None,
-    min_interval_secs: float = 0,
-    timeout: float | None = None,
-    timeout_fn: Callable[[], bool] | None = None,
-    poll_interval_secs: float = 1.0,
-    only_newest: bool = False,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
+  list_steps: Callable[[], Sequence[Step]],
+  *,
+  after: Step | None = None,
+  min_interval_secs: float = 0,
+  timeout: float | None = None,
+  timeout_fn: Callable[[], bool] | None = None,
+  poll_interval_secs: float = 1.0,
+  only_newest: bool = False,
+  sleep: Callable[[float], None] = time.sleep,
+  clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[Step]:
   """Yields finished steps newer than `after`, in order, as they appear.
 

@@ -72,14 +72,14 @@ def s3_server(tmp_path_factory):
   proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, env=server_env)
   endpoint = f"http://127.0.0.1:{port}"
   env = {
-      "AWS_ENDPOINT_URL": endpoint,
-      "AWS_REGION": "us-east-1",
-      "AWS_ACCESS_KEY_ID": "testing",
-      "AWS_SECRET_ACCESS_KEY": "testing",
-      # No user AWS config on the test machine leaks in, and the AWS SDK inside
-      # TensorStore does not log about missing files.
-      "AWS_CONFIG_FILE": str(aws_config),
-      "AWS_SHARED_CREDENTIALS_FILE": str(aws_config),
+    "AWS_ENDPOINT_URL": endpoint,
+    "AWS_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    # No user AWS config on the test machine leaks in, and the AWS SDK inside
+    # TensorStore does not log about missing files.
+    "AWS_CONFIG_FILE": str(aws_config),
+    "AWS_SHARED_CREDENTIALS_FILE": str(aws_config),
   }
   try:
     deadline = time.monotonic() + 30
@@ -92,7 +92,7 @@ def s3_server(tmp_path_factory):
           raise RuntimeError(f"moto_server did not start on {endpoint}: see {logs / 'moto.log'}") from None
         time.sleep(0.1)
     boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+      "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
     ).create_bucket(Bucket=S3_BUCKET)
     yield {"endpoint": endpoint, "bucket": S3_BUCKET, "env": env, "pid": proc.pid}
   finally:

@@ -54,14 +54,14 @@ class Cluster:
   """
 
   def __init__(
-      self,
-      args: Sequence[str],
-      *,
-      num_processes: int,
-      workdir: os.PathLike | str,
-      devices_per_process: int = 2,
-      timeout: float = 120,
-      env: Mapping[str, str] | None = None,
+    self,
+    args: Sequence[str],
+    *,
+    num_processes: int,
+    workdir: os.PathLike | str,
+    devices_per_process: int = 2,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
   ):
     self.args = [str(a) for a in args]
     self.num_processes = num_processes
@@ -80,12 +80,12 @@ class Cluster:
     self._deadline = time.monotonic() + self.timeout
     for i in range(self.num_processes):
       env = subprocess_env(
-          KCKPT_TEST_COORDINATOR=f"127.0.0.1:{port}",
-          KCKPT_TEST_NUM_PROCESSES=self.num_processes,
-          KCKPT_TEST_PROCESS_ID=i,
-          KCKPT_TEST_WORKDIR=self.workdir,
-          XLA_FLAGS=f"--xla_force_host_platform_device_count={self.devices_per_process}",
-          **self.env,
+        KCKPT_TEST_COORDINATOR=f"127.0.0.1:{port}",
+        KCKPT_TEST_NUM_PROCESSES=self.num_processes,
+        KCKPT_TEST_PROCESS_ID=i,
+        KCKPT_TEST_WORKDIR=self.workdir,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={self.devices_per_process}",
+        **self.env,
       )
       log = log_dir / f"{len(list(log_dir.glob('*.log')))}_p{i}.log"
       with open(log, "w") as out:
@@ -108,8 +108,9 @@ class Cluster:
         return match
       if self.procs[i].poll() is not None:
         self.kill()
-        raise ClusterError(f"process {i} exited (status {self.procs[i].returncode}) before logging"
-                           f" {pattern!r}\n{self._report(i)}")
+        raise ClusterError(
+          f"process {i} exited (status {self.procs[i].returncode}) before logging {pattern!r}\n{self._report(i)}"
+        )
       if time.monotonic() > self._deadline:
         self.kill()
         raise ClusterError(f"process {i} did not log {pattern!r} within {self.timeout} s\n{self._report(i)}")
@@ -148,7 +149,7 @@ class Cluster:
     merged = {}
     for line in self.log(i).splitlines():
       if line.startswith(RESULT_PREFIX):
-        merged.update(json.loads(line[len(RESULT_PREFIX):]))
+        merged.update(json.loads(line[len(RESULT_PREFIX) :]))
     return merged
 
   def _report(self, failed: int) -> str:

@@ -16,8 +16,8 @@ from tests.conftest import snapshot
 
 def make_state(scale=1.0):
   return {
-      "params": {"dense": {"w": jnp.full((4, 4), scale), "b": jnp.zeros(4)}},
-      "step": jnp.asarray(3),
+    "params": {"dense": {"w": jnp.full((4, 4), scale), "b": jnp.zeros(4)}},
+    "step": jnp.asarray(3),
   }
 
 
@@ -38,7 +38,12 @@ def test_construction_does_no_io(tmp_path):
 
 def test_workdir_none_raises_clear_error_at_first_io():
   ckpt = kckpt.Checkpointer(save_interval_steps=10)
-  for use in (lambda: ckpt.latest_step, lambda: ckpt.all_steps, lambda: ckpt.restore(), lambda: ckpt.save({"a": np.ones(1)}, step=1)):
+  for use in (
+    lambda: ckpt.latest_step,
+    lambda: ckpt.all_steps,
+    lambda: ckpt.restore(),
+    lambda: ckpt.save({"a": np.ones(1)}, step=1),
+  ):
     with pytest.raises(ValueError, match="workdir is None.*replace"):
       use()
 
@@ -78,29 +83,45 @@ class FakeConfigDict:
 
 def test_from_config_plain_dict_and_configdict():
   ckpt = kckpt.Checkpointer.from_config(
-      {"save_interval_steps": 100, "keep_time_interval": 3600, "max_to_keep": 2, "save_on_steps": [7], "best_metric_path": "eval.loss", "best_mode": "min"}
+    {
+      "save_interval_steps": 100,
+      "keep_time_interval": 3600,
+      "max_to_keep": 2,
+      "save_on_steps": [7],
+      "best_metric_path": "eval.loss",
+      "best_mode": "min",
+    }
   )
   assert ckpt.keep_time_interval == datetime.timedelta(hours=1)
   assert ckpt.save_on_steps == (7,) and ckpt.best_mode == "min" and ckpt.workdir is None
-  same = kckpt.Checkpointer.from_config(FakeConfigDict(save_interval_steps=100, keep_time_interval=3600, max_to_keep=2, save_on_steps=[7], best_metric_path="eval.loss", best_mode="min"))
+  same = kckpt.Checkpointer.from_config(
+    FakeConfigDict(
+      save_interval_steps=100,
+      keep_time_interval=3600,
+      max_to_keep=2,
+      save_on_steps=[7],
+      best_metric_path="eval.loss",
+      best_mode="min",
+    )
+  )
   assert same == ckpt
   with pytest.raises(ValueError, match="unknown fields.*'max_keep'"):
     kckpt.Checkpointer.from_config({"save_interval_steps": 1, "max_keep": 3})
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"max_to_keep": 0}, "max_to_keep must be a positive int"),
-        ({"best_mode": "maximum"}, "best_mode must be one of"),
-        ({"save_interval_steps": -5}, "save_interval_steps must be a positive int"),
-        ({"keep_period": 1.5}, "keep_period must be a positive int"),
-        ({"keep_time_interval": -1}, "keep_time_interval must be a positive"),
-        ({"save_on_steps": [-1]}, "non-negative int"),
-        ({"best_metric_path": "a", "best_fn": lambda m: 0.0}, "not both"),
-        ({"save_interval_secs": 0}, "save_interval_secs must be a positive"),
-        ({"workdir": 3}, "workdir must be a path"),
-    ],
+  "kwargs, message",
+  [
+    ({"max_to_keep": 0}, "max_to_keep must be a positive int"),
+    ({"best_mode": "maximum"}, "best_mode must be one of"),
+    ({"save_interval_steps": -5}, "save_interval_steps must be a positive int"),
+    ({"keep_period": 1.5}, "keep_period must be a positive int"),
+    ({"keep_time_interval": -1}, "keep_time_interval must be a positive"),
+    ({"save_on_steps": [-1]}, "non-negative int"),
+    ({"best_metric_path": "a", "best_fn": lambda m: 0.0}, "not both"),
+    ({"save_interval_secs": 0}, "save_interval_secs must be a positive"),
+    ({"workdir": 3}, "workdir must be a path"),
+  ],
 )
 def test_contradictory_or_bad_options_rejected_at_construction(kwargs, message):
   kwargs.setdefault("save_interval_steps", 1)
@@ -430,10 +451,10 @@ def test_background_error_raised_at_next_call_naming_step(workdir, monkeypatch, 
   assert ckpt.save({"x": np.ones(3)}, step=2)  # starts fine; fails in the background
   with pytest.raises(kckpt.BackgroundSaveError, match="step 2") as info:
     calls = {
-        "save": lambda: ckpt.save({"x": np.ones(3)}, step=3),
-        "maybe_save": lambda: _until_raises(lambda: ckpt.maybe_save({"x": np.ones(3)}, step=4)),
-        "wait_until_finished": ckpt.wait_until_finished,
-        "close": ckpt.close,
+      "save": lambda: ckpt.save({"x": np.ones(3)}, step=3),
+      "maybe_save": lambda: _until_raises(lambda: ckpt.maybe_save({"x": np.ones(3)}, step=4)),
+      "wait_until_finished": ckpt.wait_until_finished,
+      "close": ckpt.close,
     }
     calls[next_call]()
   assert info.value.step == 2 and "injected storage failure" in str(info.value.__cause__)
@@ -450,7 +471,7 @@ def _until_raises(call, attempts=200):
   """maybe_save raises once the background save has failed; it does not block for it."""
   import time
 
-  for step in range(attempts):
+  for _ in range(attempts):
     call()
     time.sleep(0.02)
   raise AssertionError("background error never surfaced")
@@ -483,7 +504,9 @@ def test_iter_new_checkpoints_in_process(workdir):
   ckpt.wait_until_finished()
   kckpt.write_end_marker(workdir, step=2)
   reader = kckpt.Checkpointer.open(workdir)
-  assert list(reader.iter_new_checkpoints(timeout=5, timeout_fn=lambda: kckpt.trainer_finished(workdir), poll_interval_secs=0.01)) == [2]
+  assert list(
+    reader.iter_new_checkpoints(timeout=5, timeout_fn=lambda: kckpt.trainer_finished(workdir), poll_interval_secs=0.01)
+  ) == [2]
   assert list(reader.iter_new_checkpoints(after=0, timeout_fn=lambda: True, poll_interval_secs=0.01)) == [1, 2]
 
 

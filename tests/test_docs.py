@@ -5,10 +5,40 @@ import doctest
 import pytest
 
 import kckpt
-from kckpt import _run, base, checkpointer, inspect, items, markers, partial_loader, policies, telemetry, trees, watch
-from kckpt.inspect import _common, _diff, _rows, _verify
+from kckpt import _run
+from kckpt import base
+from kckpt import checkpointer
+from kckpt import inspect
+from kckpt import items
+from kckpt import markers
+from kckpt import partial_loader
+from kckpt import policies
+from kckpt import telemetry
+from kckpt import trees
+from kckpt import watch
+from kckpt.inspect import _common
+from kckpt.inspect import _diff
+from kckpt.inspect import _rows
+from kckpt.inspect import _verify
 
-MODULES = [kckpt, _run, base, checkpointer, inspect, _common, _diff, _rows, _verify, items, markers, partial_loader, policies, telemetry, trees, watch]
+MODULES = [
+  kckpt,
+  _run,
+  base,
+  checkpointer,
+  inspect,
+  _common,
+  _diff,
+  _rows,
+  _verify,
+  items,
+  markers,
+  partial_loader,
+  policies,
+  telemetry,
+  trees,
+  watch,
+]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

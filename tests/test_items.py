@@ -26,7 +26,7 @@ def roundtrip(workdir, state, target=None, **restore_kwargs):
 
 def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -77,7 +77,11 @@ def test_nnx_state(workdir):
 
 def test_numpy_and_python_scalars(workdir):
   saved = {"i": 7, "f": 2.5, "np_i": np.int32(4), "arr": np.arange(5, dtype=np.int16), "jax": jnp.ones(2, jnp.bfloat16)}
-  restored = roundtrip(workdir, saved, target={"i": 0, "f": 0.0, "np_i": np.int32(0), "arr": np.zeros(5, np.int16), "jax": jnp.zeros(2, jnp.bfloat16)})
+  restored = roundtrip(
+    workdir,
+    saved,
+    target={"i": 0, "f": 0.0, "np_i": np.int32(0), "arr": np.zeros(5, np.int16), "jax": jnp.zeros(2, jnp.bfloat16)},
+  )
   assert restored["i"] == 7 and isinstance(restored["i"], int)
   assert restored["f"] == 2.5
   assert int(restored["np_i"]) == 4

@@ -6,8 +6,7 @@ import sys
 import numpy as np
 
 import kckpt
-from kckpt._orbax import _metadata
-from kckpt._orbax import _reaches
+from kckpt._orbax import _metadata, _reaches
 
 
 def test_every_private_reach_still_exists():
@@ -25,14 +24,14 @@ def test_the_item_metadata_layout_is_the_one_the_fast_reader_knows(tmp_path):
 
 def test_import_kckpt_changes_nothing_in_orbax_or_logging():
   code = (
-      "import logging\n"
-      "from orbax.checkpoint._src.serialization import tensorstore_utils as t\n"
-      "from orbax.checkpoint._src.path import gcs_utils as g\n"
-      "before = (t._normalize_path, t._use_gcs_driver, g.get_kvstore_for_gcs, list(logging.getLogger('absl').filters))\n"
-      "import kckpt, kckpt.checkpointer, kckpt.cli, kckpt._orbax\n"
-      "after = (t._normalize_path, t._use_gcs_driver, g.get_kvstore_for_gcs, list(logging.getLogger('absl').filters))\n"
-      "assert before == after, (before, after)\n"
-      "print('unchanged')\n"
+    "import logging\n"
+    "from orbax.checkpoint._src.serialization import tensorstore_utils as t\n"
+    "from orbax.checkpoint._src.path import gcs_utils as g\n"
+    "before = (t._normalize_path, t._use_gcs_driver, g.get_kvstore_for_gcs, list(logging.getLogger('absl').filters))\n"
+    "import kckpt, kckpt.checkpointer, kckpt.cli, kckpt._orbax\n"
+    "after = (t._normalize_path, t._use_gcs_driver, g.get_kvstore_for_gcs, list(logging.getLogger('absl').filters))\n"
+    "assert before == after, (before, after)\n"
+    "print('unchanged')\n"
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0 and "unchanged" in out.stdout, out.stderr[-2000:]

@@ -17,11 +17,13 @@ def saved_run(workdir, state, step=1, **kwargs):
   return ckpt
 
 
-
 def pretrained(workdir):
   params = {
-      "encoder": {"layer_0": {"w": jnp.full((2, 3), 1.0), "b": jnp.full(3, 1.5)}, "layer_1": {"w": jnp.full((3, 3), 2.0), "b": jnp.full(3, 2.5)}},
-      "head": {"w": jnp.full((3, 1), 9.0)},
+    "encoder": {
+      "layer_0": {"w": jnp.full((2, 3), 1.0), "b": jnp.full(3, 1.5)},
+      "layer_1": {"w": jnp.full((3, 3), 2.0), "b": jnp.full(3, 2.5)},
+    },
+    "head": {"w": jnp.full((3, 1), 9.0)},
   }
   saved_run(workdir, {"params": params, "opt_state": optax.adam(0.1).init(params)}, step=100)
   return params
@@ -29,9 +31,9 @@ def pretrained(workdir):
 
 def fresh_state():
   params = {
-      "encoder": {"layer_0": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "layer_1": {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}},
-      "decoder": {"block_0": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "block_1": {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}},
-      "head": {"w": jnp.zeros((3, 1))},
+    "encoder": {"layer_0": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "layer_1": {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}},
+    "decoder": {"block_0": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "block_1": {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}},
+    "head": {"w": jnp.zeros((3, 1))},
   }
   return {"params": params, "opt_state": optax.adam(0.1).init(params)}
 
@@ -39,8 +41,8 @@ def fresh_state():
 def test_partial_loader_encoder_to_decoder_with_globs(tmp_path):
   pretrained(tmp_path / "pre")
   loader = kckpt.PartialLoader(
-      workdir=tmp_path / "pre",
-      new_to_old={"params.encoder": "params.encoder", "params.decoder.block_*": "params.encoder.layer_*"},
+    workdir=tmp_path / "pre",
+    new_to_old={"params.encoder": "params.encoder", "params.decoder.block_*": "params.encoder.layer_*"},
   )
   state = fresh_state()
   out = loader.transform(state)
@@ -55,9 +57,11 @@ def test_partial_loader_encoder_to_decoder_with_globs(tmp_path):
 def test_partial_loader_double_star_and_ignore_lists(tmp_path):
   pretrained(tmp_path / "pre")
   loader = kckpt.PartialLoader(
-      workdir=tmp_path / "pre", step=100,
-      new_to_old={"params.**": "params.**"},
-      ignore_new=["params.decoder"], ignore_old=["params.head"],
+    workdir=tmp_path / "pre",
+    step=100,
+    new_to_old={"params.**": "params.**"},
+    ignore_new=["params.decoder"],
+    ignore_old=["params.head"],
   )
   out = loader.transform(fresh_state())
   np.testing.assert_array_equal(out["params"]["encoder"]["layer_1"]["b"], np.full(3, 2.5))
@@ -70,10 +74,18 @@ def test_partial_loader_errors_name_the_key(tmp_path):
   state = fresh_state()
   with pytest.raises(kckpt.TransplantError, match="key 'params.nothing' matches no leaf"):
     kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.nothing": "params.encoder"}).transform(state)
-  with pytest.raises(kckpt.TransplantError, match="key 'params.decoder': target leaf params.decoder.block_0.b maps to params.missing.block_0.b"):
+  with pytest.raises(
+    kckpt.TransplantError, match="key 'params.decoder': target leaf params.decoder.block_0.b maps to params.missing.block_0.b"
+  ):
     kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.decoder": "params.missing"}).transform(state)
-  with pytest.raises(kckpt.TransplantError, match=r"key 'params.decoder.block_1': params.encoder.layer_0.w is \(2, 3\) float32 .* but params.decoder.block_1.w is \(3, 3\)"):
-    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.decoder.block_1": "params.encoder.layer_0"}).transform(state)
+  with pytest.raises(
+    kckpt.TransplantError,
+    match=r"key 'params.decoder.block_1': params.encoder.layer_0.w is \(2, 3\) float32 .*"
+    r" but params.decoder.block_1.w is \(3, 3\)",
+  ):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.decoder.block_1": "params.encoder.layer_0"}).transform(
+      state
+    )
   with pytest.raises(kckpt.TransplantError, match="same number of globs"):
     kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.*": "params.encoder"})
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -110,10 +122,13 @@ def test_partial_loader_reads_only_the_mapped_item(tmp_path):
 
 def test_partial_loader_takes_every_step_name(tmp_path):
   params = {"w": jnp.zeros(2)}
-  with kckpt.Checkpointer(workdir=tmp_path / "pre", save_interval_steps=1, max_to_keep=None, best_metric_path="loss",
-                          best_mode="min", async_save=False) as ckpt:
+  with kckpt.Checkpointer(
+    workdir=tmp_path / "pre", save_interval_steps=1, max_to_keep=None, best_metric_path="loss", best_mode="min", async_save=False
+  ) as ckpt:
     for step, loss in ((1, 0.5), (2, 0.1), (3, 0.9)):
-      ckpt.save({"params": {"w": jnp.full(2, float(step))}}, step=step, metrics={"loss": loss}, tag="first" if step == 1 else None)
+      ckpt.save(
+        {"params": {"w": jnp.full(2, float(step))}}, step=step, metrics={"loss": loss}, tag="first" if step == 1 else None
+      )
   for step, expected in ((-1, 3.0), ("latest", 3.0), ("best", 2.0), ("first", 1.0), (2, 2.0)):
     loader = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}, step=step)
     np.testing.assert_array_equal(loader.transform({"params": params})["params"]["w"], np.full(2, expected))

@@ -10,21 +10,20 @@ import random
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kckpt.policies import (
-    KeepDecision,
-    RetentionPolicy,
-    SavePolicy,
-    StepRecord,
-    as_score,
-    decide_retention,
-    metric_at_path,
-    save_reason,
-    steps_to_delete,
-    timedelta_seconds,
-    to_json_metrics,
+  KeepDecision,
+  RetentionPolicy,
+  SavePolicy,
+  StepRecord,
+  as_score,
+  decide_retention,
+  metric_at_path,
+  save_reason,
+  steps_to_delete,
+  timedelta_seconds,
+  to_json_metrics,
 )
 
 NAN = float("nan")
@@ -48,7 +47,6 @@ def reasons_by_step(decisions):
 
 
 class TestSaveReason:
-
   def test_interval(self):
     policy = SavePolicy(interval_steps=10)
     assert [s for s in range(0, 35) if save_reason(policy, s) == "interval"] == [0, 10, 20, 30]
@@ -114,7 +112,6 @@ class TestSaveReason:
 
 
 class TestToJsonMetrics:
-
   def test_plain_values_pass_through(self):
     metrics = {"loss": 1.5, "step": 3, "ok": True, "name": "x", "none": None, "nested": {"a": [1, 2.5], "t": (3, 4)}}
     out = to_json_metrics(metrics)
@@ -127,19 +124,19 @@ class TestToJsonMetrics:
     assert to_json_metrics({1: 2.0}) == {"1": 2.0}
 
   @pytest.mark.parametrize(
-      "value, expected, kind",
-      [
-          (np.float32(1.5), 1.5, float),
-          (np.float64(-2.25), -2.25, float),
-          (np.float16(0.5), 0.5, float),
-          (np.int64(3), 3, int),
-          (np.int8(-4), -4, int),
-          (np.uint32(7), 7, int),
-          (np.bool_(True), True, bool),
-          (np.array(2.5), 2.5, float),
-          (np.array([4]), 4, int),
-          (np.array([0.5], dtype=np.float32), 0.5, float),
-      ],
+    "value, expected, kind",
+    [
+      (np.float32(1.5), 1.5, float),
+      (np.float64(-2.25), -2.25, float),
+      (np.float16(0.5), 0.5, float),
+      (np.int64(3), 3, int),
+      (np.int8(-4), -4, int),
+      (np.uint32(7), 7, int),
+      (np.bool_(True), True, bool),
+      (np.array(2.5), 2.5, float),
+      (np.array([4]), 4, int),
+      (np.array([0.5], dtype=np.float32), 0.5, float),
+    ],
   )
   def test_numpy_scalars(self, value, expected, kind):
     out = to_json_metrics({"eval": {"m": value}})["eval"]["m"]
@@ -147,15 +144,15 @@ class TestToJsonMetrics:
     assert type(out) is kind
 
   @pytest.mark.parametrize(
-      "value, expected, kind",
-      [
-          (jnp.array(2.5), 2.5, float),
-          (jnp.array(2.5, dtype=jnp.bfloat16), 2.5, float),
-          (jnp.array([3], dtype=jnp.int32), 3, int),
-          (jnp.array([1.25], dtype=jnp.float32), 1.25, float),
-          (jnp.array(True), True, bool),
-          (jnp.float32(0.75), 0.75, float),
-      ],
+    "value, expected, kind",
+    [
+      (jnp.array(2.5), 2.5, float),
+      (jnp.array(2.5, dtype=jnp.bfloat16), 2.5, float),
+      (jnp.array([3], dtype=jnp.int32), 3, int),
+      (jnp.array([1.25], dtype=jnp.float32), 1.25, float),
+      (jnp.array(True), True, bool),
+      (jnp.float32(0.75), 0.75, float),
+    ],
   )
   def test_jax_scalars(self, value, expected, kind):
     out = to_json_metrics({"eval": {"m": value}})["eval"]["m"]
@@ -190,7 +187,6 @@ class TestToJsonMetrics:
 
 
 class TestMetricAtPath:
-
   def test_found(self):
     metrics = {"eval": {"loss": 0.5, "sub": {"x": 3}}, "top": 1}
     assert metric_at_path(metrics, "top") == 1
@@ -222,7 +218,6 @@ class TestMetricAtPath:
 
 
 class TestAsScore:
-
   def test_numbers(self):
     assert as_score(3, what="x") == 3.0
     assert type(as_score(3, what="x")) is float
@@ -237,7 +232,6 @@ class TestAsScore:
 
 
 class TestScore:
-
   def test_no_ranking(self):
     assert RetentionPolicy().score(loss(1.0)) is None
 
@@ -268,7 +262,6 @@ class TestScore:
 
 
 class TestDecideRetention:
-
   def test_empty(self):
     assert decide_retention(RetentionPolicy(), []) == []
 
@@ -307,23 +300,23 @@ class TestDecideRetention:
 
   def test_single_step(self):
     assert decide_retention(RetentionPolicy(max_to_keep=1), [StepRecord(7)]) == [
-        KeepDecision(step=7, keep=True, reasons=("newest", "latest"))
+      KeepDecision(step=7, keep=True, reasons=("newest", "latest"))
     ]
     # Ranked by a metric, a step without metrics is kept only as the newest.
     assert decide_retention(RetentionPolicy(max_to_keep=1, best_metric_path="eval.loss"), [StepRecord(7)]) == [
-        KeepDecision(step=7, keep=True, reasons=("newest",))
+      KeepDecision(step=7, keep=True, reasons=("newest",))
     ]
 
   def test_keep_period(self):
     policy = RetentionPolicy(max_to_keep=1, keep_period=100)
     decisions = decide_retention(policy, [StepRecord(s) for s in (0, 50, 100, 150, 200, 250)])
     assert reasons_by_step(decisions) == {
-        0: ("period",),
-        50: (),
-        100: ("period",),
-        150: (),
-        200: ("period",),
-        250: ("newest", "latest"),
+      0: ("period",),
+      50: (),
+      100: ("period",),
+      150: (),
+      200: ("period",),
+      250: ("newest", "latest"),
     }
 
   def test_keep_period_on_newest(self):
@@ -349,13 +342,13 @@ class TestDecideRetention:
 
   def test_keep_time_interval_unknown_time_never_kept(self):
     records = [
-        StepRecord(1, time=None),
-        StepRecord(2, time=100.0),
-        StepRecord(3, time=None),
-        StepRecord(4, time=130.0),
-        StepRecord(5, time=170.0),
-        StepRecord(6, time=None),
-        StepRecord(7, time=None),
+      StepRecord(1, time=None),
+      StepRecord(2, time=100.0),
+      StepRecord(3, time=None),
+      StepRecord(4, time=130.0),
+      StepRecord(5, time=170.0),
+      StepRecord(6, time=None),
+      StepRecord(7, time=None),
     ]
     policy = RetentionPolicy(max_to_keep=1, keep_time_interval_secs=60)
     decisions = decide_retention(policy, records)
@@ -381,7 +374,11 @@ class TestDecideRetention:
 
   def test_best_fn(self):
     policy = RetentionPolicy(max_to_keep=1, best_fn=lambda m: m["a"] * m["b"], best_mode="max")
-    records = [StepRecord(1, metrics={"a": 2, "b": 5}), StepRecord(2, metrics={"a": 3, "b": 3}), StepRecord(3, metrics={"a": 1, "b": 1})]
+    records = [
+      StepRecord(1, metrics={"a": 2, "b": 5}),
+      StepRecord(2, metrics={"a": 3, "b": 3}),
+      StepRecord(3, metrics={"a": 1, "b": 1}),
+    ]
     decisions = decide_retention(policy, records)
     assert reasons_by_step(decisions) == {1: ("best #1",), 2: (), 3: ("newest",)}
     assert [d.score for d in decisions] == [10.0, 9.0, 1.0]
@@ -398,18 +395,30 @@ class TestDecideRetention:
 
   def test_best_with_max_to_keep_none_ranks_all(self):
     policy = RetentionPolicy(max_to_keep=None, best_metric_path="eval.loss", best_mode="min")
-    records = [StepRecord(1, metrics=loss(3.0)), StepRecord(2, metrics=None), StepRecord(3, metrics=loss(1.0)), StepRecord(4, metrics=loss(2.0)), StepRecord(5)]
-    assert reasons_by_step(decide_retention(policy, records)) == {1: ("best #3",), 2: (), 3: ("best #1",), 4: ("best #2",), 5: ("newest",)}
+    records = [
+      StepRecord(1, metrics=loss(3.0)),
+      StepRecord(2, metrics=None),
+      StepRecord(3, metrics=loss(1.0)),
+      StepRecord(4, metrics=loss(2.0)),
+      StepRecord(5),
+    ]
+    assert reasons_by_step(decide_retention(policy, records)) == {
+      1: ("best #3",),
+      2: (),
+      3: ("best #1",),
+      4: ("best #2",),
+      5: ("newest",),
+    }
 
   @pytest.mark.parametrize("unranked", [None, loss(NAN), {"eval": {}}, {"train": {"loss": 0.0}}, loss("bad")])
   def test_unranked_steps(self, unranked):
     policy = RetentionPolicy(max_to_keep=2, best_metric_path="eval.loss", best_mode="min")
     records = [
-        StepRecord(1, metrics=unranked),
-        StepRecord(2, metrics=loss(5.0)),
-        StepRecord(3, metrics=unranked),
-        StepRecord(4, metrics=loss(6.0)),
-        StepRecord(5, metrics=unranked),
+      StepRecord(1, metrics=unranked),
+      StepRecord(2, metrics=loss(5.0)),
+      StepRecord(3, metrics=unranked),
+      StepRecord(4, metrics=loss(6.0)),
+      StepRecord(5, metrics=unranked),
     ]
     decisions = decide_retention(policy, records)
     # Unranked steps take no rank: the two scored steps are #1 and #2.
@@ -417,22 +426,24 @@ class TestDecideRetention:
     assert [d.score for d in decisions] == [None, 5.0, None, 6.0, None]
 
   def test_unranked_steps_kept_by_other_rules(self):
-    policy = RetentionPolicy(max_to_keep=1, best_metric_path="eval.loss", best_mode="min", keep_period=10, keep_time_interval_secs=100)
+    policy = RetentionPolicy(
+      max_to_keep=1, best_metric_path="eval.loss", best_mode="min", keep_period=10, keep_time_interval_secs=100
+    )
     records = [
-        StepRecord(5, time=0.0, metrics=None),
-        StepRecord(10, time=10.0, metrics=loss(NAN)),
-        StepRecord(11, time=20.0, metrics=loss(1.0)),
-        StepRecord(12, time=150.0, metrics=None),
-        StepRecord(13, time=160.0, metrics=loss(NAN)),
-        StepRecord(14, time=170.0, metrics=loss(NAN)),
+      StepRecord(5, time=0.0, metrics=None),
+      StepRecord(10, time=10.0, metrics=loss(NAN)),
+      StepRecord(11, time=20.0, metrics=loss(1.0)),
+      StepRecord(12, time=150.0, metrics=None),
+      StepRecord(13, time=160.0, metrics=loss(NAN)),
+      StepRecord(14, time=170.0, metrics=loss(NAN)),
     ]
     assert reasons_by_step(decide_retention(policy, records)) == {
-        5: ("interval",),
-        10: ("period",),
-        11: ("best #1",),
-        12: ("interval",),
-        13: (),
-        14: ("newest",),
+      5: ("interval",),
+      10: ("period",),
+      11: ("best #1",),
+      12: ("interval",),
+      13: (),
+      14: ("newest",),
     }
 
   def test_only_unranked_steps(self):
@@ -457,11 +468,17 @@ class TestDecideRetention:
 
   def test_infinite_scores_are_ranked(self):
     policy = RetentionPolicy(max_to_keep=1, best_metric_path="eval.loss", best_mode="min")
-    records = [StepRecord(1, metrics=loss(float("inf"))), StepRecord(2, metrics=loss(-float("inf"))), StepRecord(3, metrics=loss(0.0))]
+    records = [
+      StepRecord(1, metrics=loss(float("inf"))),
+      StepRecord(2, metrics=loss(-float("inf"))),
+      StepRecord(3, metrics=loss(0.0)),
+    ]
     assert reasons_by_step(decide_retention(policy, records)) == {1: (), 2: ("best #1",), 3: ("newest",)}
 
   def test_all_reasons_in_order(self):
-    policy = RetentionPolicy(max_to_keep=1, keep_period=10, keep_time_interval_secs=5, best_metric_path="eval.loss", best_mode="min")
+    policy = RetentionPolicy(
+      max_to_keep=1, keep_period=10, keep_time_interval_secs=5, best_metric_path="eval.loss", best_mode="min"
+    )
     decisions = decide_retention(policy, [StepRecord(10, time=0.0, metrics=loss(0.1))])
     assert decisions == [KeepDecision(step=10, keep=True, reasons=("newest", "best #1", "period", "interval"), score=0.1)]
     policy = dataclasses.replace(policy, best_metric_path=None)
@@ -500,12 +517,12 @@ def _fn_score(metrics):
 def policies(draw):
   ranking = draw(st.sampled_from(["none", "max", "min", "fn"]))
   return RetentionPolicy(
-      max_to_keep=draw(st.one_of(st.none(), st.integers(1, 4))),
-      keep_period=draw(st.one_of(st.none(), st.integers(2, 6))),
-      keep_time_interval_secs=draw(st.one_of(st.none(), st.sampled_from([1.0, 2.5, 10.0]))),
-      best_metric_path=PATH_LOSS if ranking in ("max", "min") else None,
-      best_fn=_fn_score if ranking == "fn" else None,
-      best_mode="min" if ranking == "min" else "max",
+    max_to_keep=draw(st.one_of(st.none(), st.integers(1, 4))),
+    keep_period=draw(st.one_of(st.none(), st.integers(2, 6))),
+    keep_time_interval_secs=draw(st.one_of(st.none(), st.sampled_from([1.0, 2.5, 10.0]))),
+    best_metric_path=PATH_LOSS if ranking in ("max", "min") else None,
+    best_fn=_fn_score if ranking == "fn" else None,
+    best_mode="min" if ranking == "min" else "max",
   )
 
 
@@ -513,16 +530,16 @@ def policies(draw):
 # Metrics: None, NaN, missing the ranked key, or a loss in a small range (many
 # ties) or a wide one.
 _METRICS = st.one_of(
-    st.sampled_from([None, loss(NAN), {"eval": {"acc": 1.0}}]),
-    st.integers(-3, 3).map(lambda v: loss(float(v))),
-    st.floats(-100, 100, allow_nan=False).map(loss),
+  st.sampled_from([None, loss(NAN), {"eval": {"acc": 1.0}}]),
+  st.integers(-3, 3).map(lambda v: loss(float(v))),
+  st.floats(-100, 100, allow_nan=False).map(loss),
 )
 _SAVE = st.tuples(
-    st.integers(1, 4),
-    st.sampled_from([0.0, 0.5, 1.0, 1.5, 3.0, 12.0, -2.0]),  # -2: clock skew
-    st.integers(0, 3),  # 0: time unknown
-    _METRICS,
-    st.booleans(),
+  st.integers(1, 4),
+  st.sampled_from([0.0, 0.5, 1.0, 1.5, 3.0, 12.0, -2.0]),  # -2: clock skew
+  st.integers(0, 3),  # 0: time unknown
+  _METRICS,
+  st.booleans(),
 )
 
 
@@ -686,9 +703,9 @@ def test_trainer_simulation_invariants(policy, saves, seed):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    policy=policies().filter(lambda p: p.ranks_by_metric),
-    saves=schedules(),
-    seed=st.integers(0, 2**16),
+  policy=policies().filter(lambda p: p.ranks_by_metric),
+  saves=schedules(),
+  seed=st.integers(0, 2**16),
 )
 def test_global_best_survives(policy, saves, seed):
   saved, disk = simulate(policy, saves, seed)

@@ -21,15 +21,18 @@ def saved_run(workdir, state, step=1, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "target, expected",
-    [
-        ({"a": jnp.zeros(3)}, "b.c: in the checkpoint ((2,) int32) but not in the target"),
-        ({"a": jnp.zeros(3), "b": {"c": jnp.zeros(2, jnp.int32)}, "d": jnp.zeros(1)}, "d: in the target ((1,) float32) but not in the checkpoint"),
-        ({"a": jnp.zeros(4), "b": {"c": jnp.zeros(2, jnp.int32)}}, "a: saved (3,) float32, target (4,) float32"),
-        ({"a": jnp.zeros(3, bool), "b": {"c": jnp.zeros(2, jnp.int32)}}, "a: saved (3,) float32, target (3,) bool"),
-        ({"a": jnp.zeros(3), "b": {"c": jnp.zeros(2, jnp.float32)}}, "b.c: saved (2,) int32, target (2,) float32"),
-    ],
-    ids=["missing", "unexpected", "mis-shaped", "mis-typed-bool", "mis-typed-int-to-float"],
+  "target, expected",
+  [
+    ({"a": jnp.zeros(3)}, "b.c: in the checkpoint ((2,) int32) but not in the target"),
+    (
+      {"a": jnp.zeros(3), "b": {"c": jnp.zeros(2, jnp.int32)}, "d": jnp.zeros(1)},
+      "d: in the target ((1,) float32) but not in the checkpoint",
+    ),
+    ({"a": jnp.zeros(4), "b": {"c": jnp.zeros(2, jnp.int32)}}, "a: saved (3,) float32, target (4,) float32"),
+    ({"a": jnp.zeros(3, bool), "b": {"c": jnp.zeros(2, jnp.int32)}}, "a: saved (3,) float32, target (3,) bool"),
+    ({"a": jnp.zeros(3), "b": {"c": jnp.zeros(2, jnp.float32)}}, "b.c: saved (2,) int32, target (2,) float32"),
+  ],
+  ids=["missing", "unexpected", "mis-shaped", "mis-typed-bool", "mis-typed-int-to-float"],
 )
 def test_each_mismatch_kind_is_named(workdir, target, expected):
   ckpt = saved_run(workdir, {"a": jnp.ones(3), "b": {"c": jnp.ones(2, jnp.int32)}})
@@ -70,10 +73,10 @@ def test_restore_onto_other_shardings_and_devices(workdir):
   sharded = jax.device_put(value, NamedSharding(mesh, P("data", "model")))
   ckpt = saved_run(workdir, {"w": sharded})
   targets = {
-      "replicated": NamedSharding(mesh, P()),
-      "other mesh": NamedSharding(Mesh(devices[:4].reshape(4, 1), ("x", "y")), P("x", None)),
-      "two devices": NamedSharding(Mesh(devices[2:4], ("d",)), P(None, "d")),
-      "one cpu": jax.sharding.SingleDeviceSharding(jax.devices()[3]),
+    "replicated": NamedSharding(mesh, P()),
+    "other mesh": NamedSharding(Mesh(devices[:4].reshape(4, 1), ("x", "y")), P("x", None)),
+    "two devices": NamedSharding(Mesh(devices[2:4], ("d",)), P(None, "d")),
+    "one cpu": jax.sharding.SingleDeviceSharding(jax.devices()[3]),
   }
   for name, sharding in targets.items():
     out = ckpt.restore({"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding)})["w"]

@@ -20,10 +20,10 @@ from kckpt import trees
 
 ORBAX_FORMAT = kckpt.StorageOptions.orbax_defaults()
 STORAGES = {
-    "kckpt_defaults": kckpt.StorageOptions(),
-    "orbax_defaults": ORBAX_FORMAT,
-    "zarr3": kckpt.StorageOptions(use_zarr3=True),
-    "no_ocdbt": kckpt.StorageOptions(use_ocdbt=False),
+  "kckpt_defaults": kckpt.StorageOptions(),
+  "orbax_defaults": ORBAX_FORMAT,
+  "zarr3": kckpt.StorageOptions(use_zarr3=True),
+  "no_ocdbt": kckpt.StorageOptions(use_ocdbt=False),
 }
 
 # Every dtype the benchmark uses (float32, bfloat16), and those of a training state.
@@ -66,7 +66,7 @@ def zeros_like(state):
 
 def assert_same_tree(actual, expected):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     if isinstance(e, jax.Array) and jax.dtypes.issubdtype(e.dtype, jax.dtypes.prng_key):
       a, e = jax.random.key_data(a), jax.random.key_data(e)
     assert np.asarray(a).dtype == np.asarray(e).dtype
@@ -164,9 +164,9 @@ def test_plain_orbax_reads_kckpt_files(tmp_path, name):
 
 
 @pytest.mark.parametrize(
-    "handler_options",
-    [{}, {"use_zarr3": True}, {"use_ocdbt": False}, {"use_compression": False}],
-    ids=["orbax_defaults", "zarr3", "no_ocdbt", "uncompressed"],
+  "handler_options",
+  [{}, {"use_zarr3": True}, {"use_ocdbt": False}, {"use_compression": False}],
+  ids=["orbax_defaults", "zarr3", "no_ocdbt", "uncompressed"],
 )
 def test_kckpt_reads_plain_orbax_files(tmp_path, handler_options):
   state = {"params": {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4, jnp.bfloat16)}, "n": np.arange(3, dtype=np.int16)}
@@ -198,13 +198,13 @@ def test_fast_leaf_specs_agree_with_orbax_metadata(tmp_path, name):
 
   params = {"dense": {"w": jnp.ones((3, 2)), "b": jnp.zeros(2, jnp.bfloat16)}}
   state = {
-      **state_of_every_dtype(),
-      "params": params,
-      "opt": optax.chain(optax.clip(1.0), optax.adam(1e-3)).init(params),
-      "nested": [jnp.ones(2), (np.int32(4), np.zeros(()))],
-      "text": "hello",
-      "empty": {},
-      "nothing": None,
+    **state_of_every_dtype(),
+    "params": params,
+    "opt": optax.chain(optax.clip(1.0), optax.adam(1e-3)).init(params),
+    "nested": [jnp.ones(2), (np.int32(4), np.zeros(()))],
+    "text": "hello",
+    "empty": {},
+    "nothing": None,
   }
   with kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, async_save=False, storage=STORAGES[name]) as ckpt:
     ckpt.save(state, step=1)

@@ -109,8 +109,8 @@ def test_after_none_existing_step_zero():
 
 
 @pytest.mark.parametrize(
-    "after, expected",
-    [(0, [1, 2, 3, 4, 7]), (2, [3, 4, 7]), (4, [7]), (5, [7]), (7, []), (100, []), (-1, [0, 1, 2, 3, 4, 7])],
+  "after, expected",
+  [(0, [1, 2, 3, 4, 7]), (2, [3, 4, 7]), (4, [7]), (5, [7]), (7, []), (100, []), (-1, [0, 1, 2, 3, 4, 7])],
 )
 def test_after(after, expected):
   run = FakeRun(steps=[0, 1, 2, 3, 4], events={3.0: [7]})

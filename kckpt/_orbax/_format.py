@@ -77,9 +77,9 @@ def step_time(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> da
     metadata = read_step_metadata(path)
   nsecs = metadata.get("commit_timestamp_nsecs") or metadata.get("init_timestamp_nsecs")
   if nsecs:
-    return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.UTC)
   try:
-    return datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.UTC)
   except (FileNotFoundError, OSError, AttributeError):
     return None
 

@@ -10,21 +10,21 @@ MultiprocessingOptions = ocp.options.MultiprocessingOptions
 
 
 def pytree_handler(
-    storage: storage_lib.StorageOptions, multiprocessing_options: MultiprocessingOptions | None
+  storage: storage_lib.StorageOptions, multiprocessing_options: MultiprocessingOptions | None
 ) -> ocp.PyTreeCheckpointHandler:
   """The Orbax handler of every pytree item, with kckpt's on-disk format."""
   return ocp.PyTreeCheckpointHandler(
-      use_ocdbt=storage.use_ocdbt,
-      use_zarr3=storage.use_zarr3,
-      use_compression=storage.compression,
-      save_concurrent_gb=storage.save_concurrent_gb,  # type: ignore[arg-type]  # Orbax multiplies by 1e9
-      restore_concurrent_gb=storage.restore_concurrent_gb,  # type: ignore[arg-type]
-      multiprocessing_options=multiprocessing_options or MultiprocessingOptions(),
+    use_ocdbt=storage.use_ocdbt,
+    use_zarr3=storage.use_zarr3,
+    use_compression=storage.compression,
+    save_concurrent_gb=storage.save_concurrent_gb,  # type: ignore[arg-type]  # Orbax multiplies by 1e9
+    restore_concurrent_gb=storage.restore_concurrent_gb,  # type: ignore[arg-type]
+    multiprocessing_options=multiprocessing_options or MultiprocessingOptions(),
   )
 
 
 def handler_registry(
-    storage: storage_lib.StorageOptions | None, multiprocessing_options: MultiprocessingOptions | None
+  storage: storage_lib.StorageOptions | None, multiprocessing_options: MultiprocessingOptions | None
 ) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   """A registry whose default handler for `PyTreeSave`/`PyTreeRestore` uses `storage`.
 

@@ -36,8 +36,8 @@ def _leaf_specs_from_orbax_metadata(item_dir: epath.Path, metadata: PyTree = Non
     shape = getattr(meta, "shape", None)
     is_array = type(meta).__name__ == "ArrayMetadata"
     specs[path] = trees.LeafSpec(
-        tuple(shape) if shape is not None else (),
-        np.dtype(dtype) if (dtype is not None and is_array) else None,
+      tuple(shape) if shape is not None else (),
+      np.dtype(dtype) if (dtype is not None and is_array) else None,
     )
   return specs
 
@@ -80,8 +80,8 @@ def _leaf_specs_from_zarr_metadata(item_dir: epath.Path) -> dict[str, trees.Leaf
   # key_metadata / value_metadata.value_type, use_ocdbt, use_zarr3), the
   # parameter names ('.'-joined keys), and ts_utils' kvstore spec builder.
   try:
-    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pylint: disable=g-import-not-at-top
     import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pylint: disable=g-import-not-at-top
 
     meta_file = item_dir / _format.ITEM_METADATA_FILE
     if not meta_file.exists():
@@ -156,8 +156,8 @@ def saved_leaf(path: str, meta: Any) -> SavedLeaf:
   shape = getattr(meta, "shape", None)
   dtype = getattr(meta, "dtype", None)
   return SavedLeaf(
-      path=path,
-      kind=kind,
-      shape=tuple(shape) if shape is not None else None,
-      dtype=np.dtype(dtype) if dtype is not None else None,
+    path=path,
+    kind=kind,
+    shape=tuple(shape) if shape is not None else None,
+    dtype=np.dtype(dtype) if dtype is not None else None,
   )

@@ -17,9 +17,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from kckpt import cloud
 from orbax.checkpoint._src.path import gcs_utils as _gcs_utils  # Orbax 0.12 internal: see install_s3_support
 from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # Orbax 0.12 internal: see install_s3_support
+
+from kckpt import cloud
 
 
 class _DropTrackedMetricWarning(logging.Filter):
@@ -115,10 +116,9 @@ def install_s3_support() -> None:
       return
     _ts_utils._normalize_path = _normalize_path  # pylint: disable=protected-access
     _ts_utils._use_gcs_driver = _use_gcs_driver  # pylint: disable=protected-access
-    _gcs_utils.get_kvstore_for_gcs = _get_kvstore
+    _gcs_utils.get_kvstore_for_gcs = _get_kvstore  # type: ignore[assignment]  # same signature, other parameter name
     _s3_installed = True
 
 
 def s3_support_installed() -> bool:
   return _s3_installed
-

@@ -5,18 +5,38 @@ ranges an upgrade may still move a private name. `check_all()` (run by the test
 suite) imports or inspects each reach and returns one line per broken one,
 naming it, so an upgrade fails loudly in CI instead of at a user's save.
 
-| reach | where | why (public alternative in Orbax 0.12.8?) |
-| --- | --- | --- |
-| ``jax._src.distributed.global_state.client`` | `kckpt.multihost` | the coordination service's key-value store and bounded barriers (none: JAX exports no accessor; Orbax reads the same attribute) |
-| ``orbax.checkpoint._src.serialization.tensorstore_utils._normalize_path`` | `_patches` | keep ``s3://`` in paths (none: Orbax knows only gs://, issue #359) |
-| ``orbax.checkpoint._src.serialization.tensorstore_utils._use_gcs_driver`` | `_patches` | send s3:// to the remote branch of the spec builders (none) |
-| ``orbax.checkpoint._src.path.gcs_utils.get_kvstore_for_gcs`` | `_patches` | return TensorStore's ``s3`` kvstore spec (none) |
-| ``orbax.checkpoint._src.serialization.tensorstore_utils.build_kvstore_tspec`` | `_metadata` | open an item's kvstore to read all Zarr JSONs in one pass (25x faster than `PyTreeCheckpointHandler.metadata`) |
-| ``CheckpointManager._checkpoint_deleter`` | `_writer` | a deleter that renames before removing, so readers never see half a step (none: no option takes a deleter) |
-| ``CheckpointManager._finalize`` | `_writer` | the moment a step is committed, for `last_save_stats` (none: `post_finalization_callback` runs before the commit and gets no step) |
-| ``CheckpointManager._checkpoints`` / ``_load_checkpoint_infos(skip_metadata_read=True)`` | `_writer` | re-list steps after a failed save or before deleting a step another process wrote, without reading every step's metadata (`reload()` reads it all) |
-| ``CheckpointManagerOptions.temporary_path_class`` (public, deprecated since 0.12.3) | `_commit` | fsync every file before the atomic rename (`atomicity_options` can pick only Orbax's own classes) |
-| ``_METADATA`` keys ``tree_metadata``, ``key_metadata``, ``value_metadata.value_type``, ``use_ocdbt``, ``use_zarr3`` | `_metadata` | the fast leaf-spec read (falls back to Orbax's metadata when anything is unexpected) |
+- ``jax._src.distributed.global_state.client`` (`kckpt.multihost`): the
+  coordination service's key-value store and bounded barriers. No public
+  accessor in JAX; Orbax reads the same attribute.
+- ``orbax.checkpoint._src.serialization.tensorstore_utils._normalize_path``
+  and ``._use_gcs_driver``, ``orbax.checkpoint._src.path.gcs_utils.get_kvstore_for_gcs``
+  (`_patches`, installed at the first ``s3://`` path): keep ``s3://`` in paths,
+  send it down the spec builders' remote branch, return TensorStore's ``s3``
+  kvstore spec. Orbax 0.12.8 knows only gs:// (Orbax issue #359).
+- ``tensorstore_utils.build_kvstore_tspec`` (`_metadata`): open an item's
+  kvstore to read all Zarr JSONs in one pass, 25x faster than
+  `PyTreeCheckpointHandler.metadata`; with the ``_METADATA`` keys
+  ``tree_metadata``, ``key_metadata``, ``value_metadata.value_type``,
+  ``use_ocdbt``, ``use_zarr3`` (anything unexpected falls back to Orbax).
+- ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
+  before removing, so readers never see half a step. No option takes one.
+- ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,
+  for `last_save_stats`. `AsyncOptions.post_finalization_callback` runs before
+  the commit, gets no step, and is refused for sync saves.
+- ``CheckpointManager._checkpoints`` and ``._load_checkpoint_infos(skip_metadata_read=True)``
+  (`_writer`): re-list steps after a failed save, or before deleting a step
+  another process wrote, without reading every step's metadata (`reload()`
+  reads it all).
+- ``CheckpointManagerOptions.temporary_path_class`` (public, deprecated since
+  0.12.3; `_commit`): fsync every file before the atomic rename.
+  `atomicity_options`, its replacement, picks only Orbax's own classes.
+
+Replaced by public API in this release: the finalize thread
+(`is_saving_in_progress()`), the commit-file class for s3://
+(`AtomicityOptions(mode=COMMIT_FILE)`), ``tensorstore_utils.get_ts_context``
+(`ocp.serialization.get_ts_context`), the absl log filter on Orbax's metrics
+warning (metrics are a JSON item, Orbax tracks none), and ``_atomicity``'s
+rename class (`ocp.path.atomicity.AtomicRenameTemporaryPath`).
 """
 
 from __future__ import annotations
@@ -53,7 +73,7 @@ def _manager_has(*names: str) -> Callable[[], bool]:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
     return all(hasattr(ocp.CheckpointManager, n) for n in names if not n.startswith("self.")) and all(
-        n[len("self.") :] in inspect.getsource(ocp.CheckpointManager.__init__) for n in names if n.startswith("self.")
+      n[len("self.") :] in inspect.getsource(ocp.CheckpointManager.__init__) for n in names if n.startswith("self.")
     )
 
   return check
@@ -79,18 +99,19 @@ def _temporary_path_class_option() -> bool:
 
 
 _TS_UTILS = "orbax.checkpoint._src.serialization.tensorstore_utils"
+_GCS_UTILS = "orbax.checkpoint._src.path.gcs_utils"
 
 REACHES = (
-    Reach("jax._src.distributed.global_state.client", _jax_client),
-    Reach(f"{_TS_UTILS}._normalize_path", _has(_TS_UTILS, "_normalize_path")),
-    Reach(f"{_TS_UTILS}._use_gcs_driver", _has(_TS_UTILS, "_use_gcs_driver")),
-    Reach(f"{_TS_UTILS}.build_kvstore_tspec", _has(_TS_UTILS, "build_kvstore_tspec")),
-    Reach("orbax.checkpoint._src.path.gcs_utils.get_kvstore_for_gcs", _has("orbax.checkpoint._src.path.gcs_utils", "get_kvstore_for_gcs")),
-    Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
-    Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
-    Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),
-    Reach("CheckpointManager._load_checkpoint_infos(skip_metadata_read=)", _load_infos_signature),
-    Reach("CheckpointManagerOptions.temporary_path_class", _temporary_path_class_option),
+  Reach("jax._src.distributed.global_state.client", _jax_client),
+  Reach(f"{_TS_UTILS}._normalize_path", _has(_TS_UTILS, "_normalize_path")),
+  Reach(f"{_TS_UTILS}._use_gcs_driver", _has(_TS_UTILS, "_use_gcs_driver")),
+  Reach(f"{_TS_UTILS}.build_kvstore_tspec", _has(_TS_UTILS, "build_kvstore_tspec")),
+  Reach(f"{_GCS_UTILS}.get_kvstore_for_gcs", _has(_GCS_UTILS, "get_kvstore_for_gcs")),
+  Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
+  Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
+  Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),
+  Reach("CheckpointManager._load_checkpoint_infos(skip_metadata_read=)", _load_infos_signature),
+  Reach("CheckpointManagerOptions.temporary_path_class", _temporary_path_class_option),
 )
 
 

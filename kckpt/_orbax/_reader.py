@@ -13,8 +13,7 @@ from etils import epath
 
 from kckpt import storage as storage_lib
 from kckpt import trees
-from kckpt._orbax import _handlers
-from kckpt._orbax import _metadata
+from kckpt._orbax import _handlers, _metadata
 from kckpt._types import PyTree
 from kckpt.errors import LeafReadError
 
@@ -118,7 +117,7 @@ def _read_handler(storage: storage_lib.StorageOptions | None) -> ocp.PyTreeCheck
 
 
 def read_tree_into(
-    item_dir: epath.Path, target: PyTree, *, donate: bool, storage: storage_lib.StorageOptions | None = None
+  item_dir: epath.Path, target: PyTree, *, donate: bool, storage: storage_lib.StorageOptions | None = None
 ) -> PyTree:
   """Restores the pytree item at `item_dir` into the structure of `target`.
 
@@ -147,12 +146,12 @@ def read_tree_into(
       if not batch:
         continue
       item = jax.tree_util.tree_map_with_path(
-          lambda kp, leaf, batch=batch: leaf if trees.path_str(kp) in batch else ocp.PLACEHOLDER, abstract
+        lambda kp, leaf, batch=batch: leaf if trees.path_str(kp) in batch else ocp.PLACEHOLDER, abstract
       )
       try:
         out = handler.restore(
-            item_dir,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+          item_dir,
+          args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
         )
       except Exception as e:  # pylint: disable=broad-exception-caught
         flat = trees.flatten_with_paths(abstract)
@@ -179,7 +178,7 @@ def _unreadable_leaves(item_dir: epath.Path, paths: Sequence[str], abstract: Map
 
 
 def read_items(
-    step_path: epath.Path, reads: Sequence[ItemRead], storage: storage_lib.StorageOptions | None = None
+  step_path: epath.Path, reads: Sequence[ItemRead], storage: storage_lib.StorageOptions | None = None
 ) -> dict[str, Any]:
   """Reads the named items of the finished step at `step_path`; only those.
 
@@ -203,6 +202,7 @@ def release(tree: PyTree) -> None:
 # ---------------------------------------------------------------------------
 # Reading a few leaves at a time (the `kckpt` command: tree, diff, verify, export)
 # ---------------------------------------------------------------------------
+
 
 class LeafReader:
   """Reads the leaves of one saved pytree item, a few at a time.
@@ -238,11 +238,10 @@ class LeafReader:
     (sub)tree.
     """
     template = self._template
+    prefix: tuple[Any, ...] = ()
     if top_level_key is not None:
       template = template[top_level_key]
       prefix = (jax.tree_util.DictKey(top_level_key),)
-    else:
-      prefix = ()
     return jax.tree_util.tree_map_with_path(lambda keypath, _: values[trees.path_str(prefix + keypath)], template)
 
   def top_level_keys(self) -> list[str]:

@@ -17,9 +17,7 @@ from kckpt import _fs
 from kckpt import _layout
 from kckpt import cloud
 from kckpt import storage as storage_lib
-from kckpt._orbax import _commit
-from kckpt._orbax import _handlers
-from kckpt._orbax import _format
+from kckpt._orbax import _commit, _format, _handlers
 from kckpt._types import Metrics, PyTree, Step
 from kckpt.errors import BackgroundSaveError
 
@@ -76,48 +74,48 @@ class Writer:
   """Owns the Orbax `CheckpointManager` of a run's ``checkpoints/`` folder."""
 
   def __init__(
-      self,
-      directory: epath.Path,
-      *,
-      async_save: bool,
-      multiprocessing_options: MultiprocessingOptions | None,
-      decide_preservation: Callable[[Sequence[Step]], Sequence[bool]],
-      async_timeout_secs: int | None = None,
-      durable: bool = True,
-      sync: Any = None,
-      storage: storage_lib.StorageOptions | None = None,
+    self,
+    directory: epath.Path,
+    *,
+    async_save: bool,
+    multiprocessing_options: MultiprocessingOptions | None,
+    decide_preservation: Callable[[Sequence[Step]], Sequence[bool]],
+    async_timeout_secs: int | None = None,
+    durable: bool = True,
+    sync: Any = None,
+    storage: storage_lib.StorageOptions | None = None,
   ):
     """`sync`: a `kckpt.multihost.SaveSync` in a multi-process run (None alone)."""
     local = _fs.is_local(directory)
     async_options = None
     if async_timeout_secs or sync is not None:
       async_options = ocp.AsyncOptions(
-          **({"timeout_secs": async_timeout_secs} if async_timeout_secs else {}),
-          # Orbax's background barriers, bounded and stopped early when another process fails.
-          barrier_sync_fn=sync.barrier_sync_fn if sync is not None else None,
+        timeout_secs=async_timeout_secs or ocp.AsyncOptions().timeout_secs,
+        # Orbax's background barriers, bounded and stopped early when another process fails.
+        barrier_sync_fn=sync.barrier_sync_fn if sync is not None else None,
       )
     options = ocp.CheckpointManagerOptions(
-        step_prefix=_layout.STEP_PREFIX,
-        create=True,
-        # kckpt decides when to save; the manager saves whenever asked (force=True).
-        save_interval_steps=1,
-        enable_async_checkpointing=async_save,
-        async_options=async_options,
-        multiprocessing_options=multiprocessing_options or MultiprocessingOptions(),
-        preservation_policy=_Preservation(decide_preservation),
-        # No `best_fn`: ranking is kckpt's. Metrics are written as a JSON item
-        # named ``metrics`` (Orbax's own place, ``metrics/metrics``), so Orbax
-        # tracks none and warns of none.
-        # Opening reads no per-step files: kckpt reads them lazily when a rule needs them.
-        lightweight_initialize=True,
-        # A crash mid-save leaves a temporary folder; remove it before saving again.
-        cleanup_tmp_directories=True,
-        **_commit.commit_options(directory, durable),
+      step_prefix=_layout.STEP_PREFIX,
+      create=True,
+      # kckpt decides when to save; the manager saves whenever asked (force=True).
+      save_interval_steps=1,
+      enable_async_checkpointing=async_save,
+      async_options=async_options,
+      multiprocessing_options=multiprocessing_options or MultiprocessingOptions(),
+      preservation_policy=_Preservation(decide_preservation),
+      # No `best_fn`: ranking is kckpt's. Metrics are written as a JSON item
+      # named ``metrics`` (Orbax's own place, ``metrics/metrics``), so Orbax
+      # tracks none and warns of none.
+      # Opening reads no per-step files: kckpt reads them lazily when a rule needs them.
+      lightweight_initialize=True,
+      # A crash mid-save leaves a temporary folder; remove it before saving again.
+      cleanup_tmp_directories=True,
+      **_commit.commit_options(directory, durable),
     )
     self.directory = directory
     self._sync = sync
     self._manager = ocp.CheckpointManager(
-        directory, options=options, handler_registry=_handlers.handler_registry(storage, multiprocessing_options)
+      directory, options=options, handler_registry=_handlers.handler_registry(storage, multiprocessing_options)
     )
     self._on_durable = _report_durable(self._manager)
     if local or cloud.is_s3(directory):
@@ -125,7 +123,7 @@ class Writer:
       # never see a half-deleted step (see _commit.RenameThenDelete; on S3 the commit
       # marker is removed first, then the objects).
       self._manager._checkpoint_deleter = _commit.RenameThenDelete(  # pylint: disable=protected-access
-          directory, (multiprocessing_options or MultiprocessingOptions()).primary_host
+        directory, (multiprocessing_options or MultiprocessingOptions()).primary_host
       )
     self._in_flight: Step | None = None
     self._lock = threading.Lock()
@@ -136,26 +134,24 @@ class Writer:
     return self._in_flight
 
   def save(
-      self,
-      step: Step,
-      writes: Sequence[ItemWrite],
-      metrics: Metrics | None,
-      custom_metadata: Mapping[str, Any] | None = None,
-      on_durable: Callable[[float], None] | None = None,
+    self,
+    step: Step,
+    writes: Sequence[ItemWrite],
+    metrics: Metrics | None,
+    custom_metadata: Mapping[str, Any] | None = None,
+    on_durable: Callable[[float], None] | None = None,
   ) -> None:
     """Starts saving `step`; `on_durable(time.perf_counter())` once it is durable (not if it fails)."""
     self.wait()  # Surfaces an earlier failure before starting the next save.
     args = ocp.args.Composite(
-        **{w.name: _save_args(w) for w in writes},
-        **({_format.METRICS_ITEM: ocp.args.JsonSave(dict(metrics))} if metrics is not None else {}),
+      **{w.name: _save_args(w) for w in writes},
+      **({_format.METRICS_ITEM: ocp.args.JsonSave(dict(metrics))} if metrics is not None else {}),
     )
     self._on_durable[step] = on_durable
     if self._sync is not None:
       self._sync.begin_save(step)
     try:
-      saved = self._manager.save(
-          step, args=args, force=True, custom_metadata=dict(custom_metadata) if custom_metadata else None
-      )
+      saved = self._manager.save(step, args=args, force=True, custom_metadata=dict(custom_metadata) if custom_metadata else None)
     except BaseException as e:
       self._on_durable.pop(step, None)
       if self._sync is not None:  # the other processes must not wait for this one
@@ -202,16 +198,16 @@ class Writer:
       else:
         where = " " + self._sync.describe(failures)
       raise BackgroundSaveError(
-          f"Saving step {step} to {self.directory} failed in the background{where}."
-          " The step was not written; earlier steps are intact.",
-          step=step,
+        f"Saving step {step} to {self.directory} failed in the background{where}."
+        " The step was not written; earlier steps are intact.",
+        step=step,
       ) from error
 
   def _refresh_known_steps(self) -> None:
     # Orbax 0.12 internal: the manager's cache of steps; `reload()` would read
     # every step's metadata, this lists the folder only.
     self._manager._checkpoints.set(  # pylint: disable=protected-access
-        self._manager._load_checkpoint_infos(skip_metadata_read=True)  # pylint: disable=protected-access
+      self._manager._load_checkpoint_infos(skip_metadata_read=True)  # pylint: disable=protected-access
     )
 
   def delete(self, step: Step) -> None:
@@ -253,5 +249,5 @@ def _report_durable(manager: ocp.CheckpointManager) -> dict[Step, Callable[[floa
     if callback is not None:
       callback(time.perf_counter())
 
-  manager._finalize = finalize_and_report  # pylint: disable=protected-access
+  manager._finalize = finalize_and_report  # type: ignore[method-assign]  # pylint: disable=protected-access
   return callbacks

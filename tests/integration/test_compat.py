@@ -11,8 +11,8 @@ from kckpt import items
 def kauldron_style_manager(directory, **options):
   """What Kauldron's Checkpointer builds: a manager with step_prefix='ckpt'."""
   return ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(step_prefix="ckpt", create=True, enable_async_checkpointing=False, **options),
+    directory,
+    options=ocp.CheckpointManagerOptions(step_prefix="ckpt", create=True, enable_async_checkpointing=False, **options),
   )
 
 

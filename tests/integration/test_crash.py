@@ -18,8 +18,11 @@ PROGRAM = REPO / "tests" / "programs" / "save_forever.py"
 
 def run_and_kill(workdir, mode, delay, megabytes=96):
   proc = subprocess.Popen(
-      [PYTHON, str(PROGRAM), str(workdir), str(megabytes), mode],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+    [PYTHON, str(PROGRAM), str(workdir), str(megabytes), mode],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(),
   )
   try:
     deadline = time.monotonic() + 120

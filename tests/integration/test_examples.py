@@ -78,8 +78,19 @@ def eval_results(stdout: str) -> list[tuple[int, str]]:
 def test_demo_kill_and_resume_gives_identical_results(tmp_path):
   # --step-delay slows the run to be killed (only it) so that the kill lands well before its end.
   proc = run_script(
-      "train_and_resume.py", "--workdir", tmp_path, "--steps", 40, "--save-every", 10, "--log-every", 5,
-      "--kill-at", 25, "--step-delay", 0.05,
+    "train_and_resume.py",
+    "--workdir",
+    tmp_path,
+    "--steps",
+    40,
+    "--save-every",
+    10,
+    "--log-every",
+    5,
+    "--kill-at",
+    25,
+    "--step-delay",
+    0.05,
   )
   out = proc.stdout
   assert proc.returncode == 0, out + proc.stderr
@@ -103,6 +114,7 @@ def test_demo_kill_and_resume_gives_identical_results(tmp_path):
 def test_demo_compare_reports_a_difference(monkeypatch):
   monkeypatch.syspath_prepend(str(EXAMPLES))
   import train_and_resume  # pylint: disable=g-import-not-at-top
+
   same = {"final_step": 3, "final_loss": 0.5, "params_sha256": "ab"}
   assert train_and_resume.compare(same, dict(same)) == 0
   assert train_and_resume.compare(same, {**same, "final_loss": 0.5000001}) == 1
@@ -115,12 +127,21 @@ def test_demo_compare_reports_a_difference(monkeypatch):
 
 def test_eval_job_follows_a_live_trainer_read_only(tmp_path):
   workdir, out_file = tmp_path / "run", tmp_path / "eval.jsonl"
-  evaluator = start_script(
-      "eval_job.py", "--workdir", workdir, "--out", out_file, "--poll-interval", 0.1, "--timeout", 0.5
-  )
+  evaluator = start_script("eval_job.py", "--workdir", workdir, "--out", out_file, "--poll-interval", 0.1, "--timeout", 0.5)
   trainer = start_script(
-      "train_and_resume.py", "--mode", "train", "--workdir", workdir, "--steps", STEPS, "--save-every", SAVE_EVERY,
-      "--max-to-keep", 0, "--step-delay", 0.02,
+    "train_and_resume.py",
+    "--mode",
+    "train",
+    "--workdir",
+    workdir,
+    "--steps",
+    STEPS,
+    "--save-every",
+    SAVE_EVERY,
+    "--max-to-keep",
+    0,
+    "--step-delay",
+    0.02,
   )
   try:
     code, train_out, train_err = finish(trainer)

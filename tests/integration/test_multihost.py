@@ -63,10 +63,10 @@ def test_sharded_run_saved_by_4_processes_restores_on_4_2_and_1(tmp_path):
 def test_background_error_on_one_process_is_raised_on_every_process(tmp_path):
   results = Cluster([*PROGRAM, "errors"], num_processes=2, workdir=tmp_path).run()
   expected = {  # the call that raised -> (failed step, the root cause named in the message)
-      "maybe_save": (2, "on process 1: OSError: injected write failure on process 1"),
-      "wait_until_finished": (4, "on process 0: OSError: injected rename failure on process 0"),
-      "save": (6, "on process 1: OSError: injected write failure on process 1"),
-      "close": (8, "on process 0: OSError: injected rename failure on process 0"),
+    "maybe_save": (2, "on process 1: OSError: injected write failure on process 1"),
+    "wait_until_finished": (4, "on process 0: OSError: injected rename failure on process 0"),
+    "save": (6, "on process 1: OSError: injected write failure on process 1"),
+    "close": (8, "on process 0: OSError: injected rename failure on process 0"),
   }
   for r in results:
     assert set(r["errors"]) == set(expected)
@@ -94,16 +94,27 @@ def test_a_dead_process_makes_the_others_fail_instead_of_hanging(tmp_path):
 
 def test_sigterm_to_one_process_preempts_the_run_which_resumes(tmp_path):
   env = subprocess_env()
-  args = lambda workdir, n: [PYTHON, str(EXAMPLE), "--processes", str(n), "--workdir", str(workdir),
-                             "--steps", "60", "--save-every", "1000"]  # only preemption saves mid-run
+  args = lambda workdir, n: [
+    PYTHON,
+    str(EXAMPLE),
+    "--processes",
+    str(n),
+    "--workdir",
+    str(workdir),
+    "--steps",
+    "60",
+    "--save-every",
+    "1000",
+  ]  # only preemption saves mid-run
   # The reference: one process, uninterrupted.
   reference = subprocess.run(args(tmp_path / "ref", 1), env=env, capture_output=True, text=True, timeout=120)
   assert reference.returncode == 0, reference.stdout + reference.stderr
 
   # Two processes; SIGTERM to process 1 only, once it is training.
   run = tmp_path / "run"
-  proc = subprocess.Popen(args(run, 2) + ["--step-delay", "0.05"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    args(run, 2) + ["--step-delay", "0.05"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   watchdog = threading.Timer(120, proc.kill)
   watchdog.start()
   pids, lines = {}, []
@@ -158,15 +169,23 @@ def test_request_preemption_saves_the_current_step_and_stops(workdir):
 
 def test_sigterm_is_a_preemption_notice_until_close(workdir):
   # In a fresh process: a SIGTERM to the pytest process would outlive this test.
-  proc = subprocess.run([PYTHON, "-m", "tests.programs.sigterm_single", str(workdir)], cwd=REPO,
-                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [PYTHON, "-m", "tests.programs.sigterm_single", str(workdir)],
+    cwd=REPO,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
   assert result == {
-      "installed": True,  # by the first maybe_save
-      "stopped_at": 4, "saved": [4], "durable": [4],  # the next maybe_save saved step 4, off the interval, durably
-      "restored": True,  # close() gave SIGTERM its previous handler back
-      "forgotten": True,
+    "installed": True,  # by the first maybe_save
+    "stopped_at": 4,
+    "saved": [4],
+    "durable": [4],  # the next maybe_save saved step 4, off the interval, durably
+    "restored": True,  # close() gave SIGTERM its previous handler back
+    "forgotten": True,
   }
 
 
@@ -180,7 +199,8 @@ def test_without_handle_sigterm_the_handler_is_left_alone(workdir):
 
 def test_coordination_in_one_process_is_local():
   assert multihost.vote(multihost.StepVote(preempt=True, time_due=True), timeout_secs=1, what="x") == (
-      multihost.StepVote(preempt=True, time_due=True))
+    multihost.StepVote(preempt=True, time_due=True)
+  )
   assert multihost.agree(True) is True and multihost.agree(False) is False
   assert multihost.primary_value(7, what="x") == 7
   assert multihost.exchange("t", {"a": 1}, timeout_secs=1, what="x") == {0: {"a": 1}}

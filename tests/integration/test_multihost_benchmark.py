@@ -7,8 +7,9 @@ from benchmarks import multihost
 
 def test_multihost_benchmark_runs(tmp_path):
   out = tmp_path / "multihost.json"
-  report = multihost.main(["--megabytes", "1", "--processes", "1", "2", "--devices", "2", "--repeats", "1",
-                           "--timeout", "120", "--json", str(out)])
+  report = multihost.main(
+    ["--megabytes", "1", "--processes", "1", "2", "--devices", "2", "--repeats", "1", "--timeout", "120", "--json", str(out)]
+  )
   assert [r["processes"] for r in report["results"]] == [1, 2]
   assert [r["devices_per_process"] for r in report["results"]] == [2, 1]
   assert json.loads(out.read_text())["results"][1]["processes"] == 2

@@ -55,8 +55,11 @@ def test_listing_reads_no_per_step_file(tmp_path):
 
 def test_watch_run_example_follows_a_live_run(tmp_path):
   watcher = subprocess.Popen(
-      [PYTHON, str(REPO / "examples" / "watch_run.py"), "--workdir", str(tmp_path), "--seconds", "60", "--poll", "0.05"],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+    [PYTHON, str(REPO / "examples" / "watch_run.py"), "--workdir", str(tmp_path), "--seconds", "60", "--poll", "0.05"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(),
   )
   try:
     first = watcher.stdout.readline()  # the watcher is up: it printed the (empty) summary

@@ -38,8 +38,11 @@ def target():
 def test_reader_never_crashes_while_the_writer_deletes_under_it(tmp_path):
   num_steps = 150
   writer = subprocess.Popen(
-      [PYTHON, str(REPO / "tests" / "programs" / "save_every_step.py"), str(tmp_path), str(num_steps)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+    [PYTHON, str(REPO / "tests" / "programs" / "save_every_step.py"), str(tmp_path), str(num_steps)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(),
   )
   reader = kckpt.Checkpointer.open(tmp_path)
   restored, skipped, polls = [], [], 0
@@ -55,7 +58,7 @@ def test_reader_never_crashes_while_the_writer_deletes_under_it(tmp_path):
       try:
         value = reader.restore({"w": np.zeros((64, 64), np.float32)}, step=step)["w"]
       except kckpt.CheckpointNotFoundError as e:
-        warnings.warn(f"step {step} was deleted before it could be read: {e}")
+        warnings.warn(f"step {step} was deleted before it could be read: {e}", stacklevel=2)
         skipped.append(step)
         continue
       assert np.all(value == float(step)), step  # a whole, correct step or none
@@ -83,15 +86,15 @@ def _data_file(item_dir):
 
 
 @pytest.mark.parametrize(
-    "fault, expected",
-    [
-        ("truncate", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
-        # Orbax stores no checksums: overwritten data is caught when chunks are compressed (zstd
-        # checks its frames), not in kckpt's default uncompressed format (see the README).
-        ("overwrite compressed", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
-        ("delete _METADATA", r"Cannot read step 2, item 'default' .*_METADATA"),
-        ("garbage folder", r"Cannot read step 2 .*ckpt_2 holds no checkpoint item"),
-    ],
+  "fault, expected",
+  [
+    ("truncate", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
+    # Orbax stores no checksums: overwritten data is caught when chunks are compressed (zstd
+    # checks its frames), not in kckpt's default uncompressed format (see the README).
+    ("overwrite compressed", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
+    ("delete _METADATA", r"Cannot read step 2, item 'default' .*_METADATA"),
+    ("garbage folder", r"Cannot read step 2 .*ckpt_2 holds no checkpoint item"),
+  ],
 )
 def test_corruption_names_step_item_and_file_and_listing_still_works(tmp_path, fault, expected):
   storage = kckpt.StorageOptions(compression=True) if fault == "overwrite compressed" else kckpt.StorageOptions()
@@ -146,11 +149,18 @@ def test_an_item_whose_write_raises_changes_nothing(workdir):
 
 def test_second_live_writer_is_refused(tmp_path):
   holder = subprocess.Popen(
-      [PYTHON, "-c", "import sys, time, kckpt, numpy as np\n"
-       "c = kckpt.Checkpointer(workdir=sys.argv[1], save_interval_steps=1)\n"
-       "c.save({'w': np.ones(2)}, step=1); c.wait_until_finished(); print('HOLDING', flush=True); time.sleep(120)",
-       str(tmp_path)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+    [
+      PYTHON,
+      "-c",
+      "import sys, time, kckpt, numpy as np\n"
+      "c = kckpt.Checkpointer(workdir=sys.argv[1], save_interval_steps=1)\n"
+      "c.save({'w': np.ones(2)}, step=1); c.wait_until_finished(); print('HOLDING', flush=True); time.sleep(120)",
+      str(tmp_path),
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(),
   )
   try:
     line = ""
@@ -183,9 +193,11 @@ def _fake_remote_lock(checkpoints, refresh=None, stop=None):
   path = checkpoints / lock_lib.LOCK_FILE
   path.write_text(json.dumps({"host": "other-" + socket.gethostname(), "pid": 1, "token": "remote"}))
   if refresh:
+
     def loop():
       while not stop.wait(refresh):
         os.utime(path)
+
     threading.Thread(target=loop, daemon=True).start()
   return path
 
@@ -266,14 +278,18 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(tmp_path):
   ckpt.wait_until_finished()
   before = snapshot(workdir / "checkpoints")
   cases = [
-      (lambda: ckpt.save({"w": np.ones(2)}, step=-3, metrics={"eval": {"loss": 1.0}}), ValueError, "non-negative int"),
-      (lambda: ckpt.save({"w": np.ones(2)}, step=2.0, metrics={"eval": {"loss": 1.0}}), ValueError, "non-negative int"),
-      (lambda: ckpt.save({"w": np.ones(2)}, step=2, metrics={"train": {"loss": 1.0}}), ValueError, "has no 'eval'"),
-      (lambda: ckpt.save(object(), step=2, metrics={"eval": {"loss": 1.0}}), ValueError, "builtins.object is not an array"),
-      (lambda: ckpt.save(items.Composite(meta=items.Json({1, 2})), step=2, metrics={"eval": {"loss": 1.0}}), ValueError, "not JSON-serialisable"),
-      (lambda: ckpt.restore({"w": np.ones(2)}, step=9), FileNotFoundError, r"steps: \[1\]"),
-      (lambda: ckpt.restore({"v": np.ones(2)}), ValueError, "v: in the target"),
-      (lambda: ckpt.delete(-1), ValueError, "non-negative int"),
+    (lambda: ckpt.save({"w": np.ones(2)}, step=-3, metrics={"eval": {"loss": 1.0}}), ValueError, "non-negative int"),
+    (lambda: ckpt.save({"w": np.ones(2)}, step=2.0, metrics={"eval": {"loss": 1.0}}), ValueError, "non-negative int"),
+    (lambda: ckpt.save({"w": np.ones(2)}, step=2, metrics={"train": {"loss": 1.0}}), ValueError, "has no 'eval'"),
+    (lambda: ckpt.save(object(), step=2, metrics={"eval": {"loss": 1.0}}), ValueError, "builtins.object is not an array"),
+    (
+      lambda: ckpt.save(items.Composite(meta=items.Json({1, 2})), step=2, metrics={"eval": {"loss": 1.0}}),
+      ValueError,
+      "not JSON-serialisable",
+    ),
+    (lambda: ckpt.restore({"w": np.ones(2)}, step=9), FileNotFoundError, r"steps: \[1\]"),
+    (lambda: ckpt.restore({"v": np.ones(2)}), ValueError, "v: in the target"),
+    (lambda: ckpt.delete(-1), ValueError, "non-negative int"),
   ]
   for call, error, message in cases:
     with pytest.raises(error, match=message):

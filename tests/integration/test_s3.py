@@ -16,19 +16,20 @@ import urllib.request
 import boto3
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 import pytest
+from etils import epath
 
 import kckpt
+from kckpt import _layout
+from kckpt import _run
 from kckpt import cloud
-from kckpt import _layout, _run
 from tests.helpers import PYTHON, REPO, subprocess_env
 from tests.programs.save_forever import state_for
 
 
 def _s3_client(server):
   return boto3.client(
-      "s3", endpoint_url=server["endpoint"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    "s3", endpoint_url=server["endpoint"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
   )
 
 
@@ -41,7 +42,13 @@ def _keys(server, workdir):
 
 def test_kvstore_spec_follows_the_aws_environment_and_overrides(s3_workdir, monkeypatch):
   spec = cloud.s3_kvstore_spec("s3://bkt/a/b")
-  assert spec == {"driver": "s3", "bucket": "bkt", "path": "a/b", "aws_region": "us-east-1", "endpoint": os.environ["AWS_ENDPOINT_URL"]}
+  assert spec == {
+    "driver": "s3",
+    "bucket": "bkt",
+    "path": "a/b",
+    "aws_region": "us-east-1",
+    "endpoint": os.environ["AWS_ENDPOINT_URL"],
+  }
   monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")  # the S3-specific variable wins
   monkeypatch.setenv("AWS_REGION", "eu-west-3")
   assert cloud.s3_kvstore_spec("s3://bkt/a")["endpoint"] == "http://127.0.0.1:1"
@@ -50,7 +57,9 @@ def test_kvstore_spec_follows_the_aws_environment_and_overrides(s3_workdir, monk
     cloud.s3_kvstore_spec("s3:///nobucket")
   # Checkpointer options stay hashable (configs compare and hash them).
   ckpt = kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, s3_endpoint="http://h:1", s3_region="r")
-  assert hash(ckpt) == hash(kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, s3_endpoint="http://h:1", s3_region="r"))
+  assert hash(ckpt) == hash(
+    kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, s3_endpoint="http://h:1", s3_region="r")
+  )
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
@@ -58,7 +67,9 @@ def test_round_trip_and_retention(s3_server, s3_workdir, async_save):
   state = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}, "step": np.int32(0)}
   with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=2, async_save=async_save) as ckpt:
     for step in range(4):
-      ckpt.save({**state, "params": {**state["params"], "b": jnp.full(3, float(step))}}, step=step, metrics={"loss": 1.0 / (step + 1)})
+      ckpt.save(
+        {**state, "params": {**state["params"], "b": jnp.full(3, float(step))}}, step=step, metrics={"loss": 1.0 / (step + 1)}
+      )
     ckpt.wait_until_finished()
     assert ckpt.all_steps == [2, 3] and ckpt.latest_step == 3
     restored = ckpt.restore(state)
@@ -138,7 +149,9 @@ print("DONE", flush=True)
 
 
 def test_eval_job_in_another_process_sees_every_step(s3_workdir):
-  job = subprocess.Popen([PYTHON, "-c", EVAL_JOB, s3_workdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+  job = subprocess.Popen(
+    [PYTHON, "-c", EVAL_JOB, s3_workdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env()
+  )
   try:
     ready = ""
     while not ready.startswith("READY"):  # skip the AWS SDK's log lines
@@ -166,8 +179,11 @@ def test_kill_during_save_never_exposes_a_partial_step(s3_server, s3_workdir):
   program = REPO / "tests" / "programs" / "save_forever.py"
   megabytes = 16
   proc = subprocess.Popen(
-      [PYTHON, str(program), s3_workdir, str(megabytes), "async"],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+    [PYTHON, str(program), s3_workdir, str(megabytes), "async"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(),
   )
   lines = []
   try:
@@ -212,7 +228,7 @@ def test_cli_ls_on_an_s3_run(s3_workdir):
     for step in (5, 6):
       ckpt.save({"w": np.ones(4, np.float32)}, step=step, metrics={"loss": step / 10}, tag="release" if step == 6 else None)
   out = subprocess.run(
-      [PYTHON, "-m", "kckpt", "ls", s3_workdir, "--json"], capture_output=True, text=True, env=subprocess_env(), timeout=60
+    [PYTHON, "-m", "kckpt", "ls", s3_workdir, "--json"], capture_output=True, text=True, env=subprocess_env(), timeout=60
   )
   assert out.returncode == 0, out.stderr
   listing = json.loads(out.stdout)
@@ -232,7 +248,9 @@ def test_delete_removes_the_commit_marker_first(s3_server, s3_workdir):
     finally:
       _recorder(s3_server, "stop-recording")
     assert ckpt.all_steps == [2]
-  deletes = [r for r in _recorded_requests(s3_server) if r["method"] == "DELETE" or (r["method"] == "POST" and "delete" in r["url"])]
+  deletes = [
+    r for r in _recorded_requests(s3_server) if r["method"] == "DELETE" or (r["method"] == "POST" and "delete" in r["url"])
+  ]
   assert deletes, "no delete request was recorded"
   # Listings stop reporting the step before any of its data goes: the first
   # delete (s3fs sends a bulk "?delete" POST) removes the commit marker alone.
@@ -246,7 +264,7 @@ def test_checkpointer_endpoint_option_overrides_the_environment(s3_server, s3_wo
   monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
   monkeypatch.setenv("AWS_REGION", "eu-west-3")
   ckpt = kckpt.Checkpointer(
-      workdir=s3_workdir, save_interval_steps=1, async_save=False, s3_endpoint=s3_server["endpoint"], s3_region="us-east-1"
+    workdir=s3_workdir, save_interval_steps=1, async_save=False, s3_endpoint=s3_server["endpoint"], s3_region="us-east-1"
   )
   with ckpt:
     ckpt.save({"w": np.arange(3.0)}, step=1)
@@ -259,12 +277,17 @@ def test_checkpointer_endpoint_option_overrides_the_environment(s3_server, s3_wo
 def test_orbax_builds_s3_kvstores_through_the_hook(s3_workdir):
   """Guards the Orbax 0.12.8 internals hooked in kckpt/_orbax/_patches.py (fails loudly after an Orbax change)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
   from kckpt._orbax import _commit, _patches  # pylint: disable=import-outside-toplevel
 
   assert _patches.s3_support_installed()  # installed by the first s3:// path, not at import
   ocdbt = _patches._ts_utils.build_kvstore_tspec("s3://bkt/run/ckpt_1/default", use_ocdbt=True)
   assert ocdbt["driver"] == "ocdbt"
-  assert {k: ocdbt["base"][k] for k in ("driver", "bucket", "path")} == {"driver": "s3", "bucket": "bkt", "path": "run/ckpt_1/default"}
+  assert {k: ocdbt["base"][k] for k in ("driver", "bucket", "path")} == {
+    "driver": "s3",
+    "bucket": "bkt",
+    "path": "run/ckpt_1/default",
+  }
   plain = _patches._ts_utils.build_kvstore_tspec("s3://bkt/run/ckpt_1/default", "w", use_ocdbt=False)
   assert plain["driver"] == "s3" and plain["path"] == "run/ckpt_1/default/w"
   assert _patches._ts_utils.build_kvstore_tspec("/tmp/x", use_ocdbt=False)["driver"] == "file"  # local paths untouched

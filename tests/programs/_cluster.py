@@ -15,9 +15,7 @@ def init() -> tuple[int, int]:
   pid = int(os.environ.get("KCKPT_TEST_PROCESS_ID", "0"))
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if num > 1:
-    jax.distributed.initialize(
-        coordinator_address=os.environ["KCKPT_TEST_COORDINATOR"], num_processes=num, process_id=pid
-    )
+    jax.distributed.initialize(coordinator_address=os.environ["KCKPT_TEST_COORDINATOR"], num_processes=num, process_id=pid)
   assert jax.process_count() == num and jax.process_index() == pid
   return pid, num
 

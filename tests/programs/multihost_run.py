@@ -47,22 +47,22 @@ def sharded(array: np.ndarray, sharding) -> jax.Array:
 def state_at(step: int, mesh: Mesh) -> dict:
   """A train state: sharded over both mesh axes, over one, replicated, and host-local leaves."""
   return {
-      "params": {
-          "w": sharded(values(step), NamedSharding(mesh, P(*mesh.axis_names))),
-          "v": sharded(values(step)[:, 0], NamedSharding(mesh, P(mesh.axis_names))),
-          "b": sharded(values(step)[0], NamedSharding(mesh, P())),
-      },
-      "step": np.int64(step),  # NumPy: the same on every process
-      "count": jnp.asarray(step, jnp.int32),  # one device: host-local, treated as replicated
+    "params": {
+      "w": sharded(values(step), NamedSharding(mesh, P(*mesh.axis_names))),
+      "v": sharded(values(step)[:, 0], NamedSharding(mesh, P(mesh.axis_names))),
+      "b": sharded(values(step)[0], NamedSharding(mesh, P())),
+    },
+    "step": np.int64(step),  # NumPy: the same on every process
+    "count": jnp.asarray(step, jnp.int32),  # one device: host-local, treated as replicated
   }
 
 
 def target_on(mesh: Mesh, spec_w, spec_v) -> dict:
   shape_dtype = lambda shape, spec: jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(mesh, spec))
   return {
-      "params": {"w": shape_dtype(SHAPE, spec_w), "v": shape_dtype(SHAPE[:1], spec_v), "b": shape_dtype(SHAPE[1:], P())},
-      "step": np.int64(0),
-      "count": jnp.asarray(0, jnp.int32),
+    "params": {"w": shape_dtype(SHAPE, spec_w), "v": shape_dtype(SHAPE[:1], spec_v), "b": shape_dtype(SHAPE[1:], P())},
+    "step": np.int64(0),
+    "count": jnp.asarray(0, jnp.int32),
   }
 
 
@@ -81,8 +81,11 @@ def scenario_save(workdir: str) -> None:
   devices = np.array(jax.devices())
   mesh = Mesh(devices.reshape(jax.process_count(), -1), ("data", "model"))
   ckpt = kckpt.Checkpointer(
-      workdir=os.path.join(workdir, RUN), save_interval_steps=3, max_to_keep=2,
-      barrier_timeout_secs=60, async_timeout_secs=60,
+    workdir=os.path.join(workdir, RUN),
+    save_interval_steps=3,
+    max_to_keep=2,
+    barrier_timeout_secs=60,
+    async_timeout_secs=60,
   )
   saved = [s for s in range(13) if ckpt.maybe_save(state_at(s, mesh), step=s, metrics={"loss": 100.0 - s})]
   ckpt.wait_until_finished()
@@ -93,18 +96,21 @@ def scenario_save(workdir: str) -> None:
   transposed = ckpt.restore(target_on(other, P("y", "x"), P("y")), step=9)
   as_numpy = ckpt.restore()
   report(
-      same_mesh=check_restored(same, 12),
-      other_mesh=check_restored(transposed, 9),
-      other_mesh_shape=list(transposed["params"]["w"].sharding.mesh.devices.shape),
-      numpy=bool(np.array_equal(as_numpy["params"]["w"], values(12)) and int(as_numpy["step"]) == 12),
+    same_mesh=check_restored(same, 12),
+    other_mesh=check_restored(transposed, 9),
+    other_mesh_shape=list(transposed["params"]["w"].sharding.mesh.devices.shape),
+    numpy=bool(np.array_equal(as_numpy["params"]["w"], values(12)) and int(as_numpy["step"]) == 12),
   )
   ckpt.close()
 
   # Time-based saving: only the primary's clock decides. Here the primary's
   # interval always elapsed and the others' never does: all save the same steps.
   timed = kckpt.Checkpointer(
-      workdir=os.path.join(workdir, "timed"), save_interval_steps=None, max_to_keep=None,
-      save_interval_secs=0.001 if jax.process_index() == 0 else 1e9, barrier_timeout_secs=60,
+    workdir=os.path.join(workdir, "timed"),
+    save_interval_steps=None,
+    max_to_keep=None,
+    save_interval_secs=0.001 if jax.process_index() == 0 else 1e9,
+    barrier_timeout_secs=60,
   )
   timed_saved = []
   for s in range(4):
@@ -121,8 +127,11 @@ def scenario_restore(workdir: str) -> None:
   ckpt = kckpt.Checkpointer(workdir=os.path.join(workdir, RUN), save_interval_steps=3, barrier_timeout_secs=60)
   restored = ckpt.restore(target_on(mesh, P("d"), P("d")))
   report(
-      processes=jax.process_count(), latest_step=ckpt.latest_step, all_steps=ckpt.all_steps,
-      restored=check_restored(restored, 12), restored_step=int(restored["step"]),
+    processes=jax.process_count(),
+    latest_step=ckpt.latest_step,
+    all_steps=ckpt.all_steps,
+    restored=check_restored(restored, 12),
+    restored_step=int(restored["step"]),
   )
   ckpt.close()
 
@@ -162,8 +171,10 @@ def fail_rename_of(step: int) -> None:
 
 def describe(error: BaseException) -> dict:
   return {
-      "type": type(error).__name__, "step": getattr(error, "step", None), "message": str(error),
-      "cause": f"{type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ else None,
+    "type": type(error).__name__,
+    "step": getattr(error, "step", None),
+    "message": str(error),
+    "cause": f"{type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ else None,
   }
 
 
@@ -178,8 +189,11 @@ def scenario_errors(workdir: str) -> None:
     fail_rename_of(4)
     fail_rename_of(8)
   ckpt = kckpt.Checkpointer(
-      workdir=os.path.join(workdir, "errors"), save_interval_steps=1000, max_to_keep=None,
-      barrier_timeout_secs=60, async_timeout_secs=60,
+    workdir=os.path.join(workdir, "errors"),
+    save_interval_steps=1000,
+    max_to_keep=None,
+    barrier_timeout_secs=60,
+    async_timeout_secs=60,
   )
   ckpt.save(state(1), step=1)
   ckpt.wait_until_finished()
@@ -229,7 +243,10 @@ def scenario_dies(workdir: str) -> None:
   mesh = Mesh(np.array(jax.devices()), ("d",))
   state = lambda s: {"w": sharded(values(s), NamedSharding(mesh, P("d")))}
   ckpt = kckpt.Checkpointer(
-      workdir=os.path.join(workdir, "dies"), save_interval_steps=2, barrier_timeout_secs=3, async_timeout_secs=30,
+    workdir=os.path.join(workdir, "dies"),
+    save_interval_steps=2,
+    barrier_timeout_secs=3,
+    async_timeout_secs=30,
   )
   for s in range(100):
     if pid == 1 and s == 3:
@@ -249,7 +266,7 @@ def main() -> None:
   scenario = sys.argv[1]
   _cluster.init()
   {"save": scenario_save, "restore": scenario_restore, "errors": scenario_errors, "dies": scenario_dies}[scenario](
-      _cluster.workdir()
+    _cluster.workdir()
   )
   log("done")
 

@@ -29,11 +29,20 @@ def main():
       break
   durable = kckpt.Checkpointer.open(workdir).all_steps
   ckpt.close()
-  sys.stdout.write("RESULT " + json.dumps({
-      "installed": installed, "stopped_at": step, "saved": [s for s, v in saved.items() if v],
-      "durable": durable, "restored": signal.getsignal(signal.SIGTERM) is before,
-      "forgotten": not _preemption.sigterm_received(),
-  }) + "\n")
+  sys.stdout.write(
+    "RESULT "
+    + json.dumps(
+      {
+        "installed": installed,
+        "stopped_at": step,
+        "saved": [s for s, v in saved.items() if v],
+        "durable": durable,
+        "restored": signal.getsignal(signal.SIGTERM) is before,
+        "forgotten": not _preemption.sigterm_received(),
+      }
+    )
+    + "\n"
+  )
 
 
 if __name__ == "__main__":
