@@ -1,9 +1,19 @@
-"""Preemption: SIGTERM is recorded, not fatal, until the step is saved.
+"""Preemption: SIGTERM is recorded, not fatal, until the step is saved; then it is honoured.
 
-A `Checkpointer` that handles SIGTERM installs one process-wide handler (the
-first `maybe_save`) and removes it at `close`; the handler only sets a flag,
-and the next `maybe_save` saves on every process. `Preemption` is one
-`Checkpointer`'s view: asked to stop, and whether the save for it is done.
+The lifecycle, for a `Checkpointer` that handles SIGTERM (the default):
+
+1. The first `maybe_save` installs one process-wide handler; it only sets a flag.
+2. After SIGTERM, the next `maybe_save` (on every process: they vote) saves
+   its step, waits until it is durable and sets `reached_preemption`.
+3. Then the SIGTERM is honoured as the handler that was there before kckpt's
+   would have: a Python handler is called (once, from that `maybe_save`); the
+   default disposition ends the process with status 143 at the next
+   `maybe_save`, as `SystemExit(143)` so that ``finally`` blocks and context
+   managers run; an ignored SIGTERM stays ignored. A loop that checks
+   `reached_preemption` and breaks never gets there: it closes cleanly.
+4. `close` removes the handler (the last one restores the one before).
+
+`Preemption` is one `Checkpointer`'s view of it.
 """
 
 from __future__ import annotations
@@ -24,17 +34,25 @@ def sigterm_received() -> bool:
   return _sigterm.is_set()
 
 
+# The exit status of a process ended by SIGTERM's default action, as shells report it.
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
+
+
 def _on_sigterm(signum, frame) -> None:
+  del signum, frame
   _sigterm.set()  # no logging here: the interrupted code may hold the logging lock
-  previous = _previous_handler
-  if callable(previous):
-    previous(signum, frame)
+
+
+def previous_handler() -> Any:
+  """The SIGTERM handler kckpt's replaced (`signal.SIG_DFL` when there was none)."""
+  return signal.SIG_DFL if _previous_handler is None else _previous_handler
 
 
 def install_sigterm_handler() -> bool:
   """Records SIGTERM instead of dying (until the last `uninstall_sigterm_handler`).
 
-  A Python handler installed before is still called. Only the main thread can
+  The handler installed before is honoured once the step is saved (see the
+  module docstring). Only the main thread can
   install signal handlers; elsewhere this returns False and does nothing.
   This replaces the handler of JAX's preemption service (a C handler), so
   ``multihost_utils.reached_preemption_sync_point`` no longer sees SIGTERM.
@@ -72,6 +90,7 @@ class Preemption:
   def __init__(self) -> None:
     self.requested = False  # `request_preemption()` was called
     self.reached = False  # the step saved for it is durable
+    self.exit_pending = False  # SIGTERM's default action is due at the next `maybe_save`
     self._handler: weakref.finalize | None = None  # removes the SIGTERM handler (close, or GC)
 
   def handle_sigterm(self, owner: object) -> None:
@@ -80,9 +99,30 @@ class Preemption:
       self._handler = weakref.finalize(owner, uninstall_sigterm_handler)
 
   @property
+  def signalled(self) -> bool:
+    """Whether this process got SIGTERM while this `Checkpointer` handled it."""
+    return self._handler is not None and sigterm_received()
+
+  @property
   def pending(self) -> bool:
     """Whether this process was asked to stop and has not saved for it yet."""
-    return not self.reached and (self.requested or (self._handler is not None and sigterm_received()))
+    return not self.reached and (self.requested or self.signalled)
+
+  def saved(self) -> None:
+    """The step saved for the preemption is durable: honour the SIGTERM as the handler before kckpt's would."""
+    self.reached = True
+    if not self.signalled:
+      return  # `request_preemption()`, or another process's SIGTERM: the loop decides
+    previous = previous_handler()
+    if callable(previous):
+      previous(signal.SIGTERM, None)
+    elif previous != signal.SIG_IGN:
+      self.exit_pending = True
+
+  def check_exit(self) -> None:
+    """Ends the process as SIGTERM means (`SystemExit(143)`) when its default action is due."""
+    if self.exit_pending:
+      raise SystemExit(SIGTERM_EXIT_STATUS)
 
   def release(self) -> None:
     """Removes the SIGTERM handler (the last one restores the handler there was before)."""

@@ -75,7 +75,8 @@ class StepDetails:
   Attributes:
     step: the step.
     path: its folder.
-    time: when it was committed (UTC), if recorded.
+    time: the step's time (UTC): when `save` was called, as recorded in the
+      step (for steps written by other code, Orbax's commit time).
     metrics: the metrics given to `save`, if any.
     items: names of the items in the step (bookkeeping folders included), each
       with its format (``"pytree"`` or ``"json"``).

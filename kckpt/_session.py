@@ -118,7 +118,7 @@ class WriteSession:
         f"Step {step} already exists in {self.directory}; kckpt never overwrites a step."
         f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
       )
-    now = time.time()
+    now = round(time.time(), 6)  # the step's time, recorded in it; microseconds, as a datetime holds it
     self._index.remember(policies.StepRecord(step=step, time=now, metrics=metrics))
     stats = telemetry.SaveTelemetry(
       self._publish_stats,
@@ -129,7 +129,9 @@ class WriteSession:
       async_save=self._config.async_save,
     )
     try:
-      self._writer.save(step, writes, metrics, custom_metadata=_orbax.custom_metadata(tag=tag), on_durable=stats.durable)
+      self._writer.save(
+        step, writes, metrics, custom_metadata=_orbax.custom_metadata(time=now, tag=tag), on_durable=stats.durable
+      )
     except BaseException:
       self._index.forget(step)
       raise

@@ -86,13 +86,15 @@ class Checkpointer(base.BaseCheckpointer):
       refreshed for this long (see `kckpt.lock`).
     barrier_timeout_secs: in a multi-process run, how long a call waits for
       the other processes to make the same call (`maybe_save`, `save`,
-      `wait_until_finished`, `close`, `restore`, `latest_step`) before raising
+      `wait_until_finished`, `close`, `restore`) before raising
       `ProcessTimeoutError`: a process that died or is stuck never makes the
       others hang.
-    handle_sigterm: on SIGTERM (a preemption notice), do not die: the next
-      `maybe_save` saves the current step on every process and sets
-      `reached_preemption` (see `request_preemption`). The handler is
-      installed by the first `maybe_save` and removed by `close`.
+    handle_sigterm: on SIGTERM (a preemption notice), do not die at once: the
+      next `maybe_save` saves the current step on every process and sets
+      `reached_preemption` (see `request_preemption`); then the SIGTERM is
+      honoured as the handler before kckpt's would have (the default: the
+      next `maybe_save` raises ``SystemExit(143)``). The handler is installed
+      by the first `maybe_save` and removed by `close`.
     storage: `kckpt.StorageOptions`: the on-disk format (compression, OCDBT,
       Zarr version) and I/O concurrency limits of saves. The default is the
       fastest measured (uncompressed, OCDBT, Zarr v2);
@@ -352,7 +354,10 @@ class Checkpointer(base.BaseCheckpointer):
     Also raises the error of a failed background save, if any. After a
     preemption notice (SIGTERM, `request_preemption`) it saves `step` even
     off the interval, waits until it is durable and sets
-    `reached_preemption`; from then on it saves nothing.
+    `reached_preemption`; from then on it saves nothing. After a SIGTERM
+    whose default action kckpt held back, the next call raises
+    ``SystemExit(143)``: a loop that does not check `reached_preemption`
+    still ends, as SIGTERM means.
 
     In a multi-process run every process must call it at every step: the
     processes share at each call whether any was preempted, the primary's
@@ -362,6 +367,7 @@ class Checkpointer(base.BaseCheckpointer):
     step = _run.check_step(step)
     rt = self._rt
     if rt.preemption.reached:
+      rt.preemption.check_exit()  # a loop that did not stop: SIGTERM's default action, now
       return False
     if self.handle_sigterm and self.create:
       rt.preemption.handle_sigterm(self)
@@ -380,8 +386,8 @@ class Checkpointer(base.BaseCheckpointer):
     if decision.preempt:
       saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag)
       self.wait_until_finished()
-      rt.preemption.reached = True
       log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.", step, self.directory)
+      rt.preemption.saved()
       return saved
     if force or self._should_save(step, time_due=decision.time_due):
       return self.save(state, step=step, force=True, metrics=metrics, tag=tag)

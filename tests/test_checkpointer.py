@@ -589,3 +589,18 @@ def test_relative_workdir(tmp_path, monkeypatch):
   assert (tmp_path / "runs" / "relative" / "checkpoints" / "ckpt_1").is_dir()
   assert ckpt.restore({"x": np.zeros(2)})["x"].tolist() == [1.0, 1.0]
   assert ckpt.workdir == "runs/relative"  # the config keeps what was given
+
+
+def test_a_steps_time_is_one_value_for_the_live_writer_and_every_reader(workdir):
+  # max_to_keep=1 with a time rule: which steps stay depends on each step's time.
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=1, keep_time_interval=3600, async_save=True)
+  for step in range(4):
+    ckpt.save({"w": np.full(1000, float(step))}, step=step)
+  ckpt.wait_until_finished()
+  live = {d.step: d.reasons for d in ckpt.retention()}
+  recorded = {s: ckpt._index.record(s).time for s in ckpt.all_steps}  # pylint: disable=protected-access  # the live writer's own times
+  reopened = kckpt.Checkpointer.open(workdir, max_to_keep=1, keep_time_interval=3600)
+  assert {d.step: d.reasons for d in reopened.retention()} == live
+  assert {s: reopened.step_details(s).time.timestamp() for s in reopened.all_steps} == recorded
+  ckpt.close()
+  assert live == {0: ("interval",), 3: ("newest", "latest")}

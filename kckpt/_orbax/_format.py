@@ -72,9 +72,18 @@ def read_step_metrics(path: epath.Path) -> Mapping[str, Any] | None:
 
 
 def step_time(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> datetime.datetime | None:
-  """When the step at `path` was committed (or started, for older checkpoints), UTC."""
+  """The step's time, UTC: when its `save` was called, as kckpt recorded it in the step.
+
+  The one definition every reader uses (retention's time rule in the live
+  writer, a reopened `Checkpointer`, ``kckpt ls`` and ``gc``). Steps written
+  by other code fall back to Orbax's commit (or start) time, then the
+  folder's modification time.
+  """
   if metadata is None:
     metadata = read_step_metadata(path)
+  own = _kckpt_entry(metadata)
+  if isinstance(own.get("time"), (int, float)) and not isinstance(own.get("time"), bool):
+    return datetime.datetime.fromtimestamp(own["time"], tz=datetime.UTC)
   nsecs = metadata.get("commit_timestamp_nsecs") or metadata.get("init_timestamp_nsecs")
   if nsecs:
     return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.UTC)
@@ -109,14 +118,22 @@ def item_formats(path: epath.Path, metadata: Mapping[str, Any] | None = None) ->
 
 def step_tag(metadata: Mapping[str, Any]) -> str | None:
   """The tag given to `save(..., tag=)`, from the step metadata."""
+  tag = _kckpt_entry(metadata).get("tag")
+  return tag if isinstance(tag, str) else None
+
+
+def _kckpt_entry(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
   custom = metadata.get("custom_metadata") or {}
   own = custom.get(KCKPT_METADATA_KEY) if isinstance(custom, Mapping) else None
-  return own.get("tag") if isinstance(own, Mapping) else None
+  return own if isinstance(own, Mapping) else {}
 
 
-def custom_metadata(*, tag: str | None) -> dict[str, Any] | None:
-  """kckpt's entry in the step's custom metadata (None when there is nothing to record)."""
-  return {KCKPT_METADATA_KEY: {"tag": tag}} if tag is not None else None
+def custom_metadata(*, time: float, tag: str | None) -> dict[str, Any]:
+  """kckpt's entry in the step's custom metadata: the step's time (`time.time()` at `save`) and its tag."""
+  own: dict[str, Any] = {"time": time}
+  if tag is not None:
+    own["tag"] = tag
+  return {KCKPT_METADATA_KEY: own}
 
 
 def is_step_folder(path: epath.Path) -> bool:

@@ -217,3 +217,39 @@ def test_failures_are_described_by_their_cause():
 def test_barrier_timeout_must_be_positive(bad):
   with pytest.raises(ValueError, match="barrier_timeout_secs"):
     kckpt.Checkpointer(workdir=None, save_interval_steps=1, barrier_timeout_secs=bad)
+
+
+def _sigterm_loop(workdir, mode):
+  proc = subprocess.run(
+    [PYTHON, "-m", "tests.programs.sigterm_loop", str(workdir), mode],
+    cwd=REPO,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  trained = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("STEP ")]
+  return proc, trained, kckpt.Checkpointer.open(workdir).all_steps
+
+
+def test_a_loop_that_ignores_reached_preemption_still_ends_with_status_143(workdir):
+  proc, trained, steps = _sigterm_loop(workdir, "default")
+  assert proc.returncode == 143, proc.stdout + proc.stderr
+  assert steps == [0, 10, 13]  # the preemption save at the first maybe_save after SIGTERM, durable
+  assert trained[-1] == 14  # and the next maybe_save ended the run
+  assert "FINALLY" in proc.stdout  # as SystemExit: finally blocks and context managers run
+
+
+def test_a_handler_installed_before_kckpt_is_called_once_the_step_is_saved(workdir):
+  proc, trained, steps = _sigterm_loop(workdir, "handler")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines.count(f"HANDLER {int(signal.SIGTERM)}") == 1
+  assert lines.index(f"HANDLER {int(signal.SIGTERM)}") == lines.index("STEP 13") + 1  # after the save of step 13
+  assert steps == [0, 10, 13] and trained[-1] == 59  # its handler chose to go on; kckpt saves nothing more
+
+
+def test_an_ignored_sigterm_stays_ignored_after_the_preemption_save(workdir):
+  proc, trained, steps = _sigterm_loop(workdir, "ignored")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert steps == [0, 10, 13] and trained[-1] == 59
