@@ -1,19 +1,24 @@
-"""One writer per run: a lock file that a second trainer on the same workdir trips over.
+"""One writer per run: a lock that a second trainer on the same workdir trips over.
 
 Two trainers pointed at one workdir by mistake would delete each other's steps
 through retention and race on the same step folders. The first `Checkpointer`
 that writes takes ``checkpoints/WRITER_LOCK.json`` (host, process id, a random
-token) and refreshes its time every few seconds from a background thread.
-A second writer:
+token). Locally the file is also locked by the kernel (``flock``) for as long
+as the writer's process lives, so a writer that died (SIGKILL, OOM, a reused
+process id after a container restart) never blocks the next one. A second
+writer:
 
-* on the same host, while the owner process is alive: gets
-  `ConcurrentWriterError` at once (another `Checkpointer` of the same
-  process takes over instead, with a warning: the older one's next save
-  raises);
-* on another host: waits until the lock has not been refreshed for
-  `stale_secs` (a preempted job restarting elsewhere waits at most that long),
-  then takes it over; if the lock keeps being refreshed, it gets
-  `ConcurrentWriterError`.
+* on the same host, while the owner holds the kernel lock: gets
+  `ConcurrentWriterError` at once (another `Checkpointer` of the same process
+  takes over instead, with a warning: the older one's next save raises);
+* on the same host, when no process holds the kernel lock: takes over at once,
+  whatever process id the file names (its writer is gone);
+* on another host (a shared file system, or an object store): waits until the
+  lock has not been refreshed for `stale_secs` (a preempted job restarting
+  elsewhere waits at most that long), then takes it over; if the lock keeps
+  being refreshed, it gets `ConcurrentWriterError`. The owner refreshes the
+  file's time from a background thread; a refresh that fails is raised by the
+  owner's next `check` (its next save), never dropped.
 
 A writer also checks at each save that the lock is still its own, so a writer
 whose lock was taken over stops instead of deleting the new owner's steps.
@@ -22,6 +27,8 @@ In a multi-process run only the primary process takes the lock.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +43,29 @@ from kckpt import _fs
 from kckpt.errors import ConcurrentWriterError
 
 LOCK_FILE = "WRITER_LOCK.json"
+
+log = logging.getLogger("kckpt")
+
+# Locks held by this process, by path: another Checkpointer of this process takes them over.
+_held: dict[str, WriterLock] = {}
+_held_lock = threading.Lock()
+
+
+def _kernel_lock(fd: int) -> bool | None:
+  """Takes the kernel's exclusive lock on `fd` without waiting.
+
+  True: taken; False: another process holds it; None: this file system has no
+  ``flock`` (the file's content decides alone).
+  """
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+      return False
+    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+      return None
+    raise
+  return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -56,11 +86,16 @@ class WriterLock:
     self.stale_secs = stale_secs
     self.refresh_secs = refresh_secs if refresh_secs is not None else max(stale_secs / 6, 0.05)
     self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+    self._local = _fs.is_local(self.path)
+    self._fd: int | None = None  # holds the kernel lock (local paths)
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._refresh_error: BaseException | None = None
+
+  # -- Reading the lock file ----------------------------------------------------
 
   def _read(self) -> dict | None:
-    attempts = 1 if _fs.is_local(self.path) else 5
+    attempts = 1 if self._local else 5
     for attempt in range(attempts):
       try:
         return json.loads(self.path.read_text())
@@ -89,53 +124,100 @@ class WriterLock:
   def _describe(self, holder: dict) -> str:
     return f"process {holder.get('pid')} on host {holder.get('host')!r}"
 
+  def _refused(self, holder: dict) -> ConcurrentWriterError:
+    return ConcurrentWriterError(
+      f"{self.path.parent} is being written by {self._describe(holder)} (lock {self.path}, refreshed"
+      f" {self._age():.0f} s ago). Two trainers must not share a workdir; if that writer is really"
+      f" gone, delete the lock file."
+    )
+
+  # -- Taking and giving back ---------------------------------------------------
+
   def acquire(self) -> None:
     """Takes the lock, or raises `ConcurrentWriterError` naming the live holder."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + self.stale_secs + self.refresh_secs
-    while True:
-      holder = self._read()
-      if holder is None or holder.get("token") == self.owner["token"]:
-        break
-      same_host = holder.get("host") == self.owner["host"]
-      if same_host and not _pid_alive(int(holder.get("pid", -1))):
-        break  # its process is gone: a crashed or preempted earlier run
-      if same_host and int(holder.get("pid", -1)) == self.owner["pid"]:
-        # Another Checkpointer of this process (a notebook cell run again): the
-        # newer one wins, and the older one's next save raises.
-        logging.getLogger("kckpt").warning(
-          "%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent
-        )
-        break
-      if not same_host and self._age() > self.stale_secs:
-        break  # not refreshed for too long: its writer is gone
-      if same_host or time.monotonic() > deadline:
-        raise ConcurrentWriterError(
-          f"{self.path.parent} is being written by {self._describe(holder)} (lock {self.path}, refreshed"
-          f" {self._age():.0f} s ago). Two trainers must not share a workdir; if that writer is really"
-          f" gone, delete the lock file."
-        )
-      time.sleep(min(self.refresh_secs, 1.0))
-    self._write()
-    time.sleep(0.01)
-    if (self._read() or {}).get("token") != self.owner["token"]:  # another writer won a simultaneous start
-      raise ConcurrentWriterError(f"{self.path.parent} was taken by another writer as this one started")
+    if self._local:
+      self._acquire_local()
+    else:
+      self._acquire_remote()
     self._stop.clear()
     self._thread = threading.Thread(target=self._refresh_loop, name="kckpt-writer-lock", daemon=True)
     self._thread.start()
 
+  def _acquire_local(self) -> None:
+    key = os.path.realpath(self.path)
+    with _held_lock:
+      previous = _held.get(key)
+      if previous is not None and previous._fd is not None:
+        # Another Checkpointer of this process (a notebook cell run again): the
+        # newer one wins, and the older one's next save raises.
+        log.warning("%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent)
+        self._fd, previous._fd = previous._fd, None
+        previous._stop.set()
+      else:
+        # The lock file itself, never replaced while locked (its content is rewritten in place).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        locked = _kernel_lock(fd)
+        holder = self._read()
+        same_host = holder is not None and holder.get("host") == self.owner["host"]
+        if locked is False or (locked is None and same_host and _pid_alive(int(holder.get("pid", -1)))):  # type: ignore[union-attr]
+          os.close(fd)
+          raise self._refused(holder or {"pid": "?", "host": self.owner["host"]})
+        if holder is not None and not same_host and self._age() <= self.stale_secs:
+          # A writer on another host of a shared file system that has no working flock.
+          try:
+            self._wait_until_stale(holder)
+          except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+      _held[key] = self
+    self._write_in_place()
+
+  def _write_in_place(self) -> None:
+    assert self._fd is not None
+    data = json.dumps({**self.owner, "since": time.time()}).encode()
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, data, 0)
+    os.fsync(self._fd)
+
+  def _wait_until_stale(self, holder: dict) -> None:
+    deadline = time.monotonic() + self.stale_secs + self.refresh_secs
+    while self._age() <= self.stale_secs:
+      if time.monotonic() > deadline:
+        raise self._refused(holder)
+      time.sleep(min(self.refresh_secs, 1.0))
+
+  def _acquire_remote(self) -> None:
+    holder = self._read()
+    if holder is not None and holder.get("token") != self.owner["token"]:
+      if holder.get("host") == self.owner["host"] and holder.get("pid") == self.owner["pid"]:
+        log.warning("%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent)
+      else:
+        self._wait_until_stale(holder)
+    self._write()
+    time.sleep(0.01)
+    if (self._read() or {}).get("token") != self.owner["token"]:  # another writer won a simultaneous start
+      raise ConcurrentWriterError(f"{self.path.parent} was taken by another writer as this one started")
+
   def _refresh_loop(self) -> None:
     while not self._stop.wait(self.refresh_secs):
       try:
-        if not _fs.is_local(self.path):
-          self._write()
-        else:
+        if self._local:
           os.utime(self.path)
-      except OSError:
-        pass  # the next `check` reports a lost lock
+        else:
+          self._write()
+      except OSError as e:
+        self._refresh_error = e  # raised by the next `check`
+        return
 
   def check(self) -> None:
-    """Raises `ConcurrentWriterError` when another writer took the lock over."""
+    """Raises `ConcurrentWriterError` when another writer took the lock over, or it could not be kept."""
+    if self._refresh_error is not None:
+      raise ConcurrentWriterError(
+        f"This writer could not refresh its lock {self.path} ({type(self._refresh_error).__name__}:"
+        f" {self._refresh_error}); it stops saving, as another writer may take the run over."
+      ) from self._refresh_error
     holder = self._read()
     if holder is None or holder.get("token") != self.owner["token"]:
       raise ConcurrentWriterError(
@@ -155,3 +237,9 @@ class WriterLock:
         self.path.unlink()
       except FileNotFoundError:
         pass
+    if self._fd is not None:
+      with _held_lock:
+        if _held.get(os.path.realpath(self.path)) is self:
+          del _held[os.path.realpath(self.path)]
+      os.close(self._fd)  # releases the kernel lock
+      self._fd = None
