@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
 from etils import epath
 
 from kckpt import _layout
@@ -20,7 +21,7 @@ from kckpt import items as items_lib
 from kckpt import storage as storage_lib
 from kckpt import trees
 from kckpt._types import Step
-from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, LeafReadError, TreeMismatchError
+from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, TreeMismatchError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,7 @@ def _restore(
       step=step,
     )
   layout = _layout_for(state, user_items)
-  reads = _plan(step_path, step, layout, user_items, partial=partial)
+  reads = _plan(step_path, step, layout, user_items, partial=partial, donate=donate)
   restored: dict[str, Any] = {}
   as_saved = [r for r in reads if r.target is None]
   if as_saved:  # JSON items, and items with no target, in one Orbax call
@@ -89,8 +90,9 @@ def _restore(
       )
   for r in reads:
     if r.target is not None:
-      with reading(step, r.name, step_path / r.name):
-        restored[r.name] = _orbax.match_scalar_types(r.target, _read_into(step_path / r.name, r, donate, storage))
+      with reading(step, r.name, step_path / r.name, donated=donate):
+        value = _read_into(step_path / r.name, r, donate, storage)
+      restored[r.name] = _orbax.match_scalar_types(r.target, value)
   nbytes = sum(trees.tree_nbytes(restored[r.name]) for r in reads if r.format == "pytree")
   for r in reads:
     if r.item is not None:
@@ -99,10 +101,15 @@ def _restore(
 
 
 def _plan(
-  step_path: epath.Path, step: Step, layout: items_lib.Layout, saved_items: Mapping[str, str], *, partial: bool
+  step_path: epath.Path, step: Step, layout: items_lib.Layout, saved_items: Mapping[str, str], *, partial: bool, donate: bool
 ) -> list[_ItemRead]:
-  """What to read of each item, after checking every target against the saved metadata (no array read)."""
-  reads, problems = [], []
+  """What to read of each item, after checking every target against the saved metadata (no array read).
+
+  With `donate`, also checks that every data file the read needs is there and
+  whole, so that a damaged step is reported before the target is freed.
+  """
+  reads: list[_ItemRead] = []
+  problems: list[str] = []
   for name, item in layout.items.items():
     if name not in saved_items:
       problems.append(f"{name}: no such item in step {step} (it has: {sorted(saved_items)})")
@@ -111,6 +118,17 @@ def _plan(
     target = None if item is None or fmt == "json" else item.restore_target()
     common = None
     if target is not None:
+      if donate and _has_device_arrays(target):
+        # Before anything is freed: every data file the read will need is there and whole.
+        damaged = _orbax.damaged_files(step_path / name)
+        if damaged:
+          raise CheckpointReadError(
+            f"Cannot read step {step}, item {name!r} at {step_path / name}: "
+            + "; ".join(damaged)
+            + " (found before the target was freed: nothing was read)",
+            step=step,
+            item=name,
+          )
       with reading(step, name, step_path / name):
         saved = _orbax.saved_leaf_specs(step_path / name)
       wanted = {path: trees.leaf_spec(leaf) for path, leaf in trees.flatten_with_paths(target).items()}
@@ -130,6 +148,10 @@ def _plan(
       problems=problems,
     )
   return reads
+
+
+def _has_device_arrays(tree: Any) -> bool:
+  return any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(tree))
 
 
 def _read_into(item_dir: epath.Path, read: _ItemRead, donate: bool, storage: storage_lib.StorageOptions | None) -> Any:
@@ -153,7 +175,7 @@ def _layout_for(state: Any, saved_items: Mapping[str, str]) -> items_lib.Layout:
 
 
 @contextlib.contextmanager
-def reading(step: Step, item: str, path: epath.Path) -> Iterator[None]:
+def reading(step: Step, item: str, path: epath.Path, *, donated: bool = False) -> Iterator[None]:
   """Turns an error of Orbax/TensorStore while reading into one that names the step and item.
 
   Only errors of the read itself: kckpt's own errors pass as they are, and so
@@ -163,7 +185,15 @@ def reading(step: Step, item: str, path: epath.Path) -> Iterator[None]:
     yield
   except (CheckpointReadError, TreeMismatchError):
     raise
-  except (LeafReadError, OSError, ValueError, RuntimeError, KeyError) as e:
+  except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+    if not _orbax.is_read_error(e):
+      raise
+    lost = (
+      " The target's arrays had already been freed (donate=True) after every check passed: restore into"
+      " a new target, or pass donate=False where a step may be damaged."
+      if donated
+      else ""
+    )
     raise CheckpointReadError(
-      f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}", step=step, item=item
+      f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}.{lost}", step=step, item=item
     ) from e

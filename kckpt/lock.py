@@ -178,8 +178,7 @@ class WriterLock:
     assert self._fd is not None
     data = json.dumps({**self.owner, "since": time.time()}).encode()
     os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, data, 0)
-    os.fsync(self._fd)
+    os.pwrite(self._fd, data, 0)  # no fsync: after a crash the kernel lock, not the content, decides
 
   def _wait_until_stale(self, holder: dict) -> None:
     deadline = time.monotonic() + self.stale_secs + self.refresh_secs

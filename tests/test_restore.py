@@ -1,5 +1,7 @@
 """Restoring anything: strict errors, partial restores, other shardings and dtypes, tags."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +139,43 @@ def test_no_target_restore_of_strings_and_python_scalars(workdir):
   out = ckpt.restore()
   assert out["name"] == "run-7" and out["lr"] == 0.5 and out["n"] == 3
   np.testing.assert_array_equal(out["w"], np.arange(3.0))
+
+
+def _truncate_data_files(step_dir):
+  """Truncates the files that hold the arrays' bytes (OCDBT `ocdbt.process_*/d/`), as a full disk would."""
+  cut = 0
+  for root, _, files in os.walk(step_dir):
+    if os.path.basename(root) == "d" and os.path.basename(os.path.dirname(root)).startswith("ocdbt.process_"):
+      for name in files:
+        os.truncate(os.path.join(root, name), 10)
+        cut += 1
+  assert cut
+
+
+def test_a_damaged_step_is_found_before_the_donated_target_is_freed(workdir):
+  saved_run(workdir, {"w": jnp.arange(1000.0), "b": jnp.ones(10)})
+  _truncate_data_files(workdir / "checkpoints" / "ckpt_1")
+  target = {"w": jnp.zeros(1000), "b": jnp.zeros(10)}
+  with pytest.raises(kckpt.CheckpointReadError, match=r"step 1, item 'default' .*found before the target was freed") as e:
+    kckpt.Checkpointer(workdir=workdir, save_interval_steps=1).restore(target, donate=True)
+  assert "unreadable leaves ['w']" in str(e.value) and "10 bytes, its metadata says at least" in str(e.value)
+  assert not target["w"].is_deleted() and not target["b"].is_deleted()
+  np.testing.assert_array_equal(target["w"], np.zeros(1000))
+
+
+def test_a_read_that_fails_after_donation_says_the_target_was_freed(workdir, monkeypatch):
+  saved_run(workdir, {"w": jnp.arange(1000.0)})
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  # Damage the files only after the checks ran (between the check and the read, as a concurrent deleter would).
+  from kckpt._orbax import _files  # pylint: disable=import-outside-toplevel
+
+  real = _files.damaged_files
+
+  def check_then_damage(item_dir):
+    problems = real(item_dir)
+    _truncate_data_files(item_dir.parent)
+    return problems
+
+  monkeypatch.setattr("kckpt._orbax.damaged_files", check_then_damage)
+  with pytest.raises(kckpt.CheckpointReadError, match="had already been freed"):
+    ckpt.restore({"w": jnp.zeros(1000)}, donate=True)

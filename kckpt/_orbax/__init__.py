@@ -21,6 +21,7 @@ the reach, when an upgrade breaks it.
 """
 
 from kckpt._orbax._commit import DurableRenameTemporaryPath
+from kckpt._orbax._files import damaged_files
 from kckpt._orbax._format import (
   COMMIT_MARKER,
   METRICS_ITEM,
@@ -47,7 +48,9 @@ from kckpt._orbax._reader import (
   ItemRead,
   LeafReader,
   abstract_target,
+  is_read_error,
   match_scalar_types,
+  read_each,
   read_items,
   read_leaves,
   read_tree_into,
@@ -71,7 +74,9 @@ __all__ = [
   "Writer",
   "abstract_target",
   "custom_metadata",
+  "damaged_files",
   "install_s3_support",
+  "is_read_error",
   "is_committed",
   "is_step_folder",
   "is_temporary_name",
@@ -80,6 +85,7 @@ __all__ = [
   "metadata_as_shape_dtype",
   "needs_commit_marker",
   "pytree_metadata",
+  "read_each",
   "read_items",
   "read_leaves",
   "read_step_metadata",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,6 +16,20 @@ from kckpt import trees
 from kckpt._orbax import _handlers, _metadata
 from kckpt._types import PyTree
 from kckpt.errors import LeafReadError
+
+_READ_ERROR_TYPES = (OSError, ValueError, RuntimeError, KeyError, LeafReadError)
+
+
+def is_read_error(error: BaseException) -> bool:
+  """Whether `error` is what reading a missing, truncated or undecodable file raises through Orbax.
+
+  That is FileNotFoundError, TensorStore's ValueError, JaxRuntimeError... and
+  the bare `Exception` Orbax 0.12 wraps TensorStore errors in ("Encountered
+  error while reading array index"). Anything else (a TypeError,
+  AttributeError...) is a bug in kckpt or in the caller's item, never reported
+  as a damaged checkpoint.
+  """
+  return isinstance(error, _READ_ERROR_TYPES) or type(error) is Exception  # pylint: disable=unidiomatic-typecheck
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +167,9 @@ def read_tree_into(
           item_dir,
           args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
         )
-      except Exception as e:  # pylint: disable=broad-exception-caught
+      except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+        if not is_read_error(e):
+          raise
         flat = trees.flatten_with_paths(abstract)
         raise LeafReadError(_unreadable_leaves(item_dir, sorted(batch), flat), e) from e
       restored.update({p: v for p, v in trees.flatten_with_paths(out).items() if p in batch})
@@ -162,19 +178,41 @@ def read_tree_into(
   return trees.replace_leaves(target, restored)
 
 
-def _unreadable_leaves(item_dir: epath.Path, paths: Sequence[str], abstract: Mapping[str, Any]) -> list[str]:
-  """On the error path only: reads the leaves one by one to name those at fault."""
-  bad = []
+def read_each(
+  read: Callable[[list[str]], dict[str, Any]], paths: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, BaseException]]:
+  """Reads `paths` in one call; when that fails, one by one, to name the leaves at fault.
+
+  Returns the values read and, for each leaf that could not be read, its error
+  (only the errors of a damaged checkpoint, `is_read_error`; others propagate).
+  """
   try:
-    metadata = _metadata.pytree_metadata(item_dir)
-  except Exception:  # pylint: disable=broad-exception-caught
-    return list(paths)
+    return read(list(paths)), {}
+  except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+    if not is_read_error(e):
+      raise
+  values: dict[str, Any] = {}
+  faults: dict[str, BaseException] = {}
   for path in paths:
     try:
-      read_leaves(item_dir, {path: abstract[path]}, metadata=metadata)
-    except Exception:  # pylint: disable=broad-exception-caught
-      bad.append(path)
-  return bad or list(paths)
+      values.update(read([path]))
+    except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+      if not is_read_error(e):
+        raise
+      faults[path] = e
+  return values, faults
+
+
+def _unreadable_leaves(item_dir: epath.Path, paths: Sequence[str], abstract: Mapping[str, Any]) -> list[str]:
+  """On the error path only: the leaves of `paths` that cannot be read."""
+  try:
+    metadata = _metadata.pytree_metadata(item_dir)
+  except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+    if not is_read_error(e):
+      raise
+    return list(paths)
+  _, faults = read_each(lambda ps: read_leaves(item_dir, {p: abstract[p] for p in ps}, metadata=metadata), paths)
+  return sorted(faults) or list(paths)
 
 
 def read_items(

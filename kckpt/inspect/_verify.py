@@ -100,21 +100,16 @@ def verify_pytree_item(
   """Reads every leaf of one item, a batch at a time; (problems, leaves read, bytes read)."""
   try:
     reader = _orbax.LeafReader(item_dir)
-  except Exception as e:  # pylint: disable=broad-exception-caught
+  except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+    if not _orbax.is_read_error(e):
+      raise
     return [Problem(step, name, "<metadata>", f"unreadable: {short_error(e)}")], 0, 0
   problems: list[Problem] = []
   leaves_read = bytes_read = 0
   total = len(reader.leaves)
   for batch in leaf_batches(list(reader.leaves.values())):
-    try:
-      values = reader.read([leaf.path for leaf in batch])
-    except Exception:  # pylint: disable=broad-exception-caught
-      values = {}
-      for leaf in batch:  # read one at a time to name the leaves at fault
-        try:
-          values.update(reader.read([leaf.path]))
-        except Exception as e:  # pylint: disable=broad-exception-caught
-          problems.append(Problem(step, name, leaf.path, f"unreadable: {short_error(e)}"))
+    values, faults = _orbax.read_each(reader.read, [leaf.path for leaf in batch])
+    problems.extend(Problem(step, name, path, f"unreadable: {short_error(e)}") for path, e in faults.items())
     for leaf in batch:
       if leaf.path not in values:
         continue
@@ -164,7 +159,9 @@ def verify_step(
           _orbax.read_step_metrics(step_path)
         else:
           read_json_item(step_path, name)
-      except Exception as e:  # pylint: disable=broad-exception-caught
+      except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+        if not _orbax.is_read_error(e):
+          raise
         report.problems.append(Problem(step, name, "<json>", f"unreadable: {short_error(e)}"))
       continue
     problems, leaves, nbytes = verify_pytree_item(step, name, item_dir, check_finite=check_finite, progress=progress)
