@@ -145,6 +145,43 @@ def test_sigterm_to_one_process_preempts_the_run_which_resumes(tmp_path):
   assert result(run)["params_sha256"] == result(tmp_path / "ref")["params_sha256"]
 
 
+def test_reads_on_process_0_alone_are_local_and_restores_agree(tmp_path):
+  # Regression: only process 0 logged `latest_step`, `all_steps`, `should_save(step + 1)` in
+  # the loop, and process 1 raised ProcessTimeoutError at maybe_save(step=2): a read was a
+  # hidden collective. Here process 0 calls every read at every step (saves in flight) and
+  # process 1 none; barrier_timeout_secs=10 makes such a collective fail fast, not hang.
+  results = Cluster([*PROGRAM, "local-reads"], num_processes=2, workdir=tmp_path, timeout=90).run()
+  p0, p1 = results
+  assert "reads" not in p1  # process 1 never read
+  # Every process saved the same steps: the step interval, the tag's step, and step 5 by the
+  # time rule on the primary's clock (it slept past save_interval_secs after step 4).
+  assert p0["saved"] == p1["saved"]
+  assert {0, 2, 4, 5, 6, 8} <= set(p0["saved"])
+
+  reads = {row["step"]: row for row in p0["reads"]}
+  assert sorted(reads) == list(range(multihost_run.LOCAL_READS_STEPS))  # no read raised
+  assert reads[multihost_run.LOCAL_READS_TAGGED]["should_save_next"] is True  # the time rule, judged locally
+  assert reads[0]["should_save_next"] is False and reads[2]["should_save_next"] is False
+  assert reads[1]["should_save_next"] is True  # step 2: the step interval
+  for row in p0["reads"]:
+    assert row["all_steps"] == sorted(row["all_steps"]) and set(row["all_steps"]) <= set(p0["saved"])
+    assert row["latest_step"] == (row["all_steps"][-1] if row["all_steps"] else None)
+    assert {s for s, _ in row["retention"]} <= set(p0["saved"])
+    if row["latest_step"] is not None:
+      assert row["metrics"] == {"loss": multihost_run.local_reads_loss(row["details_step"])}
+      assert row["details_step"] >= row["latest_step"]  # -1: the newest, listed again
+      assert row["details_tag"] == (multihost_run.LOCAL_READS_TAG if row["details_step"] == 4 else None)
+  assert reads[8]["best_step"] in (None, 2)  # step 2 (loss 1) once listed
+  assert any(row["best_step"] == 2 for row in p0["reads"])
+
+  # After the loop: every process restored the same steps, with the same values.
+  assert p0["restored"] == p1["restored"]
+  expected = {"-1": 8, "best": 2, multihost_run.LOCAL_READS_TAG: multihost_run.LOCAL_READS_TAGGED}
+  for name, step in expected.items():
+    assert p0["restored"][name] == {"step": step, "step_leaf": step, "w00": float(step), "matches": True}, name
+  assert kckpt.Checkpointer.open(tmp_path / "local_reads").all_steps == [2, 4, 8]  # the best 3 (min loss) + newest
+
+
 # ---------------------------------------------------------------------------
 # In one process
 # ---------------------------------------------------------------------------

@@ -15,6 +15,12 @@ Scenarios (each process prints ``RESULT {json}`` lines that the test checks):
   step, at the next `maybe_save`, `wait_until_finished`, `save` and `close`.
 * ``dies``: process 1 exits in the middle of the run; process 0's next
   `maybe_save` raises `ProcessTimeoutError` instead of hanging.
+* ``local-reads``: every process calls `maybe_save` at every step (step and
+  time intervals, metrics with a best metric, a tag), but only process 0 calls
+  the reads (`latest_step`, `all_steps`, `should_save`, `metrics`,
+  `best_step`, `step_details`, `retention`, `summary`) inside the loop, as a
+  training script logs them; then every process restores ``-1``, ``"best"``
+  and the tag.
 """
 
 from __future__ import annotations
@@ -262,12 +268,85 @@ def scenario_dies(workdir: str) -> None:
   report(timeout_at=None)
 
 
+LOCAL_READS_STEPS = 9
+LOCAL_READS_TAG = "mid"
+LOCAL_READS_TAGGED = 4
+LOCAL_READS_INTERVAL_SECS = 2.0  # process 0 sleeps past it after step 4: step 5 is saved by the time rule
+LOSS = {0: 5.0, 2: 1.0, 4: 2.0, 6: 4.0, 8: 3.0}  # odd steps: 10 + step, never among the best
+
+
+def local_reads_loss(step: int) -> float:
+  return LOSS.get(step, 10.0 + step)
+
+
+def scenario_local_reads(workdir: str) -> None:
+  pid = jax.process_index()
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  state = lambda s: {"w": sharded(values(s), NamedSharding(mesh, P("d"))), "step": np.int64(s)}
+  ckpt = kckpt.Checkpointer(
+    workdir=os.path.join(workdir, "local_reads"),
+    save_interval_steps=2,
+    save_interval_secs=LOCAL_READS_INTERVAL_SECS,
+    max_to_keep=3,
+    best_metric_path="loss",
+    best_mode="min",
+    barrier_timeout_secs=10,  # a read that is a hidden collective fails in 10 s, not the cluster's timeout
+    async_timeout_secs=30,
+  )
+  saved, reads = [], []
+  for s in range(LOCAL_READS_STEPS):
+    tag = LOCAL_READS_TAG if s == LOCAL_READS_TAGGED else None
+    if ckpt.maybe_save(state(s), step=s, metrics={"loss": local_reads_loss(s)}, tag=tag):
+      saved.append(s)
+    if pid != 0:
+      continue  # process 1 never reads
+    if s == LOCAL_READS_TAGGED:
+      time.sleep(LOCAL_READS_INTERVAL_SECS + 0.5)  # the time rule is due at the next step (primary's clock)
+    # As a training script logs them: on process 0 only, while saves are in flight.
+    latest = ckpt.latest_step
+    row = {
+      "step": s,
+      "latest_step": latest,
+      "all_steps": ckpt.all_steps,
+      "should_save_next": ckpt.should_save(s + 1),
+      "best_step": ckpt.best_step,
+      "retention": [[d.step, d.keep] for d in ckpt.retention()],
+      "summary_lines": len(ckpt.summary().splitlines()),
+    }
+    if latest is not None:  # with no finished step yet, step -1 names nothing
+      details = ckpt.step_details()
+      row.update(metrics=ckpt.metrics(), details_step=details.step, details_tag=details.tag)
+    reads.append(row)
+    log(f"step {s}: {row}")
+  report(saved=saved)
+  if pid == 0:
+    report(reads=reads)
+
+  restored = {}
+  for name in (-1, "best", LOCAL_READS_TAG):
+    tree = ckpt.restore(step=name)  # as NumPy: the whole array on every process
+    got = ckpt.last_restore_stats.step
+    restored[str(name)] = {
+      "step": got,
+      "step_leaf": int(tree["step"]),
+      "w00": float(tree["w"][0, 0]),
+      "matches": bool(np.array_equal(tree["w"], values(got))),
+    }
+  report(restored=restored)
+  ckpt.close()
+
+
 def main() -> None:
   scenario = sys.argv[1]
   _cluster.init()
-  {"save": scenario_save, "restore": scenario_restore, "errors": scenario_errors, "dies": scenario_dies}[scenario](
-    _cluster.workdir()
-  )
+  scenarios = {
+    "save": scenario_save,
+    "restore": scenario_restore,
+    "errors": scenario_errors,
+    "dies": scenario_dies,
+    "local-reads": scenario_local_reads,
+  }
+  scenarios[scenario](_cluster.workdir())
   log("done")
 
 
