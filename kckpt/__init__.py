@@ -37,11 +37,20 @@ _PUBLIC = {
   "TransplantError": "kckpt.errors",
   "TreeMismatchError": "kckpt.errors",
 }
-_SUBMODULES = ("cloud", "inspect", "items", "policies", "telemetry", "trees")
-# Names that moved: old name -> (module, name); still importable, with no warning yet.
-_MOVED = {
-  "transplant": ("kckpt.partial_loader", None),
-}
+_SUBMODULES = (
+  "base",
+  "checkpointer",
+  "cloud",
+  "errors",
+  "inspect",
+  "items",
+  "markers",
+  "partial_loader",
+  "policies",
+  "storage",
+  "telemetry",
+  "trees",
+)
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
@@ -51,9 +60,6 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_PUBLIC[name]), name)
   elif name in _SUBMODULES:
     value = importlib.import_module(f"kckpt.{name}")
-  elif name in _MOVED:
-    module, attr = _MOVED[name]
-    value = importlib.import_module(module) if attr is None else getattr(importlib.import_module(module), attr)
   else:
     raise AttributeError(f"module 'kckpt' has no attribute {name!r}")
   globals()[name] = value
@@ -65,10 +71,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+  from kckpt import base
+  from kckpt import checkpointer
   from kckpt import cloud
+  from kckpt import errors
   from kckpt import inspect
   from kckpt import items
+  from kckpt import markers
+  from kckpt import partial_loader
   from kckpt import policies
+  from kckpt import storage
   from kckpt import telemetry
   from kckpt import trees
   from kckpt.base import BaseCheckpointer, NoopCheckpointer

@@ -163,6 +163,9 @@ class RunIndex:
     # markers are not asked for again, so a poll is one prefix listing.
     self._known_finished: frozenset[Step] = frozenset()
     self._records: dict[Step, policies.StepRecord] = {}
+    # Records a writer gave (`remember`): kept until it `forget`s them, even while a
+    # listing does not show the step yet (it is being saved).
+    self._remembered: set[Step] = set()
 
   # -- Listing ----------------------------------------------------------------
 
@@ -172,8 +175,8 @@ class RunIndex:
       if fresh or self._listing is None:
         listing = list_steps(self.checkpoints, known_finished=self._known_finished)
         self._known_finished = frozenset(listing.finished)
-        for step in set(self._records) - self._known_finished:
-          self._records.pop(step, None)  # a step missing from a listing is forgotten
+        for step in set(self._records) - self._known_finished - self._remembered:
+          self._records.pop(step, None)  # a step read from disk and now missing is forgotten
         self._listing = listing
       return self._listing
 
@@ -204,10 +207,12 @@ class RunIndex:
     """Records what a writer knows of a step it is saving (no need to read it back)."""
     with self._lock:
       self._records[record.step] = record
+      self._remembered.add(record.step)
 
   def forget(self, step: Step) -> None:
     with self._lock:
       self._records.pop(step, None)
+      self._remembered.discard(step)
 
   def details(self, step: StepSpec = -1) -> StepDetails:
     """Time, metrics, items and tag of the step `step` names."""
@@ -254,7 +259,7 @@ class RunIndex:
     """Like `resolve`, but the step must exist (`CheckpointNotFoundError` otherwise)."""
     resolved = self.resolve(step)
     if resolved is None:
-      what = "scored step (no step has the best metric)" if step == "best" else "checkpoint"
+      what = "scored step (no step has the best metric)" if step == "best" and self.finished() else "checkpoint"
       raise CheckpointNotFoundError(f"No {what} found in {self.checkpoints}")
     return self.require_exists(resolved)
 
@@ -277,12 +282,19 @@ def agreed_resolution(index: RunIndex, step: StepSpec, *, timeout_secs: float) -
   take its answer, so ``"latest"``, ``"best"`` or a tag name one step on all
   of them even while a writer adds steps. An error there is raised everywhere.
   """
+  if multihost.process_count() == 1:
+    return index.resolve(step)
   try:
     local, error = index.resolve(step), None
-  except CheckpointNotFoundError as e:
-    local, error = None, str(e)
-  if multihost.process_count() > 1:
-    local, error = multihost.primary_value([local, error], timeout_secs=timeout_secs, what=f"restore(step={step!r})")
-  if error is not None:
-    raise CheckpointNotFoundError(error, available_steps=index.finished())
-  return local
+  except Exception as e:  # pylint: disable=broad-exception-caught  # shared, then raised on every process
+    local, error = None, e
+  shared, message = multihost.primary_value(
+    [local, None if error is None else f"{type(error).__name__}: {error}"],
+    timeout_secs=timeout_secs,
+    what=f"restore(step={step!r})",
+  )
+  if error is not None and multihost.is_primary():
+    raise error
+  if message is not None:
+    raise CheckpointNotFoundError(f"On the primary process: {message}", available_steps=index.finished())
+  return shared

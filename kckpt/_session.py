@@ -58,9 +58,10 @@ class WriteSession:
     if multihost.is_primary():
       self._lock = lock_lib.WriterLock(self.directory, stale_secs=config.lock_stale_secs)
       self._lock.acquire()
-      markers.clear_end_marker(self._workdir)  # saving again: the run is not finished
-      _layout.write_retention_rules(self.directory, policies.retention_rules(config.retention_policy))
     try:
+      if self._lock is not None:
+        markers.clear_end_marker(self._workdir)  # saving again: the run is not finished
+        _layout.write_retention_rules(self.directory, policies.retention_rules(config.retention_policy))
       self._writer = _orbax.Writer(
         self.directory,
         async_save=config.async_save,

@@ -513,11 +513,9 @@ class Checkpointer(base.BaseCheckpointer):
     if resolved is None:
       if noop_if_missing and step in (-1, "latest"):
         return state
-      try:
-        self._index.require(step)  # raises, naming what is missing
-      except CheckpointNotFoundError as e:
-        raise CheckpointNotFoundError(f"{e}. Use `noop_if_missing=True` to keep the initial state.") from None
-    step = self._index.require_exists(resolved)  # type: ignore[arg-type]
+      what = "scored step (no step has the best metric)" if step == "best" and self._index.finished() else "checkpoint"
+      raise CheckpointNotFoundError(f"No {what} found in {self.directory}. Use `noop_if_missing=True` to keep the initial state.")
+    step = self._index.require_exists(resolved)
     if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
       multihost.barrier("restore", timeout_secs=self.barrier_timeout_secs, what=f"restore(step={step})")
     restored = _restore.restore_step(self.directory, step, state, donate=donate, partial=partial, storage=self.storage)

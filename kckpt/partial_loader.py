@@ -27,6 +27,7 @@ from etils import epath
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _run
+from kckpt import multihost
 from kckpt import policies
 from kckpt import trees
 from kckpt._types import PathLike, PyTree, StepSpec
@@ -160,7 +161,11 @@ class PartialLoader:
     return result
 
   def transform(self, state: PyTree) -> PyTree:
-    """`state` with the mapped leaves read from the checkpoint (cast to the state's dtypes)."""
+    """`state` with the mapped leaves read from the checkpoint (cast to the state's dtypes).
+
+    In a multi-process run every process must call it: a step name (``-1``,
+    ``"best"``, a tag) resolves to the primary process's step on all of them.
+    """
     source_dir = self._source_dir()
     mapping = self._mapping(state, source_dir)
     leaves = trees.flatten_with_paths(state)
@@ -187,10 +192,11 @@ class PartialLoader:
     if rules is not None and not rules.get("best_fn"):
       retention = policies.policy_from_rules(rules)
     index = _run.RunIndex(checkpoints, retention=retention)
-    if index.resolve(self.step) is None:
-      raise CheckpointNotFoundError(f"PartialLoader: no checkpoint in {checkpoints}")
     try:
-      step = index.require(self.step)
+      step = _run.agreed_resolution(index, self.step, timeout_secs=multihost.DEFAULT_BARRIER_TIMEOUT_SECS)
+      if step is None:
+        raise CheckpointNotFoundError(f"no checkpoint in {checkpoints}")
+      index.require_exists(step)
     except CheckpointNotFoundError as e:
       raise CheckpointNotFoundError(f"PartialLoader: {e}", available_steps=e.available_steps) from None
     path = _layout.step_dir(checkpoints, step) / self.item

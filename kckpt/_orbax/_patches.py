@@ -1,20 +1,14 @@
-"""Changes kckpt makes to Orbax's behaviour, each installed explicitly and once.
+"""The one change kckpt makes to Orbax's behaviour, installed explicitly and once.
 
-Nothing here runs at import: `import kckpt` leaves Orbax and absl logging as
-they are for other code in the process.
-
-- `install_s3_support()`: called at the first ``s3://`` path kckpt touches.
-- `quiet_tracked_metric_warning()`: a context manager around kckpt's own
-  `CheckpointManager.save` calls.
+Nothing here runs at import: `import kckpt` leaves Orbax (and absl logging) as
+they are for other code in the process. `install_s3_support()` is called at
+the first ``s3://`` path kckpt touches (`kckpt.cloud.prepare`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 from orbax.checkpoint._src.path import gcs_utils as _gcs_utils  # Orbax 0.12 internal: see install_s3_support
@@ -22,39 +16,8 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  
 
 from kckpt import cloud
 
-
-class _DropTrackedMetricWarning(logging.Filter):
-  """Drops Orbax's "Requested `tracked_metric`..." warning, only inside kckpt's own saves.
-
-  kckpt asks Orbax to store metrics whenever they are given, and saving
-  without them is normal, so Orbax's warning on such a save is noise. Records
-  logged by any other code, or on another thread, pass.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (getattr(_saving, "active", False) and str(record.msg).startswith("Requested `tracked_metric`"))
-
-
-_saving = threading.local()
 _install_lock = threading.Lock()
-_filter_installed = False
 _s3_installed = False
-
-
-@contextlib.contextmanager
-def quiet_tracked_metric_warning() -> Iterator[None]:
-  """Around a kckpt `CheckpointManager.save`: Orbax's metrics warning is dropped on this thread."""
-  global _filter_installed
-  if not _filter_installed:
-    with _install_lock:
-      if not _filter_installed:
-        logging.getLogger("absl").addFilter(_DropTrackedMetricWarning())
-        _filter_installed = True
-  _saving.active = True
-  try:
-    yield
-  finally:
-    _saving.active = False
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -162,7 +163,12 @@ class Writer:
     self._in_flight = step
 
   def is_busy(self) -> bool:
-    """Whether the background part of a save (commit, deleting old steps) is still running."""
+    """Whether the background part of a save (commit, deleting old steps) is still running.
+
+    Orbax answers under a lock it also holds while the finalize thread passes
+    its last cross-process barrier, so in a multi-process run this can block
+    briefly (bounded by that barrier's timeout).
+    """
     return self._manager.is_saving_in_progress()
 
   def poll(self) -> None:
@@ -247,7 +253,10 @@ def _report_durable(manager: ocp.CheckpointManager) -> dict[Step, Callable[[floa
       raise
     callback = callbacks.pop(step, None)
     if callback is not None:
-      callback(time.perf_counter())
+      try:
+        callback(time.perf_counter())
+      except Exception:  # pylint: disable=broad-exception-caught  # telemetry must not fail a committed save
+        logging.getLogger("kckpt").exception("kckpt: recording the save stats of step %d failed", step)
 
   manager._finalize = finalize_and_report  # type: ignore[method-assign]  # pylint: disable=protected-access
   return callbacks
