@@ -17,6 +17,7 @@ from etils import epath
 
 from kckpt import _layout
 from kckpt import _orbax
+from kckpt import _run
 from kckpt import items as items_lib
 from kckpt import storage as storage_lib
 from kckpt import trees
@@ -71,7 +72,9 @@ def restore_step(
 def _restore(
   step_path: epath.Path, step: Step, state: Any, *, donate: bool, partial: bool, storage: storage_lib.StorageOptions | None
 ) -> Restored:
-  saved_items = _orbax.item_formats(step_path)
+  metadata = _orbax.read_step_metadata(step_path)
+  saved_items = _orbax.item_formats(step_path, metadata)
+  escaped = _orbax.escaped_items(metadata)  # saved with escaped dict keys: {"a.b": x, "a": {"b": y}}
   user_items = {n: f for n, f in saved_items.items() if n not in _layout.RESERVED_ITEMS}
   if not user_items:
     raise CheckpointReadError(
@@ -80,7 +83,7 @@ def _restore(
       step=step,
     )
   layout = _layout_for(state, user_items)
-  reads = _plan(step_path, step, layout, user_items, partial=partial, donate=donate)
+  reads = _plan(step_path, step, layout, user_items, partial=partial, donate=donate, escaped=escaped)
   restored: dict[str, Any] = {}
   as_saved = [r for r in reads if r.target is None]
   if as_saved:  # JSON items, and items with no target, in one Orbax call
@@ -93,6 +96,9 @@ def _restore(
       with reading(step, r.name, step_path / r.name, donated=donate):
         value = _read_into(step_path / r.name, r, donate, storage)
       restored[r.name] = _orbax.match_scalar_types(r.target, value)
+  for r in reads:
+    if r.name in escaped and r.format == "pytree":
+      restored[r.name] = trees.unescape_dotted_keys(restored[r.name])
   nbytes = sum(trees.tree_nbytes(restored[r.name]) for r in reads if r.format == "pytree")
   for r in reads:
     if r.item is not None:
@@ -101,7 +107,14 @@ def _restore(
 
 
 def _plan(
-  step_path: epath.Path, step: Step, layout: items_lib.Layout, saved_items: Mapping[str, str], *, partial: bool, donate: bool
+  step_path: epath.Path,
+  step: Step,
+  layout: items_lib.Layout,
+  saved_items: Mapping[str, str],
+  *,
+  partial: bool,
+  donate: bool,
+  escaped: frozenset[str] = frozenset(),
 ) -> list[_ItemRead]:
   """What to read of each item, after checking every target against the saved metadata (no array read).
 
@@ -116,6 +129,8 @@ def _plan(
       continue
     fmt = saved_items[name] if item is None else item.format
     target = None if item is None or fmt == "json" else item.restore_target()
+    if target is not None and name in escaped:
+      target = trees.escape_dotted_keys(target)  # the same leaves (donation frees the caller's arrays)
     common = None
     if target is not None:
       if donate and _has_device_arrays(target):
@@ -197,3 +212,18 @@ def reading(step: Step, item: str, path: epath.Path, *, donated: bool = False) -
     raise CheckpointReadError(
       f"Cannot read step {step}, item {item!r} at {path}: {type(e).__name__}: {e}.{lost}", step=step, item=item
     ) from e
+
+
+def saved_shapes(details: _run.StepDetails) -> Any:
+  """The saved trees of a step with `jax.ShapeDtypeStruct` leaves (no array read).
+
+  The ``default`` item's tree when the step has one, else a `Composite` of
+  every pytree item's tree: what `restore` accepts as a target.
+  """
+  escaped = _orbax.escaped_items(_orbax.read_step_metadata(details.path))
+  shapes = {
+    n: _orbax.metadata_as_shape_dtype(details.path / n, unescape=n in escaped)
+    for n in details.user_items
+    if details.items[n] == "pytree"
+  }
+  return shapes[_layout.DEFAULT_ITEM] if _layout.DEFAULT_ITEM in shapes else items_lib.Composite(**shapes)

@@ -131,7 +131,11 @@ class WriteSession:
     )
     try:
       self._writer.save(
-        step, writes, metrics, custom_metadata=_orbax.custom_metadata(time=now, tag=tag), on_durable=stats.durable
+        step,
+        writes,
+        metrics,
+        custom_metadata=_orbax.custom_metadata(time=now, tag=tag, escaped_items=[w.name for w in writes if w.escaped]),
+        on_durable=stats.durable,
       )
     except BaseException:
       self._index.forget(step)
@@ -206,6 +210,9 @@ def item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
         )
       if not jax.tree.leaves(value) and layout.kind == "single":
         raise ValueError(f"cannot save {type(value).__name__}: it has no array or scalar leaves")
+      if trees.path_collisions(value):  # {"a.b": x, "a": {"b": y}}: Orbax would write both as a.b
+        writes.append(_orbax.ItemWrite(name=name, format=item.format, value=trees.escape_dotted_keys(value), escaped=True))
+        continue
     writes.append(_orbax.ItemWrite(name=name, format=item.format, value=value))
   return writes
 

@@ -27,7 +27,6 @@ from kckpt import _session
 from kckpt import _views
 from kckpt import base
 from kckpt import cloud
-from kckpt import items as items_lib
 from kckpt import multihost
 from kckpt import policies
 from kckpt import storage as storage_lib
@@ -272,11 +271,7 @@ class Checkpointer(base.BaseCheckpointer):
     The ``default`` item's tree when the step has one, else a `Composite`
     with one tree per pytree item.
     """
-    details = self._index.details(step)
-    pytree_items = [n for n in details.user_items if details.items[n] == "pytree"]
-    if _layout.DEFAULT_ITEM in pytree_items:
-      return _orbax.metadata_as_shape_dtype(details.path / _layout.DEFAULT_ITEM)
-    return items_lib.Composite(**{n: _orbax.metadata_as_shape_dtype(details.path / n) for n in pytree_items})
+    return _restore.saved_shapes(self._index.details(step))
 
   def retention(self) -> list[policies.KeepDecision]:
     """For each finished step, whether the retention rules keep it, and why.

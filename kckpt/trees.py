@@ -146,3 +146,65 @@ def unsaveable_leaves(tree: PyTree) -> list[str]:
     elif not is_saveable_leaf(leaf):
       problems.append(f"{path}: {type(leaf).__module__}.{type(leaf).__qualname__} is not an array or scalar")
   return problems
+
+
+# -- Keys with dots -------------------------------------------------------------------
+#
+# Orbax names each leaf on disk by its keys joined with ".", so ``{"a.b": x}``
+# and ``{"a": {"b": y}}`` in one tree are both written as ``a.b``: one overwrites
+# the other. When (and only when) a tree has such a collision, kckpt saves it
+# with its dict keys escaped (``\\`` -> ``\\\\``, ``.`` -> ``\\.``), which makes every
+# joined name unique, records that in the step, and undoes it on restore. Trees
+# without a collision (the common flat ``{"layer.0.weight": ...}`` dicts of
+# converted PyTorch weights) are written as they are, readable by plain Orbax.
+
+
+def path_collisions(tree: PyTree) -> list[str]:
+  """The dotted names that more than one leaf of `tree` would be saved under (empty: none).
+
+  >>> path_collisions({"a.b": 1, "a": {"b": 2}, "c": 3})
+  ['a.b']
+  """
+  seen: dict[str, int] = {}
+  for keypath, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = path_str(keypath)
+    seen[name] = seen.get(name, 0) + 1
+  return sorted(name for name, count in seen.items() if count > 1)
+
+
+def _escape_key(key: Any) -> Any:
+  return key.replace("\\", "\\\\").replace(".", "\\.") if isinstance(key, str) else key
+
+
+def _unescape_key(key: Any) -> Any:
+  if not isinstance(key, str) or "\\" not in key:
+    return key
+  out, chars = [], iter(key)
+  for c in chars:
+    out.append(next(chars, "") if c == "\\" else c)
+  return "".join(out)
+
+
+def _map_dict_keys(tree: PyTree, rename: Any) -> PyTree:
+  def rebuild(node: Any) -> Any:
+    if type(node) is dict:  # pylint: disable=unidiomatic-typecheck  # plain dicts only: their keys are data
+      return {rename(k): _map_dict_keys(v, rename) for k, v in node.items()}
+    return node
+
+  return jax.tree.map(rebuild, tree, is_leaf=lambda node: type(node) is dict)  # pylint: disable=unidiomatic-typecheck
+
+
+def escape_dotted_keys(tree: PyTree) -> PyTree:
+  """`tree` with every dict key's ``\\`` and ``.`` escaped, so that joined names are unique.
+
+  >>> escape_dotted_keys({"a.b": 1, "a": {"b": 2}})
+  {'a\\\\.b': 1, 'a': {'b': 2}}
+  >>> unescape_dotted_keys(escape_dotted_keys({"a.b": 1, "c\\\\": {"d": 2}}))
+  {'a.b': 1, 'c\\\\': {'d': 2}}
+  """
+  return _map_dict_keys(tree, _escape_key)
+
+
+def unescape_dotted_keys(tree: PyTree) -> PyTree:
+  """The inverse of `escape_dotted_keys`."""
+  return _map_dict_keys(tree, _unescape_key)

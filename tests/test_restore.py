@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -179,3 +180,37 @@ def test_a_read_that_fails_after_donation_says_the_target_was_freed(workdir, mon
   monkeypatch.setattr("kckpt._orbax.damaged_files", check_then_damage)
   with pytest.raises(kckpt.CheckpointReadError, match="had already been freed"):
     ckpt.restore({"w": jnp.zeros(1000)}, donate=True)
+
+
+def test_keys_with_dots_never_collide_with_nested_keys(workdir):
+  # Orbax names leaves by their keys joined with ".": both would be written as "a.b".
+  state = {"a.b": jnp.ones(3), "a": {"b": jnp.zeros(3)}, "layer.0.w": jnp.full(2, 7.0)}
+  ckpt = saved_run(workdir, state)
+  out = ckpt.restore({"a.b": jnp.full(3, -1.0), "a": {"b": jnp.full(3, -1.0)}, "layer.0.w": jnp.zeros(2)})
+  np.testing.assert_array_equal(out["a.b"], np.ones(3))
+  np.testing.assert_array_equal(out["a"]["b"], np.zeros(3))
+  np.testing.assert_array_equal(out["layer.0.w"], np.full(2, 7.0))
+  as_saved = ckpt.restore()  # no target: the same keys, as NumPy
+  assert sorted(as_saved) == ["a", "a.b", "layer.0.w"] and as_saved["a.b"].tolist() == [1.0] * 3
+  assert ckpt.item_metadata()["a.b"].shape == (3,) and ckpt.item_metadata()["a"]["b"].shape == (3,)
+  # Inside an optimizer state too (its moments mirror the params' keys).
+  params = {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
+  opt = optax.adam(0.1).init(params)
+  opt = jax.tree.map(lambda x: x + 1 if x.ndim else x, opt)
+  saved_run(workdir.parent / "opt", {"params": params, "opt": opt})
+  back = kckpt.Checkpointer(workdir=workdir.parent / "opt", save_interval_steps=1).restore(
+    {"params": jax.tree.map(jnp.zeros_like, params), "opt": jax.tree.map(jnp.zeros_like, opt)}
+  )
+  np.testing.assert_array_equal(back["params"]["a.b"], np.ones(2))
+  np.testing.assert_array_equal(back["opt"][0].mu["a"]["b"], np.ones(2))
+  np.testing.assert_array_equal(back["opt"][0].mu["a.b"], np.ones(2))
+
+
+def test_dotted_keys_without_a_collision_are_saved_as_plain_orbax_names(workdir):
+  # The common case (weights converted from PyTorch) stays readable by plain Orbax.
+  saved_run(workdir, {"layer.0.weight": jnp.ones(2), "layer.0.bias": jnp.zeros(2)})
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  with ocp.PyTreeCheckpointer() as orbax_reader:
+    restored = orbax_reader.restore(workdir / "checkpoints" / "ckpt_1" / "default")
+  assert sorted(restored) == ["layer.0.bias", "layer.0.weight"]

@@ -15,7 +15,7 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from etils import epath
@@ -128,12 +128,24 @@ def _kckpt_entry(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
   return own if isinstance(own, Mapping) else {}
 
 
-def custom_metadata(*, time: float, tag: str | None) -> dict[str, Any]:
-  """kckpt's entry in the step's custom metadata: the step's time (`time.time()` at `save`) and its tag."""
+def custom_metadata(*, time: float, tag: str | None, escaped_items: Sequence[str] = ()) -> dict[str, Any]:
+  """kckpt's entry in the step's custom metadata.
+
+  The step's time (`time.time()` at `save`), its tag, and the items saved with
+  their dict keys escaped (`kckpt.trees.escape_dotted_keys`).
+  """
   own: dict[str, Any] = {"time": time}
   if tag is not None:
     own["tag"] = tag
+  if escaped_items:
+    own["escaped_items"] = sorted(escaped_items)
   return {KCKPT_METADATA_KEY: own}
+
+
+def escaped_items(metadata: Mapping[str, Any]) -> frozenset[str]:
+  """The items of the step whose dict keys were saved escaped."""
+  names = _kckpt_entry(metadata).get("escaped_items")
+  return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
 
 
 def is_step_folder(path: epath.Path) -> bool:

@@ -42,8 +42,8 @@ def _leaf_specs_from_orbax_metadata(item_dir: epath.Path, metadata: PyTree = Non
   return specs
 
 
-def metadata_as_shape_dtype(item_dir: epath.Path) -> PyTree:
-  """The saved tree with `jax.ShapeDtypeStruct` leaves (no array is read)."""
+def metadata_as_shape_dtype(item_dir: epath.Path, *, unescape: bool = False) -> PyTree:
+  """The saved tree with `jax.ShapeDtypeStruct` leaves (no array is read); `unescape`: its keys were escaped."""
 
   def convert(meta):
     shape = getattr(meta, "shape", None)
@@ -52,7 +52,8 @@ def metadata_as_shape_dtype(item_dir: epath.Path) -> PyTree:
       return meta
     return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
 
-  return jax.tree.map(convert, pytree_metadata(item_dir))
+  tree = jax.tree.map(convert, pytree_metadata(item_dir))
+  return trees.unescape_dotted_keys(tree) if unescape else tree
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class ItemWrite:
   name: str
   format: str  # "pytree" | "json"
   value: Any
+  escaped: bool = False  # its dict keys were escaped (`trees.escape_dotted_keys`)
 
 
 class _Preservation:
