@@ -416,16 +416,47 @@ def test_item_metadata_gives_shapes_and_dtypes(workdir):
 # -- Async saving and errors -------------------------------------------------------
 
 
-def test_async_save_returns_before_durable_and_wait_finishes(workdir):
+def test_async_save_returns_before_durable_and_wait_finishes(workdir, monkeypatch):
+  # The step's commit (Orbax's final rename) waits for `committing`: what is seen before it
+  # is set cannot be a save that happened to be fast.
+  committing = _hold_finalize(monkeypatch, step=1)
   ckpt = ckpt_for(workdir)
   assert ckpt.async_save is True
   state = {"w": jnp.ones((256, 1024))}
   assert ckpt.save(state, step=1)
+  # save() returned; the step is not durable yet, and nothing reports it.
+  assert ckpt.all_steps == [] and kckpt.Checkpointer.open(workdir).all_steps == []
+  assert [n for n in os.listdir(workdir / "checkpoints") if n.startswith("ckpt_1.")]  # being written
+  assert ckpt.last_save_stats.seconds is None
+  committing.set()
   ckpt.wait_until_finished()
-  assert ckpt.all_steps == [1]
+  assert ckpt.all_steps == [1] and kckpt.Checkpointer.open(workdir).all_steps == [1]
+  assert ckpt.last_save_stats.seconds is not None
+  monkeypatch.undo()
   with ckpt_for(workdir.parent / "sync", async_save=False) as sync:
     sync.save(state, step=1)
     assert sync.all_steps == [1]  # durable when save returns
+    assert kckpt.Checkpointer.open(workdir.parent / "sync").all_steps == [1]
+    assert sync.last_save_stats.seconds is not None
+  ckpt.close()
+
+
+def _hold_finalize(monkeypatch, step):
+  """Makes Orbax's final rename of `step` wait until the returned event is set (at most 60 s)."""
+  import threading
+
+  from orbax.checkpoint._src.path import atomicity
+
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+  release = threading.Event()
+
+  async def finalize(self, *args, **kwargs):
+    if self.get_final().name == f"ckpt_{step}":
+      release.wait(60)  # blocks only Orbax's background commit thread
+    return await original(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  return release
 
 
 def _fail_finalize(monkeypatch, step):
@@ -452,7 +483,7 @@ def test_background_error_raised_at_next_call_naming_step(workdir, monkeypatch, 
   with pytest.raises(kckpt.BackgroundSaveError, match="step 2") as info:
     calls = {
       "save": lambda: ckpt.save({"x": np.ones(3)}, step=3),
-      "maybe_save": lambda: _until_raises(lambda: ckpt.maybe_save({"x": np.ones(3)}, step=4)),
+      "maybe_save": lambda: ckpt.maybe_save({"x": np.ones(3)}, step=4),
       "wait_until_finished": ckpt.wait_until_finished,
       "close": ckpt.close,
     }
@@ -465,16 +496,6 @@ def test_background_error_raised_at_next_call_naming_step(workdir, monkeypatch, 
   ckpt.wait_until_finished()
   # Step 1 outlived the failed save and is deleted by the next good one (max_to_keep=1).
   assert ckpt.all_steps == [5]
-
-
-def _until_raises(call, attempts=200):
-  """maybe_save raises once the background save has failed; it does not block for it."""
-  import time
-
-  for _ in range(attempts):
-    call()
-    time.sleep(0.02)
-  raise AssertionError("background error never surfaced")
 
 
 def test_noop_checkpointer():
@@ -559,15 +580,45 @@ def test_summary_and_html_show_steps_time_and_metrics(workdir):
 def test_time_based_saving(workdir):
   import time
 
-  ckpt = ckpt_for(workdir, save_interval_steps=None, save_interval_secs=0.3, max_to_keep=None)
-  assert not ckpt.should_save(1)  # the clock starts when the Checkpointer is first used
-  time.sleep(0.35)
-  assert ckpt.maybe_save({"x": np.ones(1)}, step=2)
-  assert not ckpt.maybe_save({"x": np.ones(1)}, step=3)  # the clock restarts at each save
-  time.sleep(0.35)
-  assert ckpt.should_save(4)
+  # Not due before the interval passed: an hour, which no test run reaches.
+  hourly = ckpt_for(workdir.parent / "hourly", save_interval_steps=None, save_interval_secs=3600, max_to_keep=None)
+  assert not hourly.should_save(1)
+  assert not hourly.maybe_save({"x": np.ones(1)}, step=1)
+  assert hourly.all_steps == []
+  # Due once it passed: wait for it (with a deadline).
+  interval = 0.5
+  created = time.time()
+  ckpt = ckpt_for(workdir, save_interval_steps=None, save_interval_secs=interval, max_to_keep=None)
+  due = ckpt.should_save(1)
+  assert not due or time.time() - created >= interval  # not due right after creation (unless that took longer)
+
+  def wait_until_due(step):
+    deadline = time.monotonic() + 60
+    while not ckpt.should_save(step):
+      assert time.monotonic() < deadline, f"step {step} never became due ({interval} s interval)"
+      time.sleep(0.01)  # the interval between two checks (the loop has a deadline)
+
+  # The clock restarts at each save: right after one, the next step is not due although more than
+  # the interval passed since the clock started. The check counts only when it was made within the
+  # interval after the save (the save's time is the step's recorded time): a loaded machine may
+  # take longer, and the test then saves again.
+  step, checked = 2, False
+  deadline = time.monotonic() + 60
+  while not checked:
+    assert time.monotonic() < deadline, "no check came within the interval after a save in 60 s"
+    wait_until_due(step)
+    assert ckpt.maybe_save({"x": np.ones(1)}, step=step)
+    due = ckpt.should_save(step + 1)
+    checked_at = time.time()
+    ckpt.wait_until_finished()
+    saved_at = ckpt.step_details(step).time.timestamp()
+    if checked_at - saved_at < interval - 0.001:  # 1 ms: the recorded time is rounded to microseconds
+      assert not due, (checked_at - saved_at, interval)
+      checked = True
+    step += 1
+  wait_until_due(step)  # and due again once the interval passed
   ckpt.wait_until_finished()
-  assert ckpt.all_steps == [2]
+  assert ckpt.all_steps == list(range(2, step))
 
 
 def test_end_marker_rewritten_and_cleared_when_saving_again(workdir):

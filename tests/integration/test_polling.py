@@ -1,41 +1,111 @@
 """Polling a run that is being written: cheap, and never shows an unfinished step."""
 
 import os
+import re
 import subprocess
+import threading
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 import kckpt
 from kckpt import _run
 from tests.helpers import PYTHON, REPO, subprocess_env
+from tests.programs.save_forever import state_for
+
+TEMPORARY = re.compile(r"ckpt_(\d+)\.orbax-checkpoint-tmp")
+
+
+class Output:
+  """A program's output lines, read by a thread: the pipe never fills and every wait has a deadline."""
+
+  def __init__(self, stream):
+    self.lines = []
+    self.closed = False
+    self._changed = threading.Condition()
+    self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+    self._thread.start()
+
+  def _read(self, stream):
+    for line in stream:
+      with self._changed:
+        self.lines.append(line.rstrip("\n"))
+        self._changed.notify_all()
+    with self._changed:
+      self.closed = True
+      self._changed.notify_all()
+
+  def text(self):
+    with self._changed:
+      return "\n".join(self.lines)
+
+  def wait_for(self, text, timeout=120):
+    """Waits until a line holds `text`; returns that line."""
+    deadline = time.monotonic() + timeout
+    with self._changed:
+      while True:
+        found = [line for line in self.lines if text in line]
+        if found:
+          return found[0]
+        remaining = deadline - time.monotonic()
+        assert not self.closed, f"the program exited before printing {text!r}:\n" + "\n".join(self.lines)
+        assert remaining > 0, f"the program did not print {text!r} within {timeout} s:\n" + "\n".join(self.lines)
+        self._changed.wait(remaining)
+
+  def join(self, timeout=30):
+    self._thread.join(timeout)
+    assert not self._thread.is_alive(), "the program's output never ended"
+
+
+def steps_being_written(checkpoints):
+  return {int(m.group(1)) for m in map(TEMPORARY.match, os.listdir(checkpoints)) if m}
 
 
 def test_polling_never_reports_an_unfinished_step(tmp_path):
-  writer = kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1)
-  writer.save({"w": jnp.ones(4)}, step=1)
-  writer.wait_until_finished()
-  reader = kckpt.Checkpointer.open(tmp_path)
-  big = {f"w{i}": jnp.full((8 * 1024 * 1024,), float(i)) for i in range(4)}  # 128 MB
-  writer.save(big, step=2)
-  saw_unfinished = False
-  while True:
-    reader.reload()
-    finished_now = reader.all_steps
-    names = os.listdir(tmp_path / "checkpoints")
-    if any("tmp" in n for n in names):
-      saw_unfinished = True
-      assert finished_now == [1], (finished_now, names)
-    if finished_now == [1, 2]:
-      break
-    time.sleep(0.005)
-  writer.wait_until_finished()
-  assert saw_unfinished  # the poll did run while the step was being written
+  """A reader polls a live writer (another process saving 32 MB steps back to back)."""
+  megabytes = 32
+  writer = subprocess.Popen(
+    [PYTHON, str(REPO / "tests" / "programs" / "save_forever.py"), str(tmp_path), str(megabytes), "async"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(),
+  )
+  output = Output(writer.stdout)
+  try:
+    output.wait_for("SAVED 1")
+    reader = kckpt.Checkpointer.open(tmp_path)
+    watched = None  # the first step a poll saw being written: the loop ends when a poll sees it finished
+    finished_now, polls = [], 0
+    deadline = time.monotonic() + 120
+    while watched is None or watched not in finished_now:
+      assert time.monotonic() < deadline, f"no step was seen being written, then finished, in 120 s (polls: {polls})"
+      assert writer.poll() is None, "the writer exited:\n" + output.text()
+      polls += 1
+      reader.reload()
+      finished_now = reader.all_steps
+      # Listed after the reload: a step being written now was not finished at the reload either.
+      being_written = steps_being_written(tmp_path / "checkpoints")
+      assert not being_written & set(finished_now), (finished_now, being_written)
+      assert finished_now == list(range(1, len(finished_now) + 1)), finished_now  # whole steps, in order
+      if watched is None and being_written:
+        watched = min(being_written)
+      time.sleep(0.005)  # the interval between two polls (the loop has a deadline)
+  finally:
+    if writer.poll() is None:
+      writer.kill()
+    writer.wait(timeout=30)
+    output.join()
+    writer.stdout.close()
   listing = _run.list_steps(tmp_path / "checkpoints")
-  assert listing.finished == (1, 2) and listing.unfinished == ()
-  restored = reader.restore({k: np.zeros(v.shape, np.float32) for k, v in big.items()})
-  np.testing.assert_array_equal(restored["w3"], np.full((8 * 1024 * 1024,), 3.0, np.float32))
+  assert set(listing.finished) >= set(finished_now)
+  assert {int(TEMPORARY.match(n).group(1)) for n in listing.unfinished} <= {max(listing.finished) + 1}, listing
+  reader.reload()
+  assert reader.all_steps == list(listing.finished)  # the step the writer was killed in is not reported
+  expected = state_for(watched, megabytes)
+  restored = reader.restore({k: np.zeros(v.shape, np.float32) for k, v in expected.items()}, step=watched)
+  for key in expected:
+    np.testing.assert_array_equal(restored[key], np.asarray(expected[key]))
 
 
 def test_listing_reads_no_per_step_file(tmp_path):
@@ -61,20 +131,24 @@ def test_watch_run_example_follows_a_live_run(tmp_path):
     text=True,
     env=subprocess_env(),
   )
+  output = Output(watcher.stdout)
   try:
-    first = watcher.stdout.readline()  # the watcher is up: it printed the (empty) summary
-    assert "0 step(s)" in first, first
+    output.wait_for("step(s)")  # the watcher is up: it printed the (empty) summary
+    assert "0 step(s)" in output.lines[0], output.text()
     with kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, max_to_keep=None) as ckpt:
       for step in (10, 20):
         ckpt.save({"w": np.ones(2)}, step=step, metrics={"loss": step / 10})
         ckpt.wait_until_finished()
-        time.sleep(0.3)
+        # The watcher reports each step while the run goes on (before the end marker is written).
+        assert f"metrics {{'loss': {step / 10}}}" in output.wait_for(f"new step {step}:")
     kckpt.write_end_marker(tmp_path, step=20)
-    out, _ = watcher.communicate(timeout=60)
+    watcher.wait(timeout=60)
   finally:
     if watcher.poll() is None:
       watcher.kill()
       watcher.wait()
+    output.join()
+    watcher.stdout.close()
+  out = output.text()
   assert watcher.returncode == 0, out
-  assert "new step 10" in out and "new step 20" in out and "{'loss': 2.0}" in out
-  assert "latest step: 20; finished: True" in out
+  assert out.splitlines()[-1] == "latest step: 20; finished: True", out

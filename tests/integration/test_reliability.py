@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import warnings
 
@@ -188,34 +187,38 @@ def test_second_live_writer_is_refused(tmp_path):
   assert not (tmp_path / "checkpoints" / "WRITER_LOCK.json").exists()
 
 
-def _fake_remote_lock(checkpoints, refresh=None, stop=None):
+def _fake_remote_lock(checkpoints, mtime=None):
+  """A lock file of a writer on another host; `mtime`: the time of its last refresh (default: now)."""
   checkpoints.mkdir(parents=True, exist_ok=True)
   path = checkpoints / lock_lib.LOCK_FILE
   path.write_text(json.dumps({"host": "other-" + socket.gethostname(), "pid": 1, "token": "remote"}))
-  if refresh:
-
-    def loop():
-      while not stop.wait(refresh):
-        os.utime(path)
-
-    threading.Thread(target=loop, daemon=True).start()
+  if mtime is not None:
+    os.utime(path, (mtime, mtime))
   return path
 
 
 def test_writer_on_another_host_blocks_while_alive_and_is_taken_over_when_stale(tmp_path):
-  stop = threading.Event()
-  _fake_remote_lock(tmp_path / "live" / "checkpoints", refresh=0.05, stop=stop)
-  try:
-    live = kckpt.Checkpointer(workdir=tmp_path / "live", save_interval_steps=1, lock_stale_secs=0.5)
-    with pytest.raises(kckpt.ConcurrentWriterError, match="host 'other-"):
-      live.save({"w": np.ones(2)}, step=1)
-  finally:
-    stop.set()
-  _fake_remote_lock(tmp_path / "stale" / "checkpoints")  # never refreshed: its writer is gone
-  stale = kckpt.Checkpointer(workdir=tmp_path / "stale", save_interval_steps=1, lock_stale_secs=0.3)
+  # A live writer elsewhere refreshes its lock all the time. Its last refresh is dated an hour
+  # ahead (as a clock running ahead on its host would): the lock stays fresh for the whole
+  # wait whatever the load, where a refresh thread could be late and let the lock go stale.
+  live_lock = _fake_remote_lock(tmp_path / "live" / "checkpoints", mtime=time.time() + 3600)
+  before = live_lock.read_text()
+  live = kckpt.Checkpointer(workdir=tmp_path / "live", save_interval_steps=1, lock_stale_secs=0.2)
+  with pytest.raises(kckpt.ConcurrentWriterError, match="host 'other-"):
+    live.save({"w": np.ones(2)}, step=1)
+  assert live_lock.read_text() == before and os.stat(live_lock).st_mtime > time.time()  # the live writer keeps it
+  assert not (tmp_path / "live" / "checkpoints" / "ckpt_1").exists()
+  # Never refreshed: its writer is gone. Last refreshed 1.8 s ago with a 2 s limit: the new writer
+  # waits the last 0.2 s until the lock is stale, then takes it. Its wait gives up stale_secs +
+  # refresh_secs (2.33 s) after it began, 2.1 s after the lock went stale: only a stall that long
+  # could make it refuse (a fresh lock with a 0.3 s limit left it 0.05 s).
+  stale_lock = _fake_remote_lock(tmp_path / "stale" / "checkpoints", mtime=time.time() - 1.8)
+  refreshed = os.stat(stale_lock).st_mtime
+  stale = kckpt.Checkpointer(workdir=tmp_path / "stale", save_interval_steps=1, lock_stale_secs=2.0)
   assert stale.save({"w": np.ones(2)}, step=1)
-  lock = json.loads((tmp_path / "stale" / "checkpoints" / lock_lib.LOCK_FILE).read_text())
-  assert lock["pid"] == os.getpid()
+  lock = json.loads(stale_lock.read_text())
+  assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname()
+  assert lock["since"] - refreshed > 2.0  # taken once stale, not before (a lower bound: load only adds to it)
   stale.close()
 
 

@@ -1,7 +1,9 @@
 """Test program: saves step 1, then keeps saving a large state until killed.
 
 Usage: python save_forever.py WORKDIR MEGABYTES {async,sync}
-Prints "SAVED 1" once step 1 is durable and "SAVING n" as each later save starts.
+Prints "SAVED 1" once step 1 is durable, "SAVING n" as each later save starts and, as
+`save()` returns: "SAVED n" (sync: step n is durable) or "STARTED n" (async: step n is
+being written in the background, and step n - 1 is durable: `save(n)` first waits for it).
 """
 
 import sys
@@ -26,6 +28,7 @@ def main():
   while True:
     print(f"SAVING {step}", flush=True)
     ckpt.save(state_for(step, megabytes), step=step)
+    print(f"{'STARTED' if mode == 'async' else 'SAVED'} {step}", flush=True)
     step += 1
 
 
