@@ -64,9 +64,21 @@ def restore_step(
   try:
     return _restore(step_path, step, state, donate=donate, partial=partial, storage=storage)
   except (CheckpointReadError, FileNotFoundError) as e:
-    if not step_path.exists():
+    if _deleted(step_path):  # e.g. the trainer's retention removed it mid-read
       raise CheckpointNotFoundError(f"Step {step} was deleted from {checkpoints} while it was being restored") from e
     raise
+
+
+def _deleted(step_path: epath.Path) -> bool:
+  """Whether the step is gone or going: its folder is missing, or (object stores) its commit marker is.
+
+  On object stores a deletion removes the commit marker first, then the
+  objects one by one, so a step whose marker is gone is being deleted even
+  while some of its files remain.
+  """
+  if not step_path.exists():
+    return True
+  return _orbax.needs_commit_marker(step_path) and not _orbax.is_committed(step_path)
 
 
 def _restore(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,37 @@ if TYPE_CHECKING:
   from kckpt.checkpointer import Checkpointer
 
 log = logging.getLogger("kckpt")
+
+# Sessions with a writer open, finished before the interpreter exits (see _finish_at_exit).
+_open_sessions: weakref.WeakSet[WriteSession] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_installed = False
+
+
+def _finish_at_exit() -> None:
+  """Waits for the async save of every open session, before Python joins threads at exit.
+
+  A script that ends right after an async `save` without `close()` would
+  otherwise lose the step and hang: Orbax's background save then finds the
+  thread pools shut down ("cannot schedule new futures after interpreter
+  shutdown") and its signalling threads wait forever. Errors are logged
+  (there is no caller left to raise them to).
+  """
+  for session in list(_open_sessions):
+    try:
+      session.close()
+    except Exception:  # pylint: disable=broad-exception-caught  # at exit: report, never mask the exit
+      log.exception("kckpt: finishing the save in flight of %s at exit failed", session.directory)
+
+
+def _install_exit_hook() -> None:
+  global _exit_hook_installed
+  with _exit_hook_lock:
+    if not _exit_hook_installed:
+      # Python 3.9+ internal, used by concurrent.futures itself: called before non-daemon
+      # threads are joined, and (registered after them) before the thread pools shut down.
+      threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]  # pylint: disable=protected-access
+      _exit_hook_installed = True
 
 
 class WriteSession:
@@ -78,6 +110,8 @@ class WriteSession:
       if self._lock is not None:
         self._lock.release()
       raise
+    _install_exit_hook()
+    _open_sessions.add(self)
 
   # -- The save in flight -------------------------------------------------------
 
@@ -183,6 +217,7 @@ class WriteSession:
 
   def close(self) -> None:
     """Waits for the save in flight, closes the Orbax manager and releases the writer lock."""
+    _open_sessions.discard(self)
     try:
       self._writer.close()
     finally:

@@ -8,8 +8,9 @@ uses fsspec's ``s3fs``. Both are pointed at the same store here:
   else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (the standard AWS
   variables, so MinIO, Cloudflare R2 or any S3-compatible store works), else
   AWS itself;
-- region: the override, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else
-  ``us-east-1``;
+- region: the override, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``; with
+  none of them, TensorStore finds the bucket's own region (on AWS) and
+  botocore uses its default chain;
 - credentials: always the standard AWS chain (``AWS_ACCESS_KEY_ID`` /
   ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
   ``~/.aws/credentials``), read by both layers themselves.
@@ -29,7 +30,6 @@ import threading
 from typing import Any
 
 S3_SCHEME = "s3://"
-_DEFAULT_REGION = "us-east-1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ def is_s3(path: Any) -> bool:
 def s3_settings() -> S3Settings:
   """The endpoint and region in effect (overrides first, then the AWS environment)."""
   endpoint = _overrides.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-  region = _overrides.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or _DEFAULT_REGION
+  region = _overrides.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
   return S3Settings(endpoint=endpoint, region=region)
 
 
@@ -80,7 +80,10 @@ def _apply_fsspec_config() -> None:
   client_kwargs = dict(conf.get("client_kwargs", {}))
   if settings.endpoint:
     client_kwargs["endpoint_url"] = settings.endpoint
-  client_kwargs["region_name"] = settings.region
+  if settings.region:
+    client_kwargs["region_name"] = settings.region
+  else:
+    client_kwargs.pop("region_name", None)
   conf["client_kwargs"] = client_kwargs
   fsspec.config.conf["s3"] = conf
   try:
@@ -121,7 +124,9 @@ def s3_kvstore_spec(path: str) -> dict[str, Any]:
   if not bucket:
     raise ValueError(f"An s3:// path needs a bucket: {path}")
   settings = s3_settings()
-  spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key.lstrip("/"), "aws_region": settings.region}
+  spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key.lstrip("/")}
+  if settings.region:  # else TensorStore asks AWS for the bucket's region (a fixed guess breaks other regions)
+    spec["aws_region"] = settings.region
   if settings.endpoint:
     spec["endpoint"] = settings.endpoint
   return spec

@@ -84,3 +84,12 @@ def test_step_names_from_a_command_line(text, spec):
 def test_tags_that_would_read_as_step_names_are_refused(tag):
   with pytest.raises(ValueError, match="tag must be"):
     _run.check_tag(tag)
+
+
+def test_a_corrupt_step_metadata_file_is_reported_not_silently_read_as_empty(run, caplog):
+  (run / "ckpt_4" / "_CHECKPOINT_METADATA").write_text("garbage{")
+  with caplog.at_level("WARNING", logger="kckpt"):
+    details = _run.RunIndex(run).details(4)
+  assert details.tag is None  # its tag is unknown now ...
+  assert any("ckpt_4/_CHECKPOINT_METADATA is not valid JSON" in r.getMessage() for r in caplog.records)  # ... and said so
+  assert _run.RunIndex(run).finished() == (1, 2, 3, 4)  # listing keeps working

@@ -1,4 +1,4 @@
-"""Every private name of Orbax or JAX that kckpt reaches, and a check of each.
+"""Every private name of Orbax, JAX (or Python) that kckpt reaches, and a check of each.
 
 kckpt pins ``orbax-checkpoint>=0.12.8,<0.13`` and ``jax<0.13``; within those
 ranges an upgrade may still move a private name. `check_all()` (run by the test
@@ -27,6 +27,10 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   (`_writer`): re-list steps after a failed save, or before deleting a step
   another process wrote, without reading every step's metadata (`reload()`
   reads it all).
+- ``threading._register_atexit`` (Python's own, `kckpt._session`): finish the
+  async save in flight when a script ends without `close()`, before Python
+  joins threads and shuts the thread pools Orbax's background save needs
+  (``atexit`` runs too late: the exit hangs first). concurrent.futures uses it.
 - ``CheckpointManagerOptions.temporary_path_class`` (public, deprecated since
   0.12.3; `_commit`): fsync every file before the atomic rename.
   `atomicity_options`, its replacement, picks only Orbax's own classes.
@@ -103,6 +107,7 @@ _GCS_UTILS = "orbax.checkpoint._src.path.gcs_utils"
 
 REACHES = (
   Reach("jax._src.distributed.global_state.client", _jax_client),
+  Reach("threading._register_atexit", _has("threading", "_register_atexit")),
   Reach(f"{_TS_UTILS}._normalize_path", _has(_TS_UTILS, "_normalize_path")),
   Reach(f"{_TS_UTILS}._use_gcs_driver", _has(_TS_UTILS, "_use_gcs_driver")),
   Reach(f"{_TS_UTILS}.build_kvstore_tspec", _has(_TS_UTILS, "build_kvstore_tspec")),

@@ -212,3 +212,20 @@ STRESS_TRIALS = [("async" if i % 2 else "sync", round(i / 19, 2)) for i in range
 def test_kill_stress(tmp_path, mode, progress):
   """20 kills spread over the whole save (from its first byte to its commit), async and sync."""
   check_kill_during_save(tmp_path, mode, progress)
+
+
+def test_a_script_that_ends_right_after_an_async_save_exits_and_keeps_the_step(tmp_path):
+  # No close(), no wait_until_finished(): the interpreter's exit finishes the save in flight.
+  code = (
+    "import sys, numpy as np, kckpt\n"
+    "ckpt = kckpt.Checkpointer(workdir=sys.argv[1], save_interval_steps=1)\n"
+    "for step in range(3):\n"
+    "  ckpt.save({'w': np.full(100_000, float(step))}, step=step)\n"
+  )
+  proc = subprocess.run(
+    [PYTHON, "-c", code, str(tmp_path)], env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  reader = kckpt.Checkpointer.open(tmp_path)
+  assert reader.all_steps == [0, 1, 2]
+  np.testing.assert_array_equal(reader.restore()["w"], np.full(100_000, 2.0))

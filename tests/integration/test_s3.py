@@ -55,6 +55,11 @@ def test_kvstore_spec_follows_the_aws_environment_and_overrides(s3_workdir, monk
   assert cloud.s3_kvstore_spec("s3://bkt/a")["aws_region"] == "eu-west-3"
   with pytest.raises(ValueError, match="s3:///nobucket"):
     cloud.s3_kvstore_spec("s3:///nobucket")
+  # No region configured: none is guessed (us-east-1 broke array I/O on buckets elsewhere).
+  monkeypatch.delenv("AWS_REGION")
+  monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+  assert "aws_region" not in cloud.s3_kvstore_spec("s3://bkt/a")
+  assert cloud.s3_settings().region is None
   # Checkpointer options stay hashable (configs compare and hash them).
   ckpt = kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, s3_endpoint="http://h:1", s3_region="r")
   assert hash(ckpt) == hash(
@@ -293,3 +298,17 @@ def test_orbax_builds_s3_kvstores_through_the_hook(s3_workdir):
   assert _patches._ts_utils.build_kvstore_tspec("/tmp/x", use_ocdbt=False)["driver"] == "file"  # local paths untouched
   options = _commit.commit_options(epath.Path("s3://bkt/run"), True)
   assert options["atomicity_options"].mode == ocp.options.AtomicityMode.COMMIT_FILE
+
+
+def test_a_step_deleted_while_a_reader_restores_it_is_not_found_not_corrupt(s3_server, s3_workdir):
+  with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save({"w": jnp.arange(4.0)}, step=1)
+  reader = kckpt.Checkpointer.open(s3_workdir)
+  assert reader.all_steps == [1]  # listed (and known finished: its marker is not asked for again)
+  # A deletion under way, as kckpt's (and Orbax's) deleter does it: the commit marker first, then data.
+  client, prefix = _s3_client(s3_server), s3_workdir[len(f"s3://{s3_server['bucket']}/") :] + "/checkpoints/ckpt_1/"
+  client.delete_object(Bucket=s3_server["bucket"], Key=prefix + "commit_success.txt")
+  for key in [k for k in _keys(s3_server, s3_workdir) if k.startswith("checkpoints/ckpt_1/default/")]:
+    client.delete_object(Bucket=s3_server["bucket"], Key=s3_workdir[len(f"s3://{s3_server['bucket']}/") :] + "/" + key)
+  with pytest.raises(kckpt.CheckpointNotFoundError, match="deleted .* while it was being restored"):
+    reader.restore({"w": jnp.zeros(4)}, step=1)
