@@ -127,6 +127,12 @@ class PartialLoader:
     return self._mapping(state, self._source_dir())
 
   def _mapping(self, state: PyTree, source_dir) -> dict[str, str]:
+    collisions = trees.path_collisions(state)
+    if collisions:
+      raise TransplantError(
+        f"the state has leaves whose dotted paths are the same ({collisions[:5]}: a key with a dot next to"
+        " nested keys); PartialLoader keys are dotted paths and cannot tell them apart"
+      )
     source_specs = _orbax.saved_leaf_specs(source_dir)
     target_leaves = trees.flatten_with_paths(state)
     result: dict[str, str] = {}

@@ -134,3 +134,10 @@ def test_partial_loader_takes_every_step_name(tmp_path):
     np.testing.assert_array_equal(loader.transform({"params": params})["params"]["w"], np.full(2, expected))
   with pytest.raises(kckpt.CheckpointNotFoundError, match="tag 'nope'"):
     kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}, step="nope").transform({"params": params})
+
+
+def test_a_state_whose_dotted_paths_collide_is_refused_by_name(tmp_path):
+  saved_run(tmp_path / "pre", {"params": {"w": jnp.ones(2)}})
+  state = {"params": {"w": jnp.zeros(2)}, "a.b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}}
+  with pytest.raises(kckpt.TransplantError, match=r"\['a.b'\]"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}).transform(state)
