@@ -7,6 +7,7 @@ call is a request. Everything in kckpt that must behave differently asks here.
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -59,10 +60,27 @@ def write_text_atomic(path: epath.Path, text: str, *, tmp_name: str | None = Non
 
 
 def mtime(path: epath.Path) -> float:
-  """Modification time in seconds (sub-second locally; epath's stat rounds to seconds)."""
+  """Modification time in seconds since the epoch (sub-second locally; whole seconds on S3).
+
+  On object stores it is the store's own time of the last write (S3's
+  ``LastModified``): epath's `stat` gives 0 there.
+  """
   if is_local(path):
     return os.stat(path).st_mtime
-  return path.stat().mtime
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  cloud.prepare(path)
+  fs, key = fsspec.core.url_to_fs(str(path))
+  info = fs.info(key)
+  for name in ("LastModified", "mtime", "updated"):
+    value = info.get(name)
+    if isinstance(value, datetime.datetime):
+      return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+  raise OSError(f"{path}: the store reports no modification time ({sorted(info)})")
 
 
 def folder_size(path: epath.Path) -> int:

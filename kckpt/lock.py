@@ -20,6 +20,11 @@ writer:
   file's time from a background thread; a refresh that fails is raised by the
   owner's next `check` (its next save), never dropped.
 
+On ``s3://`` the lock object is created with a conditional write
+(``If-None-Match: *``) and replaced only with ``If-Match`` on the version read,
+so two writers starting at once, or one taking over while the other
+refreshes, can never both hold it.
+
 A writer also checks at each save that the lock is still its own, so a writer
 whose lock was taken over stops instead of deleting the new owner's steps.
 In a multi-process run only the primary process takes the lock.
@@ -36,10 +41,12 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 from etils import epath
 
 from kckpt import _fs
+from kckpt import cloud
 from kckpt.errors import ConcurrentWriterError
 
 LOCK_FILE = "WRITER_LOCK.json"
@@ -91,6 +98,7 @@ class WriterLock:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._refresh_error: BaseException | None = None
+    self._etag: str | None = None  # s3://: the version of the lock object this writer wrote last
 
   # -- Reading the lock file ----------------------------------------------------
 
@@ -187,7 +195,67 @@ class WriterLock:
         raise self._refused(holder)
       time.sleep(min(self.refresh_secs, 1.0))
 
+  # -- s3://: conditional writes ---------------------------------------------------
+  #
+  # The lock object is created with If-None-Match: * (only one creator wins) and
+  # replaced, when taken over or refreshed, with If-Match: <the ETag read>, so two
+  # writers can never both believe they hold it.
+
+  def _s3(self) -> tuple[Any, str]:
+    import fsspec  # pylint: disable=import-outside-toplevel  # s3fs, installed with kckpt[s3]
+
+    cloud.prepare(self.path)
+    return fsspec.core.url_to_fs(str(self.path))
+
+  def _content(self) -> bytes:
+    return json.dumps({**self.owner, "since": time.time()}).encode()
+
+  def _put_s3(self, *, if_match: str | None) -> None:
+    """Creates the lock (`if_match` None) or replaces the version `if_match`; ConcurrentWriterError if it changed."""
+    fs, key = self._s3()
+    try:
+      if if_match is None:
+        fs.pipe_file(key, self._content(), mode="create")
+      else:
+        fs.pipe_file(key, self._content(), IfMatch=if_match)
+    except FileExistsError:
+      raise ConcurrentWriterError(f"{self.path.parent} was taken by another writer as this one started") from None
+    except OSError as e:
+      if if_match is not None and e.errno == errno.EINVAL:  # s3fs's PreconditionFailed
+        raise ConcurrentWriterError(f"{self.path} was replaced by another writer") from e
+      raise
+    self._etag = fs.info(key)["ETag"]
+
+  def _etag_of_holder(self) -> str | None:
+    fs, key = self._s3()
+    try:
+      return fs.info(key)["ETag"]
+    except FileNotFoundError:
+      return None
+
+  def _acquire_s3(self) -> None:
+    deadline = time.monotonic() + self.stale_secs + self.refresh_secs
+    while True:
+      etag = self._etag_of_holder()
+      if etag is None:
+        self._put_s3(if_match=None)
+        return
+      holder = self._read() or {}
+      if holder.get("host") == self.owner["host"] and holder.get("pid") == self.owner["pid"]:
+        log.warning("%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent)
+        self._put_s3(if_match=etag)
+        return
+      if self._age() > self.stale_secs:  # not refreshed for too long: its writer is gone
+        self._put_s3(if_match=etag)
+        return
+      if time.monotonic() > deadline:
+        raise self._refused(holder)
+      time.sleep(min(self.refresh_secs, 1.0))
+
   def _acquire_remote(self) -> None:
+    if cloud.is_s3(self.path):
+      self._acquire_s3()
+      return
     holder = self._read()
     if holder is not None and holder.get("token") != self.owner["token"]:
       if holder.get("host") == self.owner["host"] and holder.get("pid") == self.owner["pid"]:
@@ -204,9 +272,11 @@ class WriterLock:
       try:
         if self._local:
           os.utime(self.path)
+        elif self._etag is not None:
+          self._put_s3(if_match=self._etag)
         else:
           self._write()
-      except OSError as e:
+      except (OSError, ConcurrentWriterError) as e:
         self._refresh_error = e  # raised by the next `check`
         return
 

@@ -312,3 +312,36 @@ def test_a_step_deleted_while_a_reader_restores_it_is_not_found_not_corrupt(s3_s
     client.delete_object(Bucket=s3_server["bucket"], Key=s3_workdir[len(f"s3://{s3_server['bucket']}/") :] + "/" + key)
   with pytest.raises(kckpt.CheckpointNotFoundError, match="deleted .* while it was being restored"):
     reader.restore({"w": jnp.zeros(4)}, step=1)
+
+
+def test_the_writer_lock_on_s3_is_created_and_taken_over_with_conditional_writes(s3_workdir):
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  from kckpt import lock as lock_lib  # pylint: disable=import-outside-toplevel
+
+  checkpoints = epath.Path(s3_workdir) / "checkpoints"
+  # S3 keeps modification times to the second: a lock is stale after 3 s without a refresh.
+  first = lock_lib.WriterLock(checkpoints, stale_secs=3, refresh_secs=0.2)
+  first.acquire()
+  try:
+    # Another host's writer (a different owner) refuses while the first one refreshes ...
+    second = lock_lib.WriterLock(checkpoints, stale_secs=3)
+    second.owner = {**second.owner, "host": "other-host"}
+    with pytest.raises(kckpt.ConcurrentWriterError, match="is being written by process"):
+      second.acquire()
+    # ... and a creator that lost the race to create the object never thinks it holds it.
+    with pytest.raises(kckpt.ConcurrentWriterError, match="taken by another writer"):
+      second._put_s3(if_match=None)  # pylint: disable=protected-access  # the create-if-absent a starting writer does
+    # Once the first writer stops refreshing (it died), the second takes over by replacing that
+    # very version (If-Match); the first one's next refresh fails and its next check raises.
+    first._stop.set()  # pylint: disable=protected-access
+    first._thread.join()  # pylint: disable=protected-access
+    second.acquire()
+    with pytest.raises(kckpt.ConcurrentWriterError, match="taken over by process"):
+      first.check()
+    with pytest.raises(kckpt.ConcurrentWriterError):
+      first._put_s3(if_match=first._etag)  # pylint: disable=protected-access  # its refresh: the version it wrote is gone
+    second.check()
+    second.release()
+  finally:
+    first.release()
