@@ -24,6 +24,8 @@ from kckpt import trees
 from kckpt._types import Step
 from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, TreeMismatchError
 
+_FREED = "The target's arrays had already been freed (donate=True)"
+
 
 @dataclasses.dataclass(frozen=True)
 class _ItemRead:
@@ -65,7 +67,11 @@ def restore_step(
     return _restore(step_path, step, state, donate=donate, partial=partial, storage=storage)
   except (CheckpointReadError, FileNotFoundError) as e:
     if _deleted(step_path):  # e.g. the trainer's retention removed it mid-read
-      raise CheckpointNotFoundError(f"Step {step} was deleted from {checkpoints} while it was being restored") from e
+      freed = _FREED in str(e)
+      raise CheckpointNotFoundError(
+        f"Step {step} was deleted from {checkpoints} while it was being restored."
+        + (f" {_FREED}: restore into a new target." if freed else "")
+      ) from e
     raise
 
 
@@ -105,7 +111,7 @@ def _restore(
       )
   for r in reads:
     if r.target is not None:
-      with reading(step, r.name, step_path / r.name, donated=donate):
+      with reading(step, r.name, step_path / r.name, donated=donate and _has_device_arrays(r.target)):
         value = _read_into(step_path / r.name, r, donate, storage)
       restored[r.name] = _orbax.match_scalar_types(r.target, value)
   for r in reads:
@@ -143,11 +149,19 @@ def _plan(
     target = None if item is None or fmt == "json" else item.restore_target()
     if target is not None and name in escaped:
       target = trees.escape_dotted_keys(target)  # the same leaves (donation frees the caller's arrays)
+    elif target is not None and trees.path_collisions(target):
+      problems.extend(
+        f"{'' if layout.kind == 'single' else name + '/'}{path}: several target leaves have this dotted path"
+        " (a key with a dot next to nested keys), but the step was saved without them"
+        for path in trees.path_collisions(target)
+      )
+      continue
     common = None
     if target is not None:
       if donate and _has_device_arrays(target):
         # Before anything is freed: every data file the read will need is there and whole.
-        damaged = _orbax.damaged_files(step_path / name)
+        with reading(step, name, step_path / name):
+          damaged = _orbax.damaged_files(step_path / name)
         if damaged:
           raise CheckpointReadError(
             f"Cannot read step {step}, item {name!r} at {step_path / name}: "
@@ -216,8 +230,7 @@ def reading(step: Step, item: str, path: epath.Path, *, donated: bool = False) -
     if not _orbax.is_read_error(e):
       raise
     lost = (
-      " The target's arrays had already been freed (donate=True) after every check passed: restore into"
-      " a new target, or pass donate=False where a step may be damaged."
+      f" {_FREED} after every check passed: restore into a new target, or pass donate=False where a step may be damaged."
       if donated
       else ""
     )

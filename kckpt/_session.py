@@ -246,7 +246,15 @@ def item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
       if not jax.tree.leaves(value) and layout.kind == "single":
         raise ValueError(f"cannot save {type(value).__name__}: it has no array or scalar leaves")
       if trees.path_collisions(value):  # {"a.b": x, "a": {"b": y}}: Orbax would write both as a.b
-        writes.append(_orbax.ItemWrite(name=name, format=item.format, value=trees.escape_dotted_keys(value), escaped=True))
+        escaped = trees.escape_dotted_keys(value)
+        left = trees.path_collisions(escaped)
+        if left:  # keys of a mapping kckpt cannot rebuild, or of a custom pytree node
+          where = "" if layout.kind == "single" else f"item {name!r}: "
+          raise ValueError(
+            f"{where}leaves would be saved under the same name {left[:5]} (a key with a dot next to nested"
+            " keys, in a container kckpt cannot rename); use plain dicts or keys without dots there"
+          )
+        writes.append(_orbax.ItemWrite(name=name, format=item.format, value=escaped, escaped=True))
         continue
     writes.append(_orbax.ItemWrite(name=name, format=item.format, value=value))
   return writes

@@ -208,4 +208,10 @@ class PartialLoader:
     path = _layout.step_dir(checkpoints, step) / self.item
     if not path.exists():
       raise CheckpointNotFoundError(f"PartialLoader: no item {self.item!r} at step {step} in {checkpoints}")
+    if self.item in _orbax.escaped_items(_orbax.read_step_metadata(path.parent)):
+      raise TransplantError(
+        f"step {step} of {checkpoints} saved item {self.item!r} with escaped keys (a key with a dot next to"
+        " nested keys): PartialLoader's dotted keys cannot tell its leaves apart; restore it with"
+        " Checkpointer.restore and copy the leaves you need"
+      )
     return path

@@ -185,13 +185,18 @@ def _unescape_key(key: Any) -> Any:
   return "".join(out)
 
 
+def _is_rebuildable_mapping(node: Any) -> bool:
+  # dict, OrderedDict, flax's FrozenDict...: mappings rebuilt from a dict of their items.
+  return isinstance(node, Mapping) and (isinstance(node, dict) or hasattr(type(node), "unfreeze"))
+
+
 def _map_dict_keys(tree: PyTree, rename: Any) -> PyTree:
   def rebuild(node: Any) -> Any:
-    if type(node) is dict:  # pylint: disable=unidiomatic-typecheck  # plain dicts only: their keys are data
-      return {rename(k): _map_dict_keys(v, rename) for k, v in node.items()}
+    if _is_rebuildable_mapping(node):
+      return type(node)({rename(k): _map_dict_keys(v, rename) for k, v in node.items()})
     return node
 
-  return jax.tree.map(rebuild, tree, is_leaf=lambda node: type(node) is dict)  # pylint: disable=unidiomatic-typecheck
+  return jax.tree.map(rebuild, tree, is_leaf=_is_rebuildable_mapping)
 
 
 def escape_dotted_keys(tree: PyTree) -> PyTree:

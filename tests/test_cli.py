@@ -688,3 +688,16 @@ def test_installed_console_script(composite_run):
   )
   assert result.returncode == 0, result.stderr
   assert [s["step"] for s in json.loads(result.stdout)["steps"]] == list(STEPS)
+
+
+def test_export_of_a_step_saved_with_escaped_keys_restores_the_same_keys(tmp_path, capsys):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  run, out = tmp_path / "run", tmp_path / "out"
+  with kckpt.Checkpointer(workdir=run, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(items.Composite(params={"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}), step=1)
+  status, _, err = call_cli(capsys, "export", run, "--step", "1", "--items", "params", out)
+  assert status == 0, err
+  back = kckpt.Checkpointer.open(out).restore(items.Composite(params={"a.b": np.zeros(2), "a": {"b": np.zeros(2)}}))
+  np.testing.assert_array_equal(back.params["a.b"], np.ones(2))
+  np.testing.assert_array_equal(back.params["a"]["b"], np.zeros(2))

@@ -35,3 +35,27 @@ def test_import_kckpt_changes_nothing_in_orbax_or_logging():
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0 and "unchanged" in out.stdout, out.stderr[-2000:]
+
+
+def test_damaged_files_follows_every_level_of_a_deep_ocdbt_tree(tmp_path):
+  """A database whose B-tree has interior nodes (small nodes): a short data file under any leaf is found."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _files  # pylint: disable=import-outside-toplevel
+
+  item = tmp_path / "item"
+  kvstore = ts.KvStore.open(
+    {"driver": "ocdbt", "base": {"driver": "file", "path": f"{item}/"}, "config": {"max_decoded_node_bytes": 2000}}
+  ).result()
+  for i in range(400):
+    kvstore.write(f"leaf{i:03d}/0", b"x" * 2000).result()
+  (item / "_METADATA").write_text('{"use_ocdbt": true, "use_zarr3": false, "tree_metadata": {}}')
+  assert _files.damaged_files(epath.Path(item)) == []
+  data = sorted((item / "d").iterdir(), key=lambda p: p.stat().st_size)[-1]  # the biggest data file
+  os.truncate(data, 10)
+  problems = _files.damaged_files(epath.Path(item))
+  assert problems and all("10 bytes, its metadata says at least" in p or "unreadable" in p for p in problems)
+  assert any("unreadable leaves ['leaf" in p for p in problems), problems  # found through the interior nodes

@@ -141,3 +141,9 @@ def test_a_state_whose_dotted_paths_collide_is_refused_by_name(tmp_path):
   state = {"params": {"w": jnp.zeros(2)}, "a.b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}}
   with pytest.raises(kckpt.TransplantError, match=r"\['a.b'\]"):
     kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}).transform(state)
+
+
+def test_a_source_saved_with_escaped_keys_is_refused_instead_of_copying_the_wrong_leaf(tmp_path):
+  saved_run(tmp_path / "pre", {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}})
+  with pytest.raises(kckpt.TransplantError, match="escaped keys"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"a.b": "a.b"}).transform({"a.b": jnp.full(2, -1.0)})

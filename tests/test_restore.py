@@ -214,3 +214,22 @@ def test_dotted_keys_without_a_collision_are_saved_as_plain_orbax_names(workdir)
   with ocp.PyTreeCheckpointer() as orbax_reader:
     restored = orbax_reader.restore(workdir / "checkpoints" / "ckpt_1" / "default")
   assert sorted(restored) == ["layer.0.bias", "layer.0.weight"]
+
+
+def test_dotted_keys_in_an_ordered_dict_are_kept_apart_too(workdir):
+  import collections  # pylint: disable=import-outside-toplevel
+
+  state = collections.OrderedDict([("a.b", jnp.ones(2)), ("a", {"b": jnp.zeros(2)})])
+  ckpt = saved_run(workdir, state)
+  out = ckpt.restore(collections.OrderedDict([("a.b", jnp.full(2, -1.0)), ("a", {"b": jnp.full(2, -1.0)})]))
+  assert type(out) is collections.OrderedDict
+  np.testing.assert_array_equal(out["a.b"], np.ones(2))
+  np.testing.assert_array_equal(out["a"]["b"], np.zeros(2))
+
+
+def test_a_target_whose_dotted_paths_collide_is_a_mismatch_before_anything_is_freed(workdir):
+  ckpt = saved_run(workdir, {"a.b": jnp.ones(2)})  # saved without a collision
+  target = {"a.b": jnp.zeros(2), "a": {"b": jnp.zeros(2)}}
+  with pytest.raises(kckpt.TreeMismatchError, match=r"a\.b: several target leaves have this dotted path"):
+    ckpt.restore(target, donate=True)
+  assert not target["a.b"].is_deleted() and not target["a"]["b"].is_deleted()

@@ -10,6 +10,7 @@ with its exact size when the array is uncompressed Zarr v2.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -59,12 +60,21 @@ def _need(required: dict[str, int], root: str, reference: str, prefix: str) -> s
   return full
 
 
-def _leaf_of(key: Any) -> str:
-  """``b'params.w/0.0'`` (an OCDBT key: the leaf's parameter name, then the chunk) -> ``params.w``."""
-  text = key.decode() if isinstance(key, bytes) else str(key)
+def _key_bytes(key: Any) -> bytes:
+  """A key as TensorStore's dump gives it (the repr of a bytes value, ``"b'params.w/0'"``) as bytes."""
+  if isinstance(key, bytes):
+    return key
+  text = str(key)
   if text.startswith(("b'", 'b"')):
-    text = text[2:-1]
-  return text.rsplit("/", 1)[0]
+    value = ast.literal_eval(text)
+    if isinstance(value, bytes):
+      return value
+  return text.encode()
+
+
+def _leaf_of(key: bytes) -> str:
+  """``b'params.w/0.0'`` (an OCDBT key: the leaf's parameter name, then the chunk) -> ``params.w``."""
+  return key.decode("utf-8", errors="replace").rsplit("/", 1)[0]
 
 
 def _damaged_ocdbt(root: str) -> list[str]:
@@ -76,9 +86,11 @@ def _damaged_ocdbt(root: str) -> list[str]:
   required: dict[str, int] = {}
   leaves: dict[str, set[str]] = {}  # data file -> leaves with data in it
   problems: list[str] = []
-  nodes = [v["root"]["location"] for v in manifest.get("versions", [])[-1:] if v.get("root", {}).get("location")]
+  # (node location, the key prefix of its subtree): interior nodes give each child's
+  # location and common key prefix; leaf entries' keys are relative to it.
+  nodes = [(v["root"]["location"], b"") for v in manifest.get("versions", [])[-1:] if v.get("root", {}).get("location")]
   while nodes:
-    location = nodes.pop()
+    location, prefix_bytes = nodes.pop()
     _, _, reference = location.partition("::")
     _need(required, root, reference, "")
     try:
@@ -87,13 +99,15 @@ def _damaged_ocdbt(root: str) -> list[str]:
       problems.append(f"{root}: B-tree node {reference} unreadable ({str(e).splitlines()[0]})")
       continue
     for entry in node.get("entries", []):
+      child = entry.get("location")
+      if isinstance(child, str) and child.startswith(_NODE):
+        nodes.append((child, prefix_bytes + _key_bytes(entry.get("subtree_common_prefix", b""))))
+        continue
       value = entry.get("indirect_value")
       if isinstance(value, str) and value.startswith(_VALUE):
         prefix, _, reference = value[len(_VALUE) :].partition(":")
-        leaves.setdefault(_need(required, root, reference, prefix), set()).add(_leaf_of(entry.get("key", "")))
-      child = entry.get("node")
-      if isinstance(child, str) and child.startswith(_NODE):
-        nodes.append(child)
+        key = prefix_bytes + _key_bytes(entry.get("key", b""))
+        leaves.setdefault(_need(required, root, reference, prefix), set()).add(_leaf_of(key))
   for path, size in sorted(required.items()):
     named = f"unreadable leaves {sorted(leaves[path])}: " if path in leaves else ""
     problems.extend(named + p for p in _size_problem(path, size, exact=False))

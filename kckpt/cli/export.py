@@ -12,6 +12,7 @@ from kckpt import _layout
 from kckpt import _orbax
 from kckpt import inspect
 from kckpt import items as items_lib
+from kckpt import trees
 from kckpt.cli import _common
 from kckpt.cli import _format
 from kckpt.errors import CliError
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     raise CliError(f"{out_step} exists already; kckpt never overwrites a step")
   items = _common.step_items(step_path)
   sources = export_sources(step_path, items, names)
+  escaped = _orbax.escaped_items(_orbax.read_step_metadata(step_path))
   progress = _format.Progress()
   exported: dict[str, Any] = {}
   summary: list[dict[str, Any]] = []
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
       tree, leaves = inspect.read_pytree(
         step_path / item, top_level_key=key, progress=progress.callback(f"export: reading {name} ")
       )
-      exported[name] = tree
+      # Saved with escaped keys (dots next to nested keys): the writer escapes them again.
+      exported[name] = trees.unescape_dotted_keys(tree) if item in escaped else tree
       summary.append(
         {
           "item": name,
