@@ -108,16 +108,23 @@ class Preemption:
     """Whether this process was asked to stop and has not saved for it yet."""
     return not self.reached and (self.requested or self.signalled)
 
-  def saved(self) -> None:
-    """The step saved for the preemption is durable: honour the SIGTERM as the handler before kckpt's would."""
-    self.reached = True
-    if not self.signalled:
-      return  # `request_preemption()`, or another process's SIGTERM: the loop decides
+  @property
+  def will_exit(self) -> bool:
+    """Whether this process got SIGTERM and its default action (ending the process) is due after the save."""
     previous = previous_handler()
-    if callable(previous):
+    return self.signalled and not callable(previous) and previous != signal.SIG_IGN
+
+  def saved(self, *, exit_all: bool = False) -> None:
+    """The step saved for the preemption is durable: honour the SIGTERM as the handler before kckpt's would.
+
+    `exit_all`: another process of the run will end now, so this one ends too
+    (at the same call), instead of waiting for it at the next exchange.
+    """
+    self.reached = True
+    self.exit_pending = self.will_exit or exit_all
+    previous = previous_handler()
+    if self.signalled and callable(previous):
       previous(signal.SIGTERM, None)
-    elif previous != signal.SIG_IGN:
-      self.exit_pending = True
 
   def check_exit(self) -> None:
     """Ends the process as SIGTERM means (`SystemExit(143)`) when its default action is due."""

@@ -51,7 +51,9 @@ def _finish_at_exit() -> None:
   shutdown") and its signalling threads wait forever. Errors are logged
   (there is no caller left to raise them to).
   """
-  for session in list(_open_sessions):
+  # Only sessions with a save in flight, in one order on every process (a
+  # multi-process close exchanges with the others).
+  for session in sorted((s for s in _open_sessions if s.in_flight_step is not None), key=lambda s: str(s.directory)):
     try:
       session.close()
     except Exception:  # pylint: disable=broad-exception-caught  # at exit: report, never mask the exit

@@ -372,6 +372,7 @@ class Checkpointer(base.BaseCheckpointer):
         preempt=rt.preemption.pending,
         time_due=self._time_due(step),
         save_done=session is not None and session.background_save_done(),
+        exit_after=rt.preemption.will_exit,
       ),
       timeout_secs=self.barrier_timeout_secs,
       what=f"maybe_save(step={step})",
@@ -382,7 +383,7 @@ class Checkpointer(base.BaseCheckpointer):
       saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag)
       self.wait_until_finished()
       log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.", step, self.directory)
-      rt.preemption.saved()
+      rt.preemption.saved(exit_all=decision.exit_after)
       return saved
     if force or self._should_save(step, time_due=decision.time_due):
       return self.save(state, step=step, force=True, metrics=metrics, tag=tag)

@@ -75,6 +75,13 @@ def _kernel_lock(fd: int) -> bool | None:
   return True
 
 
+def _same_file(fd: int, path: epath.Path) -> bool:
+  try:
+    return os.fstat(fd).st_ino == os.stat(path).st_ino
+  except FileNotFoundError:
+    return False
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -162,25 +169,36 @@ class WriterLock:
         log.warning("%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent)
         self._fd, previous._fd = previous._fd, None
         previous._stop.set()
-      else:
-        # The lock file itself, never replaced while locked (its content is rewritten in place).
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        _held[key] = self
+        self._write_in_place()
+        return
+    fd = self._lock_file()  # waits (for a writer on another host) outside the registry's lock
+    with _held_lock:
+      self._fd = fd
+      _held[key] = self
+    self._write_in_place()
+
+  def _lock_file(self) -> int:
+    """Opens the lock file and takes its kernel lock; returns the descriptor (ConcurrentWriterError if held)."""
+    for _ in range(10):
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
         locked = _kernel_lock(fd)
+        if locked is not False and not _same_file(fd, self.path):
+          # Locked a file that its writer unlinked at release while this one opened it: try the new one.
+          os.close(fd)
+          continue
         holder = self._read()
         same_host = holder is not None and holder.get("host") == self.owner["host"]
         if locked is False or (locked is None and same_host and _pid_alive(int(holder.get("pid", -1)))):  # type: ignore[union-attr]
-          os.close(fd)
           raise self._refused(holder or {"pid": "?", "host": self.owner["host"]})
         if holder is not None and not same_host and self._age() <= self.stale_secs:
-          # A writer on another host of a shared file system that has no working flock.
-          try:
-            self._wait_until_stale(holder)
-          except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-      _held[key] = self
-    self._write_in_place()
+          self._wait_until_stale(holder)  # a writer on another host of a shared file system without flock
+        return fd
+      except BaseException:
+        os.close(fd)
+        raise
+    raise ConcurrentWriterError(f"{self.path} keeps being replaced by other writers")
 
   def _write_in_place(self) -> None:
     assert self._fd is not None
@@ -221,8 +239,8 @@ class WriterLock:
     except FileExistsError:
       raise ConcurrentWriterError(f"{self.path.parent} was taken by another writer as this one started") from None
     except OSError as e:
-      if if_match is not None and e.errno == errno.EINVAL:  # s3fs's PreconditionFailed
-        raise ConcurrentWriterError(f"{self.path} was replaced by another writer") from e
+      if e.errno == errno.EINVAL:  # s3fs's PreconditionFailed (stores that do not name the condition)
+        raise ConcurrentWriterError(f"{self.path} was created or replaced by another writer") from e
       raise
     self._etag = fs.info(key)["ETag"]
 
@@ -268,6 +286,7 @@ class WriterLock:
       raise ConcurrentWriterError(f"{self.path.parent} was taken by another writer as this one started")
 
   def _refresh_loop(self) -> None:
+    last_ok = time.monotonic()
     while not self._stop.wait(self.refresh_secs):
       try:
         if self._local:
@@ -276,9 +295,16 @@ class WriterLock:
           self._put_s3(if_match=self._etag)
         else:
           self._write()
-      except (OSError, ConcurrentWriterError) as e:
-        self._refresh_error = e  # raised by the next `check`
+        last_ok = time.monotonic()
+      except ConcurrentWriterError as e:  # another writer replaced the lock: final
+        self._refresh_error = e
         return
+      except OSError as e:
+        # A transient error is retried while the lock is still far from stale; after
+        # that another writer may take over, so the next `check` raises it.
+        if time.monotonic() - last_ok > self.stale_secs / 2:
+          self._refresh_error = e
+          return
 
   def check(self) -> None:
     """Raises `ConcurrentWriterError` when another writer took the lock over, or it could not be kept."""

@@ -170,11 +170,15 @@ class StepVote:
     save_done: this process's background save finished (well or not);
       decided: on any process, so every process now waits for its own and
       raises the same error, if any.
+    exit_after: this process will end after the preemption save (SIGTERM's
+      default action); decided: any process will, so they all end at the
+      same call instead of leaving the others waiting for it.
   """
 
   preempt: bool = False
   time_due: bool = False
   save_done: bool = False
+  exit_after: bool = False
 
 
 def vote(mine: StepVote, *, timeout_secs: float, what: str) -> StepVote:
@@ -187,6 +191,7 @@ def vote(mine: StepVote, *, timeout_secs: float, what: str) -> StepVote:
     preempt=any("preempt" in v for v in values.values()),
     time_due="time_due" in values.get(0, ()),
     save_done=any("save_done" in v for v in values.values()),
+    exit_after=any("exit_after" in v for v in values.values()),
   )
 
 

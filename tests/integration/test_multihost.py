@@ -290,3 +290,11 @@ def test_an_ignored_sigterm_stays_ignored_after_the_preemption_save(workdir):
   proc, trained, steps = _sigterm_loop(workdir, "ignored")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert steps == [0, 10, 13] and trained[-1] == 59
+
+
+def test_sigterm_to_one_process_of_a_loop_that_never_checks_ends_every_process_with_143(tmp_path):
+  # Before: SIGTERM was swallowed; then the signalled process alone ended and the others
+  # waited for it until barrier_timeout_secs.
+  results = Cluster([*PROGRAM, "sigterm-no-check"], num_processes=2, workdir=tmp_path, timeout=90).run(expect={0: 143, 1: 143})
+  assert [r["trained"][-1] for r in results] == [14, 14]  # saved 13 for the preemption, ended at the next call
+  assert kckpt.Checkpointer.open(tmp_path / "sigterm").all_steps == [0, 10, 13]

@@ -21,6 +21,9 @@ Scenarios (each process prints ``RESULT {json}`` lines that the test checks):
   `best_step`, `step_details`, `retention`, `summary`) inside the loop, as a
   training script logs them; then every process restores ``-1``, ``"best"``
   and the tag.
+* ``sigterm-no-check``: a loop that never looks at `reached_preemption`;
+  process 1 gets SIGTERM at step 12. Every process saves step 13, then ends
+  with status 143 at its next `maybe_save` (its ``finally`` reports first).
 """
 
 from __future__ import annotations
@@ -336,6 +339,25 @@ def scenario_local_reads(workdir: str) -> None:
   ckpt.close()
 
 
+def scenario_sigterm_no_check(workdir: str) -> None:
+  import signal  # pylint: disable=import-outside-toplevel
+
+  mesh = Mesh(np.array(jax.devices()).reshape(jax.process_count(), -1), ("hosts", "local"))
+  ckpt = kckpt.Checkpointer(
+    workdir=os.path.join(workdir, "sigterm"), save_interval_steps=10, barrier_timeout_secs=30, async_save=True
+  )
+  trained = []
+  try:
+    for step in range(60):
+      trained.append(step)
+      ckpt.maybe_save(state_at(step, mesh), step=step)
+      if step == 12 and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+  finally:
+    report(trained=trained)
+    ckpt.close()
+
+
 def main() -> None:
   scenario = sys.argv[1]
   _cluster.init()
@@ -345,6 +367,7 @@ def main() -> None:
     "errors": scenario_errors,
     "dies": scenario_dies,
     "local-reads": scenario_local_reads,
+    "sigterm-no-check": scenario_sigterm_no_check,
   }
   scenarios[scenario](_cluster.workdir())
   log("done")
