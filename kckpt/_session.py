@@ -238,7 +238,7 @@ def item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
     if item.format == "json":
       items_lib.check_json(value, name=name)
     else:
-      bad = trees.unsaveable_leaves(value)
+      bad, collisions = trees.save_check(value)
       if bad:
         where = "" if layout.kind == "single" else f"item {name!r}: "
         raise ValueError(
@@ -247,7 +247,7 @@ def item_writes(layout: items_lib.Layout) -> list[_orbax.ItemWrite]:
         )
       if not jax.tree.leaves(value) and layout.kind == "single":
         raise ValueError(f"cannot save {type(value).__name__}: it has no array or scalar leaves")
-      if trees.path_collisions(value):  # {"a.b": x, "a": {"b": y}}: Orbax would write both as a.b
+      if collisions:  # {"a.b": x, "a": {"b": y}}: Orbax would write both as a.b
         escaped = trees.escape_dotted_keys(value)
         left = trees.path_collisions(escaped)
         if left:  # keys of a mapping kckpt cannot rebuild, or of a custom pytree node

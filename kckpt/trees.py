@@ -137,15 +137,29 @@ def is_saveable_leaf(leaf: Any) -> bool:
   return isinstance(leaf, (jax.Array, np.ndarray, np.generic, str, numbers.Number)) or leaf is None
 
 
-def unsaveable_leaves(tree: PyTree) -> list[str]:
-  """One line per leaf that Orbax cannot write: its path and why."""
-  problems = []
-  for path, leaf in flatten_with_paths(tree).items():
+def save_check(tree: PyTree) -> tuple[list[str], list[str]]:
+  """What stops `tree` from being saved as it is, from one pass over its leaves.
+
+  Returns one line per leaf that Orbax cannot write (its path and why), and
+  the dotted names that several leaves would be saved under (see
+  `path_collisions`).
+  """
+  problems, seen, collisions = [], set(), set()
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    path = path_str(keypath)
+    if path in seen:
+      collisions.add(path)
+    seen.add(path)
     if isinstance(leaf, jax.Array) and leaf.is_deleted():
       problems.append(f"{path}: the array was deleted (donated to a restore, or freed)")
     elif not is_saveable_leaf(leaf):
       problems.append(f"{path}: {type(leaf).__module__}.{type(leaf).__qualname__} is not an array or scalar")
-  return problems
+  return problems, sorted(collisions)
+
+
+def unsaveable_leaves(tree: PyTree) -> list[str]:
+  """One line per leaf that Orbax cannot write: its path and why."""
+  return save_check(tree)[0]
 
 
 # -- Keys with dots -------------------------------------------------------------------
