@@ -66,7 +66,10 @@ def _install_exit_hook() -> None:
     if not _exit_hook_installed:
       # Python 3.9+ internal, used by concurrent.futures itself: called before non-daemon
       # threads are joined, and (registered after them) before the thread pools shut down.
-      threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]  # pylint: disable=protected-access
+      try:
+        threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]  # pylint: disable=protected-access
+      except RuntimeError:  # opened while Python is already shutting down: too late for the hook
+        return
       _exit_hook_installed = True
 
 
