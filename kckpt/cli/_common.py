@@ -205,22 +205,20 @@ def parse_max_to_keep(text: str) -> int | str:
   """A positive number, or ``"all"`` (keep every step)."""
   if text == KEEP_ALL:
     return KEEP_ALL
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"--max-to-keep is a positive number or 'all', got {text!r}")
-  return value
+  return _positive_int(text, f"--max-to-keep is a positive number or 'all', got {text!r}")
 
 
 def parse_positive_int(text: str) -> int:
+  return _positive_int(text, f"expected a positive number, got {text!r}")
+
+
+def _positive_int(text: str, error: str) -> int:
   try:
     value = int(text)
   except ValueError:
     value = 0
   if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    raise argparse.ArgumentTypeError(error)
   return value
 
 

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 
 import jax.numpy as jnp
@@ -23,53 +22,12 @@ import pytest
 
 import kckpt
 from kckpt import _run
-from tests.helpers import PYTHON, REPO, subprocess_env
+from tests.helpers import PYTHON, REPO, Output, subprocess_env
 from tests.programs.save_forever import state_for
 
 PROGRAM = REPO / "tests" / "programs" / "save_forever.py"
 MEGABYTES = 96
 TEMPORARY = re.compile(r"ckpt_(\d+)\.orbax-checkpoint-tmp")
-
-
-class Output:
-  """A program's output lines, read by a thread: the pipe never fills and every wait has a deadline."""
-
-  def __init__(self, stream):
-    self.lines = []
-    self.closed = False
-    self._changed = threading.Condition()
-    self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-    self._thread.start()
-
-  def _read(self, stream):
-    for line in stream:
-      with self._changed:
-        self.lines.append(line.rstrip("\n"))
-        self._changed.notify_all()
-    with self._changed:
-      self.closed = True
-      self._changed.notify_all()
-
-  def text(self):
-    with self._changed:
-      return "\n".join(self.lines)
-
-  def has(self, line):
-    with self._changed:
-      return line in self.lines
-
-  def wait_for(self, line, timeout=120):
-    deadline = time.monotonic() + timeout
-    with self._changed:
-      while line not in self.lines:
-        remaining = deadline - time.monotonic()
-        assert not self.closed, f"the program exited before printing {line!r}:\n" + "\n".join(self.lines)
-        assert remaining > 0, f"the program did not print {line!r} within {timeout} s:\n" + "\n".join(self.lines)
-        self._changed.wait(remaining)
-
-  def join(self, timeout=30):
-    self._thread.join(timeout)
-    assert not self._thread.is_alive(), "the program's output never ended"
 
 
 @dataclasses.dataclass(frozen=True)
