@@ -81,6 +81,17 @@ class StepDetails:
     items: names of the items in the step (bookkeeping folders included), each
       with its format (``"pytree"`` or ``"json"``).
     tag: the user tag given to `save`, if any.
+    checksums: the checksum each chunk of its array data carries
+      (``"crc32c"``, checked on every read), or None: saved without (by plain
+      Orbax, older kckpt, or with ``StorageOptions(checksums=False)``).
+    provenance: what made the step, as recorded at `save`: the versions of
+      kckpt, jax, jaxlib, orbax and tensorstore (keys ``kckpt``, ``jax``,
+      ``jaxlib``, ``orbax``, ``tensorstore``), ``python``,
+      ``process_count``, ``devices`` (platform, kind, count), the primary's
+      ``host``, ``git`` (the training script's commit and whether its tree
+      was dirty; None outside git), the saved arrays' ``shardings`` (sharding
+      -> number of leaves) and the ``config`` given to `save`. Empty for
+      steps written by other code.
   """
 
   step: Step
@@ -89,6 +100,8 @@ class StepDetails:
   metrics: Mapping[str, Any] | None
   items: Mapping[str, str]
   tag: str | None = None
+  checksums: str | None = None
+  provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def user_items(self) -> tuple[str, ...]:
@@ -111,6 +124,8 @@ def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
     metrics=_orbax.read_step_metrics(path),
     items=_orbax.item_formats(path, metadata),
     tag=_orbax.step_tag(metadata),
+    checksums=_orbax.step_checksums(metadata),
+    provenance=_orbax.step_provenance(metadata),
   )
 
 

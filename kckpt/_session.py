@@ -20,6 +20,7 @@ from etils import epath
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _preemption
+from kckpt import _provenance
 from kckpt import _run
 from kckpt import items as items_lib
 from kckpt import lock as lock_lib
@@ -141,7 +142,16 @@ class WriteSession:
 
   # -- Saving -------------------------------------------------------------------
 
-  def save(self, state: Any, *, step: Step, force: bool, metrics: Mapping[str, Any] | None, tag: str | None) -> bool:
+  def save(
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool,
+    metrics: Mapping[str, Any] | None,
+    tag: str | None,
+    config: Mapping[str, Any] | None = None,
+  ) -> bool:
     """Starts saving `state` as `step` (see `Checkpointer.save`); False when `force` and it exists."""
     started = time.perf_counter()
     self._writer.poll()
@@ -158,6 +168,7 @@ class WriteSession:
         f"Step {step} already exists in {self.directory}; kckpt never overwrites a step."
         f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
       )
+    provenance = _provenance.step_provenance((w.value for w in writes if w.format == "pytree"), config)
     now = round(time.time(), 6)  # the step's time, recorded in it; microseconds, as a datetime holds it
     self._index.remember(policies.StepRecord(step=step, time=now, metrics=metrics))
     stats = telemetry.SaveTelemetry(
@@ -173,7 +184,13 @@ class WriteSession:
         step,
         writes,
         metrics,
-        custom_metadata=_orbax.custom_metadata(time=now, tag=tag, escaped_items=[w.name for w in writes if w.escaped]),
+        custom_metadata=_orbax.custom_metadata(
+          time=now,
+          tag=tag,
+          escaped_items=[w.name for w in writes if w.escaped],
+          checksums=_orbax.CRC32C if self._writer.checksums else None,
+          provenance=provenance,
+        ),
         on_durable=stats.durable,
       )
     except BaseException:

@@ -120,12 +120,28 @@ class BaseCheckpointer(abc.ABC):
     """Whether `maybe_save` would save at `step` (local)."""
 
   @abc.abstractmethod
-  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None) -> bool:
+  def save(
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool = False,
+    metrics: Metrics | None = None,
+    tag: str | None = None,
+    config: Mapping[str, Any] | None = None,
+  ) -> bool:
     """Saves `state` as `step`; True when a save was started."""
 
   @abc.abstractmethod
   def maybe_save(
-    self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool = False,
+    metrics: Metrics | None = None,
+    tag: str | None = None,
+    config: Mapping[str, Any] | None = None,
   ) -> bool:
     """Saves when `should_save(step)` or `force`; True when a save was started."""
 
@@ -269,14 +285,30 @@ class NoopCheckpointer(BaseCheckpointer):
     del step
     return False
 
-  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None) -> bool:
-    del state, step, force, metrics, tag
+  def save(
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool = False,
+    metrics: Metrics | None = None,
+    tag: str | None = None,
+    config: Mapping[str, Any] | None = None,
+  ) -> bool:
+    del state, step, force, metrics, tag, config
     return False
 
   def maybe_save(
-    self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool = False,
+    metrics: Metrics | None = None,
+    tag: str | None = None,
+    config: Mapping[str, Any] | None = None,
   ) -> bool:
-    del state, step, force, metrics, tag
+    del state, step, force, metrics, tag, config
     return False
 
   def request_preemption(self) -> None:

@@ -308,7 +308,16 @@ class Checkpointer(base.BaseCheckpointer):
     session = self._rt.session
     return not (session.step_exists(step) if session is not None else step in self._index.finished())
 
-  def save(self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None) -> bool:
+  def save(
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool = False,
+    metrics: Metrics | None = None,
+    tag: str | None = None,
+    config: Mapping[str, Any] | None = None,
+  ) -> bool:
     """Saves `state` as `step` now (in the background when `async_save`).
 
     Args:
@@ -321,6 +330,9 @@ class Checkpointer(base.BaseCheckpointer):
         with the step and used by `best_metric_path` / `best_fn`.
       tag: a name for the step (``"E10_U200_S800"``, ``"before-lr-drop"``)
         that `restore(step=tag)` accepts; the newest step with it wins.
+      config: the run's configuration (JSON: a dict of numbers, strings,
+        lists...), recorded in the step's provenance
+        (``step_details(step).provenance["config"]``, ``kckpt diff``).
 
     Returns:
       True when a save was started; False when `force` and the step exists.
@@ -339,10 +351,18 @@ class Checkpointer(base.BaseCheckpointer):
       force=force,
       metrics=policies.check_metrics(metrics, self.retention_policy, what=f"save(step={step})"),
       tag=tag,
+      config=config,
     )
 
   def maybe_save(
-    self, state: Any, *, step: Step, force: bool = False, metrics: Metrics | None = None, tag: str | None = None
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool = False,
+    metrics: Metrics | None = None,
+    tag: str | None = None,
+    config: Mapping[str, Any] | None = None,
   ) -> bool:
     """Saves when `should_save(step)`, or when `force` (unless the step exists).
 
@@ -380,13 +400,13 @@ class Checkpointer(base.BaseCheckpointer):
     if decision.save_done:
       self.wait_until_finished()  # raises a background error, on every process
     if decision.preempt:
-      saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag)
+      saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag, config=config)
       self.wait_until_finished()
       log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.", step, self.directory)
       rt.preemption.saved(exit_all=decision.exit_after)
       return saved
     if force or self._should_save(step, time_due=decision.time_due):
-      return self.save(state, step=step, force=True, metrics=metrics, tag=tag)
+      return self.save(state, step=step, force=True, metrics=metrics, tag=tag, config=config)
     return False
 
   def request_preemption(self) -> None:

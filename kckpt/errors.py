@@ -88,11 +88,36 @@ class LeafReadError(Exception):
   """
 
   def __init__(self, leaves: Sequence[str], cause: BaseException):
-    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0].split(" See full TensorStore")[0]
-    if len(first_line) > 300:
-      first_line = first_line[:300] + "..."
-    super().__init__(f"unreadable leaves {list(leaves)}: {type(cause).__name__}: {first_line}")
+    super().__init__(f"unreadable leaves {list(leaves)}: {describe_read_error(cause, limit=300)}")
     self.leaves = tuple(leaves)
+
+
+def describe_read_error(error: BaseException, limit: int = 240) -> str:
+  """One line for an error reading a checkpoint: the first error of its chain, cut before TensorStore's spec dump.
+
+  A CRC32C mismatch (TensorStore's "Digest mismatch") is said in words.
+
+  >>> describe_read_error(ValueError("DATA_LOSS: Digest mismatch, stored digest is 0x1"))
+  'checksum mismatch, the data changed after it was saved: ValueError: DATA_LOSS: Digest mismatch, stored digest is 0x1'
+  """
+  error = _innermost(error)
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text.split(" See full TensorStore")[0].split(" [tensorstore_spec=")[0].split(" [source locations=")[0]
+  if len(text) > limit:
+    text = text[: limit - 3] + "..."
+  what = "checksum mismatch, the data changed after it was saved: " if "Digest mismatch" in text else ""
+  return f"{what}{type(error).__name__}: {text}" if text else f"{what}{type(error).__name__}"
+
+
+def _innermost(error: BaseException) -> BaseException:
+  """The first error of a chain (TensorStore's, under the bare `Exception` Orbax wraps it in)."""
+  seen = {id(error)}
+  while True:
+    inner = error.__cause__ or error.__context__
+    if inner is None or id(inner) in seen or isinstance(inner, LeafReadError):
+      return error
+    seen.add(id(inner))
+    error = inner
 
 
 class TransplantError(ValueError):

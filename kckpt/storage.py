@@ -45,8 +45,15 @@ class StorageOptions:
       tuned for. Without it, saves to a local disk were usually faster (up
       to 40%), restores no faster, at two or more files per array.
     use_zarr3: write arrays as Zarr v3 rather than Zarr v2 (Orbax's default
-      is v2). Zarr v2 is kept: v3 was not consistently faster, and v2 is
-      readable by every Orbax release.
+      is v2). kckpt writes v3 because v3 can carry checksums; Orbax 0.11 and
+      later read it. Turn it off (with `checksums`) only for readers older
+      than that.
+    checksums: a CRC32C of every chunk of array data, computed by
+      TensorStore as it writes the chunk (off the training thread) and
+      checked on every read, by kckpt, plain Orbax and TensorStore alike: a
+      flipped bit is a `CheckpointReadError` naming the step, item and leaf,
+      not other numbers. Needs `use_zarr3` (Zarr v2 has no checksum codec).
+      See the README, "Integrity", for what it costs.
     save_concurrent_gb: at most this many GB (10**9 bytes) being written at
       once (None: Orbax's default, 96 GB). Lower it when a save must not
       double the host memory of a very large state. It must be at least the
@@ -54,26 +61,32 @@ class StorageOptions:
     restore_concurrent_gb: at most this many GB being read at once (None:
       Orbax's default, 96 GB); also at least the largest array.
 
-  >>> StorageOptions()
-  StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False, save_concurrent_gb=None, restore_concurrent_gb=None)
+  >>> StorageOptions() == StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True, checksums=True)
+  True
   >>> StorageOptions.orbax_defaults().compression
   True
   """
 
   compression: bool = False
   use_ocdbt: bool = True
-  use_zarr3: bool = False
+  use_zarr3: bool = True
+  checksums: bool = True
   save_concurrent_gb: float | None = None
   restore_concurrent_gb: float | None = None
 
   def __post_init__(self):
-    for name in ("compression", "use_ocdbt", "use_zarr3"):
+    for name in ("compression", "use_ocdbt", "use_zarr3", "checksums"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"StorageOptions.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.checksums and not self.use_zarr3:
+      raise ValueError(
+        "StorageOptions(checksums=True) needs use_zarr3=True (Zarr v2 has no checksum codec);"
+        " pass checksums=False to write Zarr v2 without checksums"
+      )
     _check_gb("save_concurrent_gb", self.save_concurrent_gb)
     _check_gb("restore_concurrent_gb", self.restore_concurrent_gb)
 
   @classmethod
   def orbax_defaults(cls) -> StorageOptions:
     """What a plain Orbax `CheckpointManager` writes: OCDBT, Zarr v2, zstd."""
-    return cls(compression=True, use_ocdbt=True, use_zarr3=False)
+    return cls(compression=True, use_ocdbt=True, use_zarr3=False, checksums=False)

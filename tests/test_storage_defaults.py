@@ -22,7 +22,7 @@ ORBAX_FORMAT = kckpt.StorageOptions.orbax_defaults()
 STORAGES = {
   "kckpt_defaults": kckpt.StorageOptions(),
   "orbax_defaults": ORBAX_FORMAT,
-  "zarr3": kckpt.StorageOptions(use_zarr3=True),
+  "zarr2_without_checksums": kckpt.StorageOptions(use_zarr3=False, checksums=False),
   "no_ocdbt": kckpt.StorageOptions(use_ocdbt=False),
 }
 
@@ -87,14 +87,14 @@ def orbax_manager(directory, **options):
 # -- The defaults ---------------------------------------------------------------
 
 
-def test_defaults_are_uncompressed_ocdbt_zarr2(tmp_path):
+def test_defaults_are_uncompressed_ocdbt_zarr3_with_checksums(tmp_path):
   ckpt = kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, async_save=False)
-  assert ckpt.storage == kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False)
+  assert ckpt.storage == kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True, checksums=True)
   ckpt.save({"w": jnp.ones((4, 8)), "n": np.arange(3)}, step=1)
   item_dir = tmp_path / "checkpoints" / "ckpt_1" / "default"
   assert (item_dir / "manifest.ocdbt").exists()
   meta = zarr_metadata(item_dir)
-  assert {m.zarr_format for m in meta.values()} == {2}
+  assert {m.zarr_format for m in meta.values()} == {3}
   assert all(m.compression is None for m in meta.values())
 
 
@@ -246,7 +246,7 @@ def test_storage_options_are_validated_hashable_and_configurable():
   assert ckpt.storage == kckpt.StorageOptions(compression=True, use_zarr3=True)
   assert hash(ckpt) == hash(dataclasses.replace(ckpt))
   assert ckpt != ckpt.replace(storage=kckpt.StorageOptions())
-  assert ORBAX_FORMAT == kckpt.StorageOptions(compression=True, use_ocdbt=True, use_zarr3=False)
+  assert ORBAX_FORMAT == kckpt.StorageOptions(compression=True, use_ocdbt=True, use_zarr3=False, checksums=False)
 
 
 # -- Telemetry -------------------------------------------------------------------

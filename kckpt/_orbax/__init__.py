@@ -20,6 +20,7 @@ Every reach into an Orbax or JAX private name is listed in the table of
 the reach, when an upgrade breaks it.
 """
 
+from kckpt._orbax._checksums import CRC32C
 from kckpt._orbax._commit import DurableRenameTemporaryPath
 from kckpt._orbax._files import damaged_files
 from kckpt._orbax._format import (
@@ -38,6 +39,8 @@ from kckpt._orbax._format import (
   read_step_metadata,
   read_step_metrics,
   remove_step_folder,
+  step_checksums,
+  step_provenance,
   step_tag,
   step_time,
 )
@@ -61,6 +64,7 @@ from kckpt._orbax._writer import ItemWrite, Writer
 
 __all__ = [
   "COMMIT_MARKER",
+  "CRC32C",
   "DurableRenameTemporaryPath",
   "ItemFormat",
   "ItemRead",
@@ -96,6 +100,8 @@ __all__ = [
   "release",
   "remove_step_folder",
   "saved_leaf_specs",
+  "step_checksums",
+  "step_provenance",
   "step_tag",
   "step_time",
 ]

@@ -73,8 +73,10 @@ def _key_bytes(key: Any) -> bytes:
 
 
 def _leaf_of(key: bytes) -> str:
-  """``b'params.w/0.0'`` (an OCDBT key: the leaf's parameter name, then the chunk) -> ``params.w``."""
-  return key.decode("utf-8", errors="replace").rsplit("/", 1)[0]
+  """An OCDBT key (the leaf's parameter name, then the chunk) -> the leaf: ``b'params.w/0.0'`` (Zarr v2)
+  and ``b'params.w/c/0/0'`` (Zarr v3) -> ``params.w``. Orbax's parameter names hold no ``/``.
+  """
+  return key.decode("utf-8", errors="replace").split("/", 1)[0]
 
 
 def _damaged_ocdbt(root: str) -> list[str]:

@@ -128,18 +128,42 @@ def _kckpt_entry(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
   return own if isinstance(own, Mapping) else {}
 
 
-def custom_metadata(*, time: float, tag: str | None, escaped_items: Sequence[str] = ()) -> dict[str, Any]:
+def custom_metadata(
+  *,
+  time: float,
+  tag: str | None,
+  escaped_items: Sequence[str] = (),
+  checksums: str | None = None,
+  provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """kckpt's entry in the step's custom metadata.
 
-  The step's time (`time.time()` at `save`), its tag, and the items saved with
-  their dict keys escaped (`kckpt.trees.escape_dotted_keys`).
+  The step's time (`time.time()` at `save`), its tag, the items saved with
+  their dict keys escaped (`kckpt.trees.escape_dotted_keys`), the checksum of
+  its array chunks (``"crc32c"``; absent: none) and what made it.
   """
   own: dict[str, Any] = {"time": time}
   if tag is not None:
     own["tag"] = tag
   if escaped_items:
     own["escaped_items"] = sorted(escaped_items)
+  if checksums is not None:
+    own["checksums"] = checksums
+  if provenance is not None:
+    own["provenance"] = dict(provenance)
   return {KCKPT_METADATA_KEY: own}
+
+
+def step_checksums(metadata: Mapping[str, Any]) -> str | None:
+  """The checksum every array chunk of the step carries (``"crc32c"``), or None: saved without."""
+  value = _kckpt_entry(metadata).get("checksums")
+  return value if isinstance(value, str) else None
+
+
+def step_provenance(metadata: Mapping[str, Any]) -> dict[str, Any]:
+  """What made the step (versions, processes, devices, host, code), as recorded at save; {} when not recorded."""
+  value = _kckpt_entry(metadata).get("provenance")
+  return dict(value) if isinstance(value, Mapping) else {}
 
 
 def escaped_items(metadata: Mapping[str, Any]) -> frozenset[str]:

@@ -18,7 +18,7 @@ from kckpt import _fs
 from kckpt import _layout
 from kckpt import cloud
 from kckpt import storage as storage_lib
-from kckpt._orbax import _commit, _format, _handlers
+from kckpt._orbax import _checksums, _commit, _format, _handlers
 from kckpt._types import Metrics, PyTree, Step
 from kckpt.errors import BackgroundSaveError
 
@@ -116,6 +116,9 @@ class Writer:
     )
     self.directory = directory
     self._sync = sync
+    storage = storage or storage_lib.StorageOptions()
+    self.checksums = storage.checksums  # arrays written here carry a CRC32C per chunk
+    self._checksum_scope = _checksums.register(directory) if storage.checksums else None
     self._manager = ocp.CheckpointManager(
       directory, options=options, handler_registry=_handlers.handler_registry(storage, multiprocessing_options)
     )
@@ -227,7 +230,12 @@ class Writer:
     try:
       self.wait()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      finally:
+        if self._checksum_scope is not None:
+          self._checksum_scope.close()
+          self._checksum_scope = None
 
 
 def _report_durable(manager: ocp.CheckpointManager) -> dict[Step, Callable[[float], None] | None]:

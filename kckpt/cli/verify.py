@@ -11,8 +11,10 @@ from kckpt.cli import _format
 SUMMARY = "read every array of every step (or one) and check shapes and dtypes against the metadata"
 EPILOG = """\
 Reports each problem with its step, item and leaf; exit status 1 if any.
-Orbax stores no checksums: a flipped bit inside an array goes unseen; a
-truncated, missing or undecodable file does not.
+Steps saved by kckpt carry a CRC32C per chunk of array data, checked as
+each chunk is read: a changed bit is a problem naming its leaf. Steps saved
+without (plain Orbax, older kckpt) say "no checksums": there a flipped bit
+inside an array goes unseen; a truncated, missing or undecodable file does not.
 
 examples:
   kckpt verify /tmp/run                 # every step
@@ -62,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"FAILED: {_format.plural(len(problems), 'problem')} in {bad_steps} of {len(checked)} steps")
     return status
   leaves = sum(r.leaves for r in checked)
-  print(f"OK: {_format.plural(len(checked), 'step')}, {leaves} leaves, {_format.human_bytes(sum(r.bytes for r in checked))} read")
+  unchecked = sum(1 for r in checked if r.checksums is None)
+  note = f"; {unchecked} without checksums" if unchecked else ""
+  nbytes = _format.human_bytes(sum(r.bytes for r in checked))
+  print(f"OK: {_format.plural(len(checked), 'step')}, {leaves} leaves, {nbytes} read{note}")
   return status
 
 
@@ -71,4 +76,8 @@ def _verify_line(report: inspect.StepCheck) -> str:
     return f"step {report.step}: skipped (deleted while verifying)"
   n = len(report.problems)
   status = "ok" if not n else _format.plural(n, "problem")
-  return f"step {report.step}: {status} ({report.items} items, {report.leaves} leaves, {_format.human_bytes(report.bytes)})"
+  checksums = f"{report.checksums} checksums" if report.checksums else "no checksums"
+  return (
+    f"step {report.step}: {status} ({report.items} items, {report.leaves} leaves,"
+    f" {_format.human_bytes(report.bytes)}, {checksums})"
+  )

@@ -11,6 +11,7 @@ from etils import epath
 from kckpt import _fs
 from kckpt import _layout
 from kckpt import _orbax
+from kckpt import errors
 from kckpt._types import PyTree
 from kckpt.errors import CheckpointReadError
 
@@ -58,11 +59,7 @@ def short_error(error: BaseException, limit: int = 240) -> str:
   >>> short_error(ValueError("bad shape [tensorstore_spec='{...}']\\nmore"))
   'ValueError: bad shape'
   """
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = text.split(" [tensorstore_spec=")[0].split(" [source locations=")[0]
-  if len(text) > limit:
-    text = text[: limit - 3] + "..."
-  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return errors.describe_read_error(error, limit)
 
 
 def leaf_label(item: str, path: str) -> str:

@@ -47,6 +47,9 @@ class StepCheck:
     bytes: bytes of the leaves read.
     problems: what is wrong (empty: the step is fine).
     deleted: the step went away while it was checked (by the run's retention): not checked.
+    checksums: the checksum its array chunks carry (``"crc32c"``: every
+      chunk read was checked against it), or None: saved without checksums,
+      so a changed bit inside an array would go unseen.
   """
 
   step: Step
@@ -55,6 +58,7 @@ class StepCheck:
   bytes: int = 0
   problems: list[Problem] = dataclasses.field(default_factory=list)
   deleted: bool = False
+  checksums: str | None = None
 
   @property
   def ok(self) -> bool:
@@ -128,15 +132,18 @@ def verify_step(
 ) -> StepCheck:
   """Checks one step of the run at `checkpoints`: its metadata, every item, every leaf.
 
-  Orbax stores no checksums: a flipped bit inside an array goes unseen; a
-  truncated, missing or undecodable file does not.
+  Every leaf is read: in a step saved with checksums (kckpt's default) each
+  chunk is checked against its CRC32C as it is read, so a changed bit is a
+  problem naming the leaf. In a step saved without (plain Orbax, older kckpt)
+  a flipped bit inside an array goes unseen; a truncated, missing or
+  undecodable file does not.
   """
   step_path = _layout.step_dir(checkpoints, step)
   report = StepCheck(step)
   metadata_file = step_path / _orbax.STEP_METADATA_FILE
   try:
     if metadata_file.exists():
-      json.loads(metadata_file.read_text())
+      report.checksums = _orbax.step_checksums(json.loads(metadata_file.read_text()))
   except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
     report.problems.append(Problem(step, "-", "-", f"{_orbax.STEP_METADATA_FILE} unreadable: {short_error(e)}"))
   try:
