@@ -18,6 +18,12 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   `PyTreeCheckpointHandler.metadata`; with the ``_METADATA`` keys
   ``tree_metadata``, ``key_metadata``, ``value_metadata.value_type``,
   ``use_ocdbt``, ``use_zarr3`` (anything unexpected falls back to Orbax).
+- ``tensorstore_utils.build_array_write_spec``, looked up on the module by
+  ``jax_array_handlers`` and ``type_handlers`` (`_checksums`): add the Zarr v3
+  ``crc32c`` codec to arrays written under an open kckpt writer's folder.
+  Orbax has no option for codecs; its v3 chain (``sharding_indexed`` with one
+  inner chunk) is checked at each save, which fails naming the array when it
+  changes.
 - ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
   before removing, so readers never see half a step. No option takes one.
 - ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,
@@ -102,6 +108,14 @@ def _temporary_path_class_option() -> bool:
   return "temporary_path_class" in {f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)}
 
 
+def _array_spec_builder_looked_up_on_the_module() -> bool:
+  callers = ("jax_array_handlers", "type_handlers")
+  sources = [inspect.getsource(importlib.import_module(f"orbax.checkpoint._src.serialization.{m}")) for m in callers]
+  return callable(getattr(importlib.import_module(_TS_UTILS), "build_array_write_spec", None)) and all(
+    "ts_utils.build_array_write_spec(" in source for source in sources
+  )
+
+
 _TS_UTILS = "orbax.checkpoint._src.serialization.tensorstore_utils"
 _GCS_UTILS = "orbax.checkpoint._src.path.gcs_utils"
 
@@ -112,6 +126,7 @@ REACHES = (
   Reach(f"{_TS_UTILS}._use_gcs_driver", _has(_TS_UTILS, "_use_gcs_driver")),
   Reach(f"{_TS_UTILS}.build_kvstore_tspec", _has(_TS_UTILS, "build_kvstore_tspec")),
   Reach(f"{_GCS_UTILS}.get_kvstore_for_gcs", _has(_GCS_UTILS, "get_kvstore_for_gcs")),
+  Reach(f"{_TS_UTILS}.build_array_write_spec (as called by the array handlers)", _array_spec_builder_looked_up_on_the_module),
   Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
   Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
   Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),
