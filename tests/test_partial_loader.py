@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import kckpt
+from kckpt import _orbax
 from kckpt import items
 
 
@@ -136,14 +137,68 @@ def test_partial_loader_takes_every_step_name(tmp_path):
     kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}, step="nope").transform({"params": params})
 
 
-def test_a_state_whose_dotted_paths_collide_is_refused_by_name(tmp_path):
-  saved_run(tmp_path / "pre", {"params": {"w": jnp.ones(2)}})
+def escaped_items_of(workdir, step=1):
+  step_path = workdir / "checkpoints" / f"ckpt_{step}"
+  return _orbax.escaped_items(_orbax.read_step_metadata(step_path))
+
+
+def test_a_source_saved_with_escaped_keys_loads_by_its_real_key_paths(tmp_path):
+  source = {
+    "params": {
+      "a.b": jnp.full(2, 1.0),
+      "a": {"b": jnp.full(2, 2.0), "c": jnp.full(3, 3.0)},
+      "layer.0.w": jnp.full(4, 4.0),
+    }
+  }
+  saved_run(tmp_path / "pre", source)
+  assert escaped_items_of(tmp_path / "pre") == {"default"}  # a.b twice: saved with escaped keys
+  # The same tree: every leaf gets its own value, the two "params.a.b" included.
+  target = {"params": {"a.b": jnp.zeros(2), "a": {"b": jnp.zeros(2), "c": jnp.zeros(3)}, "layer.0.w": jnp.zeros(4)}}
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}).transform(target)
+  np.testing.assert_array_equal(out["params"]["a.b"], np.full(2, 1.0))
+  np.testing.assert_array_equal(out["params"]["a"]["b"], np.full(2, 2.0))
+  np.testing.assert_array_equal(out["params"]["a"]["c"], np.full(3, 3.0))
+  np.testing.assert_array_equal(out["params"]["layer.0.w"], np.full(4, 4.0))
+  # Globs match real keys: params.a.* is the subtree a, not the key "a.b".
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"enc.*": "params.a.*"}).transform(
+    {"enc": {"b": jnp.zeros(2), "c": jnp.zeros(3)}}
+  )
+  np.testing.assert_array_equal(out["enc"]["b"], np.full(2, 2.0))
+  np.testing.assert_array_equal(out["enc"]["c"], np.full(3, 3.0))
+  # Where two leaves share a dotted path, "a.b" is the nested one and a\.b the key with the dot;
+  # a dotted path only one leaf has needs no escape.
+  loader = kckpt.PartialLoader(
+    workdir=tmp_path / "pre", new_to_old={"x": r"params.a\.b", "y": "params.a.b", "z": "params.layer.0.w"}
+  )
+  flat = {"x": jnp.zeros(2), "y": jnp.zeros(2), "z": jnp.zeros(4)}
+  assert loader.mapping(flat) == {"x": r"params.a\.b", "y": "params.a.b", "z": "params.layer.0.w"}
+  out = loader.transform(flat)
+  np.testing.assert_array_equal(out["x"], np.full(2, 1.0))
+  np.testing.assert_array_equal(out["y"], np.full(2, 2.0))
+  np.testing.assert_array_equal(out["z"], np.full(4, 4.0))
+  # ignore_old names real paths too.
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}, ignore_old=[r"params.a\.b"]).transform(
+    target
+  )
+  np.testing.assert_array_equal(out["params"]["a.b"], np.zeros(2))
+  np.testing.assert_array_equal(out["params"]["a"]["b"], np.full(2, 2.0))
+
+
+def test_a_name_two_escaped_source_leaves_share_is_an_error_naming_both(tmp_path):
+  saved_run(tmp_path / "pre", {"p": {"a.b": {"c": jnp.ones(1)}, "a": {"b.c": jnp.zeros(1)}}})
+  assert escaped_items_of(tmp_path / "pre") == {"default"}
+  with pytest.raises(kckpt.TransplantError, match=r"p\.a\.b\\\.c and p\.a\\\.b\.c"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"x": "p.a.b.c"}).transform({"x": jnp.zeros(1)})
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"x": r"p.a\.b.c"}).transform({"x": jnp.zeros(1)})
+  np.testing.assert_array_equal(out["x"], np.ones(1))
+
+
+def test_a_state_whose_dotted_paths_collide_loads_each_leaf_by_its_real_path(tmp_path):
+  saved_run(tmp_path / "pre", {"params": {"w": jnp.ones(2)}, "v": jnp.full(1, 5.0)})
   state = {"params": {"w": jnp.zeros(2)}, "a.b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}}
-  with pytest.raises(kckpt.TransplantError, match=r"\['a.b'\]"):
-    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}).transform(state)
-
-
-def test_a_source_saved_with_escaped_keys_is_refused_instead_of_copying_the_wrong_leaf(tmp_path):
-  saved_run(tmp_path / "pre", {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}})
-  with pytest.raises(kckpt.TransplantError, match="escaped keys"):
-    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"a.b": "a.b"}).transform({"a.b": jnp.full(2, -1.0)})
+  loader = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params", r"a\.b": "v"})
+  assert loader.mapping(state) == {"params.w": "params.w", r"a\.b": "v"}
+  out = loader.transform(state)
+  np.testing.assert_array_equal(out["params"]["w"], np.ones(2))
+  np.testing.assert_array_equal(out["a.b"], np.full(1, 5.0))
+  np.testing.assert_array_equal(out["a"]["b"], np.zeros(1))  # "a.b" in the state names only one leaf, not mapped here
