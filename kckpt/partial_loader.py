@@ -26,11 +26,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _run
+from kckpt import _safetensors
 from kckpt import multihost
 from kckpt import policies
 from kckpt import trees
@@ -48,6 +50,9 @@ from kckpt.errors import CheckpointNotFoundError, TransplantError
 # "." is a separator and a dot inside a key is written "\.". So the common
 # case needs no escapes, and where two leaves share a dotted path, a.b names
 # the nested one.
+
+
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class _Glob(enum.Enum):
@@ -209,6 +214,48 @@ class _CheckpointSource:
     return values
 
 
+class _SafetensorsSource:
+  """A ``.safetensors`` file: arrays named by dotted paths (``model.layers.0.weight``)."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self.kind = "the file"
+    self.what = f"the file {path}"
+    try:
+      with path.open("rb") as f:
+        tensors = _safetensors.FileReader(f, where=str(path)).tensors
+    except ValueError as e:
+      raise TransplantError(f"PartialLoader: {e}") from None
+    self.specs = {name: trees.LeafSpec(info.shape, info.dtype) for name, info in tensors.items()}
+    self.names = _Names({name.replace("\\", "\\\\"): name for name in self.specs})  # names are dotted paths
+
+  def read(self, mapping: Mapping[str, str], targets: Mapping[str, Any]) -> dict[str, Any]:
+    """Target name -> the array read for it (cast to the target's dtype, on its devices)."""
+    values = {}
+    with self.path.open("rb") as f:
+      reader = _safetensors.FileReader(f, where=str(self.path))
+      for target, name in mapping.items():
+        values[target] = _like(targets[target], reader.read(name), what=f"{name} of {self.what}")
+    return values
+
+
+def _like(leaf: Any, value: np.ndarray, *, what: str) -> Any:
+  """`value` as the target `leaf` holds it: a `jax.Array` with its dtype and sharding, a NumPy array, a scalar."""
+  abstract = _orbax.abstract_target(leaf)
+  if isinstance(abstract, jax.ShapeDtypeStruct):
+    if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+      raise TransplantError(f"{what}: typed PRNG keys are not loaded from safetensors files")
+    cast = value.astype(abstract.dtype)
+    return jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda index: cast[index])
+  if isinstance(leaf, (np.ndarray, np.generic)):
+    cast = value.astype(leaf.dtype)
+    return cast if isinstance(leaf, np.ndarray) else type(leaf)(cast)
+  return type(leaf)(value.item()) if isinstance(leaf, (bool, int, float, complex)) else value
+
+
+_Source = _CheckpointSource | _SafetensorsSource
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PartialLoader:
   """Copies subtrees of another run's checkpoint into `state` at new paths.
@@ -271,7 +318,7 @@ class PartialLoader:
     targets = _Names({_leaf_name(kp): _leaf_name(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]})
     return {targets.display(t): source.names.display(s) for t, s in self._mapping(state, source, targets).items()}
 
-  def _mapping(self, state: PyTree, source: _CheckpointSource, targets: _Names) -> dict[str, str]:
+  def _mapping(self, state: PyTree, source: _Source, targets: _Names) -> dict[str, str]:
     """Target name -> source name (escaped names) for every leaf to copy."""
     target_leaves = {_leaf_name(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
     result: dict[str, str] = {}
@@ -330,7 +377,14 @@ class PartialLoader:
     values = source.read({t: source.names.keys[s] for t, s in mapping.items()}, {t: leaves[t] for t in mapping})
     return jax.tree_util.tree_map_with_path(lambda kp, leaf: values.get(_leaf_name(kp), leaf), state)
 
-  def _open_source(self) -> _CheckpointSource:
+  def _open_source(self) -> _Source:
+    given = epath.Path(self.workdir)
+    if given.suffix == SAFETENSORS_SUFFIX or given.is_file():
+      if self.step != -1 or self.item != _layout.DEFAULT_ITEM:
+        raise TransplantError(f"PartialLoader: {given} is a safetensors file: it has no steps or items (step={self.step!r})")
+      if not given.exists():
+        raise CheckpointNotFoundError(f"PartialLoader: no such file: {given}")
+      return _SafetensorsSource(given)
     checkpoints = _layout.checkpoints_dir(self.workdir)
     rules = _layout.read_retention_rules(checkpoints)
     retention = None

@@ -1,10 +1,13 @@
 """PartialLoader: warm starts from another run, with globs, ignore lists and errors that name the key."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
+from etils import epath
 
 import kckpt
 from kckpt import _orbax
@@ -202,3 +205,90 @@ def test_a_state_whose_dotted_paths_collide_loads_each_leaf_by_its_real_path(tmp
   np.testing.assert_array_equal(out["params"]["w"], np.ones(2))
   np.testing.assert_array_equal(out["a.b"], np.full(1, 5.0))
   np.testing.assert_array_equal(out["a"]["b"], np.zeros(1))  # "a.b" in the state names only one leaf, not mapped here
+
+
+# -- A .safetensors file as the source ----------------------------------------------
+
+
+class Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name="out")(nn.relu(nn.Dense(4, name="hidden")(x)))
+
+
+def hf_style_file(path, dtype=np.float32):
+  """Weights named the Hugging Face way, written by the safetensors library (kernels already (in, out))."""
+  rng = np.random.default_rng(0)
+  weights = {
+    "model.hidden.kernel": rng.normal(size=(3, 4)).astype(dtype),
+    "model.hidden.bias": rng.normal(size=4).astype(dtype),
+    "model.out.kernel": rng.normal(size=(4, 2)).astype(dtype),
+    "model.out.bias": rng.normal(size=2).astype(dtype),
+    "lm_head.weight": rng.normal(size=(2, 9)).astype(dtype),
+  }
+  safetensors.numpy.save_file(weights, str(path))
+  return weights
+
+
+def test_partial_loader_warm_starts_flax_linen_params_from_a_safetensors_file(tmp_path):
+  weights = hf_style_file(tmp_path / "model.safetensors")
+  params = Mlp().init(jax.random.key(1), jnp.zeros((1, 3)))["params"]
+  loader = kckpt.PartialLoader(workdir=str(tmp_path / "model.safetensors"), new_to_old={"*": "model.*"}, ignore_new=["out.bias"])
+  assert loader.mapping(params) == {
+    "hidden.bias": "model.hidden.bias",
+    "hidden.kernel": "model.hidden.kernel",
+    "out.kernel": "model.out.kernel",
+  }
+  out = loader.transform(params)
+  np.testing.assert_array_equal(out["hidden"]["kernel"], weights["model.hidden.kernel"])
+  np.testing.assert_array_equal(out["out"]["kernel"], weights["model.out.kernel"])
+  np.testing.assert_array_equal(out["out"]["bias"], params["out"]["bias"])  # ignored
+  assert isinstance(out["hidden"]["bias"], jax.Array) and out["hidden"]["bias"].sharding == params["hidden"]["bias"].sharding
+  # The model runs on the loaded weights.
+  assert Mlp().apply({"params": out}, jnp.ones((1, 3))).shape == (1, 2)
+
+
+def test_partial_loader_warm_starts_an_nnx_model_from_bfloat16_weights(tmp_path):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  weights = hf_style_file(tmp_path / "model.safetensors", dtype=jnp.bfloat16)
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(3, 4, rngs=rngs)
+      self.out = nnx.Linear(4, 2, rngs=rngs)
+
+  model = Model(nnx.Rngs(0))
+  loader = kckpt.PartialLoader(workdir=epath.Path(tmp_path / "model.safetensors"), new_to_old={"*.*.value": "model.*.*"})
+  nnx.update(model, loader.transform(nnx.state(model, nnx.Param)))
+  assert model.out.kernel[...].dtype == jnp.float32  # bfloat16 in the file, cast to the model's dtype
+  np.testing.assert_array_equal(model.out.kernel[...], weights["model.out.kernel"].astype(np.float32))
+  np.testing.assert_array_equal(model.hidden.bias[...], weights["model.hidden.bias"].astype(np.float32))
+
+
+def test_partial_loader_from_a_safetensors_file_names_the_leaf_at_fault(tmp_path):
+  path = tmp_path / "model.safetensors"
+  hf_style_file(path)
+  params = Mlp().init(jax.random.key(1), jnp.zeros((1, 3)))["params"]
+  with pytest.raises(kckpt.TransplantError, match=r"out.kernel maps to model.out.weight, which is not in the file .*model"):
+    kckpt.PartialLoader(workdir=path, new_to_old={"out.kernel": "model.out.weight"}).transform(params)
+  with pytest.raises(
+    kckpt.TransplantError, match=r"key 'out.kernel': lm_head.weight is \(2, 9\) float32 in the file but out.kernel is \(4, 2\)"
+  ):
+    kckpt.PartialLoader(workdir=path, new_to_old={"out.kernel": "lm_head.weight"}).transform(params)
+  safetensors.numpy.save_file({"ids": np.zeros((4, 2), np.int32)}, str(tmp_path / "ints.safetensors"))
+  with pytest.raises(kckpt.TransplantError, match=r"ids is \(4, 2\) int32 in the file but out.kernel is \(4, 2\) float32"):
+    kckpt.PartialLoader(workdir=tmp_path / "ints.safetensors", new_to_old={"out.kernel": "ids"}).transform(params)
+  with pytest.raises(kckpt.TransplantError, match="has no steps or items"):
+    kckpt.PartialLoader(workdir=path, new_to_old={"*": "model.*"}, step=3).transform(params)
+  with pytest.raises(kckpt.CheckpointNotFoundError, match="no such file"):
+    kckpt.PartialLoader(workdir=tmp_path / "nope.safetensors", new_to_old={"*": "model.*"}).transform(params)
+  (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+  with pytest.raises(kckpt.TransplantError, match="junk.safetensors is not a safetensors file"):
+    kckpt.PartialLoader(workdir=tmp_path / "junk.safetensors", new_to_old={"*": "model.*"}).transform(params)
+
+
+def test_a_checkpoint_leaf_whose_dtype_cannot_be_cast_is_refused_by_name(tmp_path):
+  saved_run(tmp_path / "pre", {"ids": jnp.zeros(3, jnp.int32)})
+  with pytest.raises(kckpt.TransplantError, match=r"ids is \(3,\) int32 in the checkpoint but w is \(3,\) float32"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"w": "ids"}).transform({"w": jnp.zeros(3)})
