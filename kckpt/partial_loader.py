@@ -1,8 +1,9 @@
-"""`PartialLoader`: copy subtrees of another run's checkpoint into a new state.
+"""`PartialLoader`: copy subtrees of another run's checkpoint (or a ``.safetensors`` file) into a new state.
 
 Kauldron's `PartialKauldronLoader`, working on public Orbax: warm-start a
 model from a pretrained run, an encoder into a decoder, a backbone into a
-bigger model. Only the mapped leaves are read from disk.
+bigger model, or Hugging Face weights into a Flax model. Only the mapped
+leaves are read from disk.
 
 Keys are dotted pytree paths (``params.encoder.layer_0.w``; tuple and list
 entries by index) and may hold globs: ``*`` matches one path component,
@@ -14,6 +15,11 @@ globs of its source key:
 >>> loader = PartialLoader(workdir="/runs/pretrained", new_to_old={"params.decoder_*": "params.encoder_*"})
 
 copies ``params.encoder_0.w`` into ``params.decoder_0.w``, and so on.
+
+A key with dots (``{"layer.0.w": x}``) is matched by ``layer.0.w``. Where two
+leaves of a tree share a dotted path (``{"a.b": x, "a": {"b": y}}``, saved
+with escaped keys), ``a.b`` names the nested one and ``a\\.b`` the key with
+the dot.
 """
 
 from __future__ import annotations
@@ -261,7 +267,9 @@ class PartialLoader:
   """Copies subtrees of another run's checkpoint into `state` at new paths.
 
   Attributes:
-    workdir: the run to load from (its ``checkpoints/ckpt_<step>`` folders).
+    workdir: the run to load from (its ``checkpoints/ckpt_<step>`` folders),
+      or a ``.safetensors`` file (its arrays named by dotted paths; then
+      `step` and `item` stay as they are).
     new_to_old: target path (in the state given to `transform`) -> source
       path (in the checkpoint). Both may hold ``*`` / ``**`` globs.
     step: the source step: a number, -1 / ``"latest"``, ``"best"`` (by the

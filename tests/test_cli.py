@@ -743,7 +743,11 @@ def test_export_safetensors_holds_the_saved_arrays_by_dotted_path(tmp_path, caps
     np.testing.assert_array_equal(f.get_tensor("dense.b"), params["dense"]["b"])
     np.testing.assert_array_equal(f.get_tensor("layer.0.scale"), params["layer.0.scale"])
     assert f.get_tensor("count").shape == () and f.get_tensor("count").dtype == np.int64 and f.get_tensor("count") == 5
-  # safetensors.numpy has no bfloat16 (NumPy has none): its bytes, through the library.
+  # safetensors.numpy has no bfloat16 (NumPy has none): the library's JAX API, and the raw bytes.
+  with safetensors.safe_open(str(out), framework="flax") as f:
+    emb = f.get_tensor("emb")
+    assert emb.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(emb), params["emb"])
   raw = dict(safetensors.deserialize(out.read_bytes()))
   np.testing.assert_array_equal(np.frombuffer(bytes(raw["emb"]["data"]), jnp.bfloat16).reshape(100, 16), params["emb"])
   # Two items in one file: names start with the item's; the whole file through load_file.
