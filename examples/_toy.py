@@ -9,8 +9,9 @@ A checkpoint step holds a `kckpt.items.Composite` with four items:
 * ``params``: the MLP's parameters (what the eval job restores, alone);
 * ``opt_state``: the Adam state;
 * ``step``: the number of updates done;
-* ``data``: the `DataStream` (the NumPy generator state and position, as JSON),
-  so that a resumed run draws exactly the batches the killed run would have.
+* ``data``: the `DataStream`'s position (the NumPy generator state and the
+  batches drawn, as JSON) in a `kckpt.items.DataIterator`, so that a resumed
+  run draws exactly the batches the killed run would have.
 """
 
 from __future__ import annotations
@@ -70,28 +71,27 @@ def teacher(x: np.ndarray) -> np.ndarray:
   return y[:, None].astype(np.float32)
 
 
-class DataStream(kckpt.items.CheckpointItem):
+class DataStream:
   """Endless training batches drawn from a seeded NumPy generator.
 
-  A stateful iterator, saved as JSON: the generator's state and the number
-  of batches drawn. Restoring it (``restore(Composite(data=stream, ...))``)
-  returns a new `DataStream` that continues exactly where the saved one was.
+  A stateful iterator with ``get_state()`` / ``set_state()``, as grain's
+  iterators have: a checkpoint holds it as a `kckpt.items.DataIterator` (the
+  generator's state and the number of batches drawn, as JSON, one per
+  process), and restoring sets a fresh stream to continue exactly where the
+  saved one was.
 
   >>> s = DataStream(seed=0)
   >>> _ = s.next_batch()
-  >>> t = s.from_restored(s.checkpoint_value())
+  >>> t = DataStream(seed=0)
+  >>> t.set_state(s.get_state())
   >>> bool((s.next_batch()[0] == t.next_batch()[0]).all()), t.position
   (True, 2)
   """
 
-  format = "json"
-
-  def __init__(self, seed: int, *, position: int = 0, rng_state: dict[str, Any] | None = None):
+  def __init__(self, seed: int):
     self.seed = seed
-    self.position = position
+    self.position = 0
     self._rng = np.random.default_rng(seed)
-    if rng_state is not None:
-      self._rng.bit_generator.state = rng_state
 
   def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
     """One batch ``(x, y)`` of float32 arrays; advances the stream."""
@@ -100,13 +100,15 @@ class DataStream(kckpt.items.CheckpointItem):
     self.position += 1
     return x, teacher(x) + NOISE * noise
 
-  def checkpoint_value(self) -> dict[str, Any]:
+  def get_state(self) -> dict[str, Any]:
     # `bit_generator.state` is a fresh dict of Python ints: safe to hand to an
     # async save while the stream keeps drawing.
     return {"seed": self.seed, "position": self.position, "rng_state": self._rng.bit_generator.state}
 
-  def from_restored(self, value: dict[str, Any]) -> DataStream:
-    return DataStream(value["seed"], position=value["position"], rng_state=value["rng_state"])
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.seed, self.position = state["seed"], state["position"]
+    self._rng = np.random.default_rng(self.seed)
+    self._rng.bit_generator.state = state["rng_state"]
 
 
 def eval_set() -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +164,9 @@ eval_loss = jax.jit(loss_fn)
 
 def make_state(params: Any, opt_state: Any, step: int, data: DataStream) -> kckpt.items.Composite:
   """The train state as saved in each checkpoint step."""
-  return kckpt.items.Composite(params=params, opt_state=opt_state, step=np.asarray(step, np.int32), data=data)
+  return kckpt.items.Composite(
+    params=params, opt_state=opt_state, step=np.asarray(step, np.int32), data=kckpt.items.DataIterator(data)
+  )
 
 
 def initial_state(seed: int) -> kckpt.items.Composite:

@@ -115,7 +115,7 @@ def train(args: argparse.Namespace) -> int:
   start = _report_start(state, ckpt, args)
   if start < args.steps:
     kckpt.clear_end_marker(args.workdir)  # a resumed run is not finished any more
-  params, opt_state, data = state.params, state.opt_state, state.data
+  params, opt_state, data = state.params, state.opt_state, state.data.iterator
   step_delay = args.step_delay or 0.0
   for step in range(start + 1, args.steps + 1):
     x, y = data.next_batch()
@@ -136,12 +136,13 @@ def _report_start(state: kckpt.items.Composite, ckpt: kckpt.Checkpointer, args: 
   if start == 0:
     print(f"no checkpoint in {ckpt.directory}: starting from scratch", flush=True)
     return 0
-  if state.data.position != start or state.data.seed != args.seed or start > args.steps:
+  data = state.data.iterator
+  if data.position != start or data.seed != args.seed or start > args.steps:
     raise SystemExit(
-      f"checkpoint {start} does not fit this run: data position {state.data.position}, seed {state.data.seed}"
+      f"checkpoint {start} does not fit this run: data position {data.position}, seed {data.seed}"
       f" (expected {start} <= --steps {args.steps}, seed {args.seed})"
     )
-  print(f"resumed from step {start} (checkpoints on disk: {ckpt.all_steps}, data position {state.data.position})", flush=True)
+  print(f"resumed from step {start} (checkpoints on disk: {ckpt.all_steps}, data position {data.position})", flush=True)
   return start
 
 

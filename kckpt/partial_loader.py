@@ -1,8 +1,9 @@
-"""`PartialLoader`: copy subtrees of another run's checkpoint into a new state.
+"""`PartialLoader`: copy subtrees of another run's checkpoint (or a ``.safetensors`` file) into a new state.
 
 Kauldron's `PartialKauldronLoader`, working on public Orbax: warm-start a
 model from a pretrained run, an encoder into a decoder, a backbone into a
-bigger model. Only the mapped leaves are read from disk.
+bigger model, or Hugging Face weights into a Flax model. Only the mapped
+leaves are read from disk.
 
 Keys are dotted pytree paths (``params.encoder.layer_0.w``; tuple and list
 entries by index) and may hold globs: ``*`` matches one path component,
@@ -14,59 +15,251 @@ globs of its source key:
 >>> loader = PartialLoader(workdir="/runs/pretrained", new_to_old={"params.decoder_*": "params.encoder_*"})
 
 copies ``params.encoder_0.w`` into ``params.decoder_0.w``, and so on.
+
+A key with dots (``{"layer.0.w": x}``) is matched by ``layer.0.w``. Where two
+leaves of a tree share a dotted path (``{"a.b": x, "a": {"b": y}}``, saved
+with escaped keys), ``a.b`` names the nested one and ``a\\.b`` the key with
+the dot.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
+import numpy as np
 from etils import epath
 
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _run
+from kckpt import _safetensors
 from kckpt import multihost
 from kckpt import policies
 from kckpt import trees
 from kckpt._types import PathLike, PyTree, StepSpec
 from kckpt.errors import CheckpointNotFoundError, TransplantError
 
+# -- Names --------------------------------------------------------------------------
+#
+# A leaf's name is its keys joined by "." with each key's backslash and "."
+# escaped (a\.b is the key "a.b"; a.b the key "b" under "a"): unique in any
+# tree. Its dotted path is the same keys joined as they are (a.b for both),
+# which is what users write and what Orbax names leaves by. The keys given to
+# `PartialLoader` are matched against names: a "." in them also matches a dot
+# inside a key, except at leaves whose dotted path another leaf shares, where
+# "." is a separator and a dot inside a key is written "\.". So the common
+# case needs no escapes, and where two leaves share a dotted path, a.b names
+# the nested one.
 
-def _glob_regex(pattern: str, *, prefix: bool) -> re.Pattern[str]:
-  """``params.*.w`` -> a regex over dotted paths capturing each glob."""
-  parts = []
-  for component in pattern.split("."):
-    if component == "**":
-      parts.append(r"(.+?)")
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+class _Glob(enum.Enum):
+  ONE = "*"  # one key (or, at a leaf whose dotted path is its own, one dot-free part of it)
+  ANY = "**"  # one or more keys
+
+
+_Piece = str | _Glob  # a literal (in escaped form) or a glob
+
+
+def _escape_key(key: str) -> str:
+  return key.replace("\\", "\\\\").replace(".", "\\.")
+
+
+def _unescape(name: str) -> str:
+  """The dotted path of an escaped name: ``a\\.b.c`` -> ``a.b.c``."""
+  return re.sub(r"\\(.)", r"\1", name) if "\\" in name else name
+
+
+def _leaf_name(keypath: tuple[Any, ...]) -> str:
+  return ".".join(_escape_key(trees.key_str(k)) for k in keypath) or "<root>"
+
+
+@functools.lru_cache(maxsize=512)
+def _parse(pattern: str) -> tuple[tuple[_Piece, ...], ...]:
+  """A key's components (split at unescaped dots), each a tuple of literals and globs."""
+  components: list[tuple[_Piece, ...]] = []
+  pieces: list[_Piece] = []
+  text = ""
+  chars = iter(pattern)
+  for c in chars:
+    if c == "\\":
+      nxt = next(chars, "\\")
+      text += "\\" + nxt if nxt in ".\\" else nxt
+    elif c in ".*":
+      pieces.append(text)
+      text = ""
+      if c == "*":
+        pieces.append(_Glob.ONE)
+      else:
+        components.append(tuple(pieces))
+        pieces = []
     else:
-      parts.append(r"([^.]+)".join(re.escape(piece) for piece in component.split("*")))
-  body = r"\.".join(parts)
-  return re.compile(rf"^{body}(?:\.(.+))?$" if prefix else rf"^{body}$")
+      text += c
+  pieces.append(text)
+  components.append(tuple(pieces))
+  return tuple((_Glob.ANY,) if c == ("", _Glob.ONE, "", _Glob.ONE, "") else c for c in components)
 
 
 def _glob_count(pattern: str) -> int:
-  return sum(1 if c == "**" else c.count("*") for c in pattern.split("."))
+  return sum(isinstance(p, _Glob) for component in _parse(pattern) for p in component)
+
+
+_ONE_PART = r"((?:[^.\\]|\\\\)+)"  # no dot at all, escaped or not
+_ONE_KEY = r"((?:[^.\\]|\\.)+)"  # one key: escaped dots allowed
+_ANY_KEYS = r"((?:[^\\]|\\.)+?)"
+
+
+@functools.lru_cache(maxsize=512)
+def _regex(pattern: str, *, strict: bool, prefix: bool) -> re.Pattern[str]:
+  """A key -> a regex over escaped leaf names capturing each glob (and, with `prefix`, the rest of the name)."""
+  sep = r"\." if strict else r"(?:\.|\\\.)"
+  parts = []
+  for component in _parse(pattern):
+    text = ""
+    for piece in component:
+      if piece is _Glob.ANY:
+        text += _ANY_KEYS
+      elif piece is _Glob.ONE:
+        text += _ONE_KEY if strict else _ONE_PART
+      else:
+        text += re.escape(piece)
+    parts.append(text)
+  body = sep.join(parts)
+  if not prefix:
+    return re.compile(rf"^{body}$")
+  rest_sep = r"(\.)" if strict else r"(\.|\\\.)"
+  return re.compile(rf"^{body}(?:{rest_sep}((?:[^\\]|\\.)+))?$")
 
 
 def _substitute(pattern: str, captures: Sequence[str]) -> str:
   captures = list(captures)
   out = []
-  for component in pattern.split("."):
-    if component == "**":
-      out.append(captures.pop(0))
-    else:
-      pieces = component.split("*")
-      text = pieces[0]
-      for piece in pieces[1:]:
-        text += captures.pop(0) + piece
-      out.append(text)
+  for component in _parse(pattern):
+    out.append("".join(captures.pop(0) if isinstance(piece, _Glob) else piece for piece in component))
   return ".".join(out)
 
 
-def _matches_any(path: str, patterns: Sequence[str]) -> bool:
-  return any(_glob_regex(p, prefix=True).match(path) for p in patterns)
+class _Names:
+  """The leaves of one tree by escaped name, with the dotted paths several of them share.
+
+  Attributes:
+    keys: escaped name -> the key the leaf is read or replaced by.
+  """
+
+  def __init__(self, keys: Mapping[str, str]):
+    self.keys = dict(keys)
+    self._by_dotted: dict[str, list[str]] = {}
+    for name in self.keys:
+      self._by_dotted.setdefault(_unescape(name), []).append(name)
+
+  def shared(self, name: str) -> bool:
+    """Whether another leaf has the dotted path of `name`."""
+    return len(self._by_dotted.get(_unescape(name), ())) > 1
+
+  def display(self, name: str) -> str:
+    """How messages and `PartialLoader.mapping` write a leaf: its dotted path, escaped where shared."""
+    return name if self.shared(name) else _unescape(name)
+
+  def matches(self, name: str, patterns: Sequence[str]) -> bool:
+    return any(_regex(p, strict=self.shared(name), prefix=True).match(name) for p in patterns)
+
+  def resolve(self, wanted: str) -> tuple[str | None, list[str]]:
+    """The leaf named `wanted` (a name, escaped where it needs to be), or None and the leaves it could mean."""
+    if wanted in self.keys:
+      return wanted, []
+    candidates = self._by_dotted.get(_unescape(wanted), [])
+    if len(candidates) == 1:
+      return candidates[0], []
+    return None, candidates
+
+  def near(self, wanted: str) -> list[str]:
+    first = _unescape(wanted).split(".")[0]
+    return sorted(self.display(n) for n in self.keys if _unescape(n).startswith(first))[:5]
+
+
+# -- Sources ----------------------------------------------------------------------------
+
+
+class _CheckpointSource:
+  """One pytree item of a saved step."""
+
+  def __init__(self, item_dir: epath.Path, *, escaped: bool):
+    self.item_dir = item_dir
+    self.kind = "the checkpoint"
+    self.what = f"the checkpoint {item_dir}"
+    self.specs = _orbax.saved_leaf_specs(item_dir)  # saved name -> spec
+    if escaped:  # saved names are escaped names
+      self.names = _Names({name: name for name in self.specs})
+    else:  # saved names are dotted paths, unique in the item
+      self.names = _Names({name.replace("\\", "\\\\"): name for name in self.specs})
+
+  def read(self, mapping: Mapping[str, str], targets: Mapping[str, Any]) -> dict[str, Any]:
+    """Target name -> the value read for it, for target name -> saved name `mapping`."""
+    # One read per round; a source copied to several targets is read once per target.
+    rounds: list[dict[str, str]] = []
+    for target, source in mapping.items():
+      for round_ in rounds:
+        if source not in round_.values():
+          round_[target] = source
+          break
+      else:
+        rounds.append({target: source})
+    values = {}
+    for round_ in rounds:
+      wanted = {source: _orbax.abstract_target(targets[target]) for target, source in round_.items()}
+      read = _orbax.read_leaves(self.item_dir, wanted)
+      values.update({target: read[source] for target, source in round_.items()})
+    return values
+
+
+class _SafetensorsSource:
+  """A ``.safetensors`` file: arrays named by dotted paths (``model.layers.0.weight``)."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self.kind = "the file"
+    self.what = f"the file {path}"
+    try:
+      with path.open("rb") as f:
+        tensors = _safetensors.FileReader(f, where=str(path)).tensors
+    except ValueError as e:
+      raise TransplantError(f"PartialLoader: {e}") from None
+    self.specs = {name: trees.LeafSpec(info.shape, info.dtype) for name, info in tensors.items()}
+    self.names = _Names({name.replace("\\", "\\\\"): name for name in self.specs})  # names are dotted paths
+
+  def read(self, mapping: Mapping[str, str], targets: Mapping[str, Any]) -> dict[str, Any]:
+    """Target name -> the array read for it (cast to the target's dtype, on its devices)."""
+    values = {}
+    with self.path.open("rb") as f:
+      reader = _safetensors.FileReader(f, where=str(self.path))
+      for target, name in mapping.items():
+        values[target] = _like(targets[target], reader.read(name), what=f"{name} of {self.what}")
+    return values
+
+
+def _like(leaf: Any, value: np.ndarray, *, what: str) -> Any:
+  """`value` as the target `leaf` holds it: a `jax.Array` with its dtype and sharding, a NumPy array, a scalar."""
+  abstract = _orbax.abstract_target(leaf)
+  if isinstance(abstract, jax.ShapeDtypeStruct):
+    if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+      raise TransplantError(f"{what}: typed PRNG keys are not loaded from safetensors files")
+    cast = value.astype(abstract.dtype)
+    return jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda index: cast[index])
+  if isinstance(leaf, (np.ndarray, np.generic)):
+    cast = value.astype(leaf.dtype)
+    return cast if isinstance(leaf, np.ndarray) else type(leaf)(cast)
+  return type(leaf)(value.item()) if isinstance(leaf, (bool, int, float, complex)) else value
+
+
+_Source = _CheckpointSource | _SafetensorsSource
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,7 +267,9 @@ class PartialLoader:
   """Copies subtrees of another run's checkpoint into `state` at new paths.
 
   Attributes:
-    workdir: the run to load from (its ``checkpoints/ckpt_<step>`` folders).
+    workdir: the run to load from (its ``checkpoints/ckpt_<step>`` folders),
+      or a ``.safetensors`` file (its arrays named by dotted paths; then
+      `step` and `item` stay as they are).
     new_to_old: target path (in the state given to `transform`) -> source
       path (in the checkpoint). Both may hold ``*`` / ``**`` globs.
     step: the source step: a number, -1 / ``"latest"``, ``"best"`` (by the
@@ -118,52 +313,63 @@ class PartialLoader:
   def mapping(self, state: PyTree) -> dict[str, str]:
     """Target leaf path -> source leaf path, for every leaf that will be copied.
 
-    Reads the checkpoint's metadata only.
+    Reads the checkpoint's metadata only. Paths are dotted; where two leaves
+    of a tree share a dotted path (``{"a.b": x, "a": {"b": y}}``), a dot
+    inside a key is written ``\\.`` (``a\\.b`` is x, ``a.b`` is y).
 
     Raises:
       TransplantError: naming a key that matches no target leaf, a source
-        leaf that does not exist, or shapes that differ.
+        leaf that does not exist, or shapes (or dtypes that cannot be cast)
+        that differ.
     """
-    return self._mapping(state, self._source_dir())
+    source = self._open_source()
+    targets = _Names({_leaf_name(kp): _leaf_name(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]})
+    return {targets.display(t): source.names.display(s) for t, s in self._mapping(state, source, targets).items()}
 
-  def _mapping(self, state: PyTree, source_dir) -> dict[str, str]:
-    collisions = trees.path_collisions(state)
-    if collisions:
-      raise TransplantError(
-        f"the state has leaves whose dotted paths are the same ({collisions[:5]}: a key with a dot next to"
-        " nested keys); PartialLoader keys are dotted paths and cannot tell them apart"
-      )
-    source_specs = _orbax.saved_leaf_specs(source_dir)
-    target_leaves = trees.flatten_with_paths(state)
+  def _mapping(self, state: PyTree, source: _Source, targets: _Names) -> dict[str, str]:
+    """Target name -> source name (escaped names) for every leaf to copy."""
+    target_leaves = {_leaf_name(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
     result: dict[str, str] = {}
     for new, old in self.new_to_old.items():
-      regex = _glob_regex(new, prefix=True)
       matched = False
-      for path, leaf in target_leaves.items():
-        match = regex.match(path)
+      for name, leaf in target_leaves.items():
+        match = _regex(new, strict=targets.shared(name), prefix=True).match(name)
         if not match:
           continue
         matched = True
-        if _matches_any(path, self.ignore_new):
+        if targets.matches(name, self.ignore_new):
           continue
-        *captures, suffix = match.groups()
-        source = _substitute(old, captures) + (f".{suffix}" if suffix else "")
-        if _matches_any(source, self.ignore_old):
+        *captures, sep, rest = match.groups()
+        wanted = _substitute(old, captures) + (sep + rest if rest else "")
+        found, candidates = source.names.resolve(wanted)
+        if found is None and any(_regex(p, strict=False, prefix=True).match(wanted) for p in self.ignore_old):
           continue
-        if source not in source_specs:
-          nearby = sorted(p for p in source_specs if p.startswith(source.split(".")[0]))[:5]
+        if found is None and candidates:
           raise TransplantError(
-            f"key {new!r}: target leaf {path} maps to {source}, which is not in the checkpoint"
-            f" {source_dir} (some of its leaves: {nearby})"
+            f"key {new!r}: target leaf {targets.display(name)} maps to {wanted}, which could be any of"
+            f" {' and '.join(sorted(candidates))} in {source.what} (their dotted paths are the same: write a dot"
+            " inside a key as \\.)"
           )
-        saved, wanted = source_specs[source], trees.leaf_spec(leaf)
-        if saved.shape != wanted.shape:
-          raise TransplantError(f"key {new!r}: {source} is {saved} in the checkpoint but {path} is {wanted}")
-        if path in result and result[path] != source:
-          raise TransplantError(f"key {new!r}: {path} is already mapped from {result[path]}")
-        result[path] = source
+        if found is None:
+          raise TransplantError(
+            f"key {new!r}: target leaf {targets.display(name)} maps to {wanted}, which is not in"
+            f" {source.what} (some of its leaves: {source.names.near(wanted)})"
+          )
+        if source.names.matches(found, self.ignore_old):
+          continue
+        saved, target = source.specs[source.names.keys[found]], trees.leaf_spec(leaf)
+        if saved.shape != target.shape or trees.compare_trees({found: saved}, {found: target}):
+          raise TransplantError(
+            f"key {new!r}: {source.names.display(found)} is {saved} in {source.kind} but {targets.display(name)} is {target}"
+          )
+        if name in result and result[name] != found:
+          raise TransplantError(
+            f"key {new!r}: {targets.display(name)} is already mapped from {source.names.display(result[name])}"
+          )
+        result[name] = found
       if not matched:
-        raise TransplantError(f"key {new!r} matches no leaf of the state (its paths look like {sorted(target_leaves)[:5]})")
+        some = sorted(targets.display(n) for n in target_leaves)[:5]
+        raise TransplantError(f"key {new!r} matches no leaf of the state (its paths look like {some})")
     return result
 
   def transform(self, state: PyTree) -> PyTree:
@@ -172,26 +378,21 @@ class PartialLoader:
     In a multi-process run every process must call it: a step name (``-1``,
     ``"best"``, a tag) resolves to the primary process's step on all of them.
     """
-    source_dir = self._source_dir()
-    mapping = self._mapping(state, source_dir)
-    leaves = trees.flatten_with_paths(state)
-    # One read per round; a source copied to several targets is read once per target.
-    rounds: list[dict[str, str]] = []
-    for target, source in mapping.items():
-      for round_ in rounds:
-        if source not in round_.values():
-          round_[target] = source
-          break
-      else:
-        rounds.append({target: source})
-    new_leaves = {}
-    for round_ in rounds:
-      wanted = {source: _orbax.abstract_target(leaves[target]) for target, source in round_.items()}
-      read = _orbax.read_leaves(source_dir, wanted)
-      new_leaves.update({target: read[source] for target, source in round_.items()})
-    return trees.replace_leaves(state, new_leaves)
+    source = self._open_source()
+    targets = _Names({_leaf_name(kp): _leaf_name(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]})
+    mapping = self._mapping(state, source, targets)
+    leaves = {_leaf_name(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+    values = source.read({t: source.names.keys[s] for t, s in mapping.items()}, {t: leaves[t] for t in mapping})
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: values.get(_leaf_name(kp), leaf), state)
 
-  def _source_dir(self) -> epath.Path:
+  def _open_source(self) -> _Source:
+    given = epath.Path(self.workdir)
+    if given.suffix == SAFETENSORS_SUFFIX or given.is_file():
+      if self.step != -1 or self.item != _layout.DEFAULT_ITEM:
+        raise TransplantError(f"PartialLoader: {given} is a safetensors file: it has no steps or items (step={self.step!r})")
+      if not given.exists():
+        raise CheckpointNotFoundError(f"PartialLoader: no such file: {given}")
+      return _SafetensorsSource(given)
     checkpoints = _layout.checkpoints_dir(self.workdir)
     rules = _layout.read_retention_rules(checkpoints)
     retention = None
@@ -208,10 +409,6 @@ class PartialLoader:
     path = _layout.step_dir(checkpoints, step) / self.item
     if not path.exists():
       raise CheckpointNotFoundError(f"PartialLoader: no item {self.item!r} at step {step} in {checkpoints}")
-    if self.item in _orbax.escaped_items(_orbax.read_step_metadata(path.parent)):
-      raise TransplantError(
-        f"step {step} of {checkpoints} saved item {self.item!r} with escaped keys (a key with a dot next to"
-        " nested keys): PartialLoader's dotted keys cannot tell its leaves apart; restore it with"
-        " Checkpointer.restore and copy the leaves you need"
-      )
-    return path
+    # Saved with escaped keys ({"a.b": x, "a": {"b": y}}): its saved names are escaped names.
+    escaped = self.item in _orbax.escaped_items(_orbax.read_step_metadata(path.parent))
+    return _CheckpointSource(path, escaped=escaped)

@@ -701,3 +701,93 @@ def test_export_of_a_step_saved_with_escaped_keys_restores_the_same_keys(tmp_pat
   back = kckpt.Checkpointer.open(out).restore(items.Composite(params={"a.b": np.zeros(2), "a": {"b": np.zeros(2)}}))
   np.testing.assert_array_equal(back.params["a.b"], np.ones(2))
   np.testing.assert_array_equal(back.params["a"]["b"], np.zeros(2))
+
+
+# -- export --format safetensors ------------------------------------------------
+
+
+def test_export_safetensors_holds_the_saved_arrays_by_dotted_path(tmp_path, capsys, monkeypatch):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import safetensors  # pylint: disable=import-outside-toplevel
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+
+  from kckpt import _orbax  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  params = {
+    "dense": {"w": rng.normal(size=(64, 32)).astype(np.float32), "b": rng.normal(size=32).astype(np.float32)},
+    "emb": rng.normal(size=(100, 16)).astype(jnp.bfloat16),
+    "layer.0.scale": np.arange(3, dtype=np.int32),  # a key with dots: its name in the file is the same
+    "count": 5,  # a Python scalar: a 0-d array
+  }
+  head = {"w": rng.normal(size=(16, 4)).astype(np.float32), "on": np.array([True, False])}
+  run = tmp_path / "run"
+  with kckpt.Checkpointer(workdir=run, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(items.Composite(params=params, head=head, opt_state={"mu": np.zeros(3)}, meta=items.Json({"a": 1})), step=7)
+  # Read a few leaves at a time: one read per batch, never the whole item.
+  monkeypatch.setattr(_orbax, "RESTORE_BATCH_BYTES", 8 * 1024)
+  batches = []
+  read = _orbax.LeafReader.read
+  monkeypatch.setattr(_orbax.LeafReader, "read", lambda self, paths: batches.append(list(paths)) or read(self, paths))
+  out = tmp_path / "model.safetensors"
+  status, text, err = call_cli(capsys, "export", run, "--step", "7", "--items", "params", "--format", "safetensors", out)
+  assert status == 0, err
+  assert text.splitlines()[-1] == f"wrote step 7 to {out}"
+  names = ["count", "dense.b", "dense.w", "emb", "layer.0.scale"]
+  assert len(batches) > 1 and sorted(p for b in batches for p in b) == names
+  with safetensors.safe_open(str(out), framework="numpy") as f:
+    assert f.metadata() == {"kckpt_step": "7", "kckpt_run": str(run), "kckpt_item": "params", "kckpt_version": kckpt.__version__}
+    assert sorted(f.keys()) == names
+    assert f.get_slice("emb").get_dtype() == "BF16"
+    np.testing.assert_array_equal(f.get_tensor("dense.w"), params["dense"]["w"])
+    np.testing.assert_array_equal(f.get_tensor("dense.b"), params["dense"]["b"])
+    np.testing.assert_array_equal(f.get_tensor("layer.0.scale"), params["layer.0.scale"])
+    assert f.get_tensor("count").shape == () and f.get_tensor("count").dtype == np.int64 and f.get_tensor("count") == 5
+  # safetensors.numpy has no bfloat16 (NumPy has none): the library's JAX API, and the raw bytes.
+  with safetensors.safe_open(str(out), framework="flax") as f:
+    emb = f.get_tensor("emb")
+    assert emb.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(emb), params["emb"])
+  raw = dict(safetensors.deserialize(out.read_bytes()))
+  np.testing.assert_array_equal(np.frombuffer(bytes(raw["emb"]["data"]), jnp.bfloat16).reshape(100, 16), params["emb"])
+  # Two items in one file: names start with the item's; the whole file through load_file.
+  both = tmp_path / "both.safetensors"
+  status, text, err = call_cli(
+    capsys, "export", run, "--items", "head", "--items", "opt_state", "--format", "safetensors", both, "--json"
+  )
+  assert status == 0, err
+  assert [(i["item"], i["leaves"]) for i in json.loads(text)["items"]] == [("head", 2), ("opt_state", 1)]
+  loaded = safetensors.numpy.load_file(str(both))
+  assert sorted(loaded) == ["head.on", "head.w", "opt_state.mu"]
+  np.testing.assert_array_equal(loaded["head.w"], head["w"])
+  np.testing.assert_array_equal(loaded["head.on"], head["on"])
+  with safetensors.safe_open(str(both), framework="numpy") as f:
+    assert f.metadata()["kckpt_item"] == "head,opt_state"
+  # Never overwrites; a JSON item is refused and leaves nothing behind.
+  status, _, err = call_cli(capsys, "export", run, "--items", "params", "--format", "safetensors", out)
+  assert_one_line_error(status, err, "exists already")
+  status, _, err = call_cli(capsys, "export", run, "--items", "meta", "--format", "safetensors", tmp_path / "m.safetensors")
+  assert_one_line_error(status, err, "item 'meta' of step 7 is JSON")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["both.safetensors", "model.safetensors", "run"]
+
+
+def test_export_safetensors_of_escaped_keys_uses_real_paths_and_refuses_names_two_leaves_share(tmp_path, capsys):
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+
+  run = tmp_path / "run"
+  state = {
+    "params": {"x.y": np.ones(2, np.float32), "x": {"z": np.zeros(2, np.float32)}},
+    "other": {"a.b": np.ones(1, np.float32), "a": {"b": np.zeros(1, np.float32)}},  # the collision: saved escaped
+  }
+  with kckpt.Checkpointer(workdir=run, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(state, step=1)
+  out = tmp_path / "params.safetensors"
+  status, _, err = call_cli(capsys, "export", run, "--items", "params", "--format", "safetensors", out)
+  assert status == 0, err
+  loaded = safetensors.numpy.load_file(str(out))
+  assert sorted(loaded) == ["x.y", "x.z"]
+  np.testing.assert_array_equal(loaded["x.y"], np.ones(2))
+  np.testing.assert_array_equal(loaded["x.z"], np.zeros(2))
+  status, _, err = call_cli(capsys, "export", run, "--items", "other", "--format", "safetensors", tmp_path / "o.safetensors")
+  assert_one_line_error(status, err, "other.a.b and other.a\\.b would both be named 'a.b'")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["params.safetensors", "run"]

@@ -207,3 +207,57 @@ def test_custom_items(workdir):
   solo = kckpt.Checkpointer(workdir=workdir.parent / "solo", save_interval_steps=1)
   solo.save(Cursor(3), step=2)
   assert solo.restore(Cursor()).position == 3
+
+
+# -- DataIterator ---------------------------------------------------------------
+
+
+def grain_dataset():
+  import grain  # pylint: disable=import-outside-toplevel
+
+  return grain.MapDataset.range(50).shuffle(seed=3).map(lambda x: 10 * x).to_iter_dataset()
+
+
+def grain_loader():
+  import grain  # pylint: disable=import-outside-toplevel
+
+  sampler = grain.samplers.IndexSampler(num_records=40, shuffle=True, seed=1, num_epochs=1)
+  return grain.DataLoader(data_source=grain.sources.RangeDataSource(0, 40, 1), sampler=sampler, worker_count=0)
+
+
+@pytest.mark.parametrize("make", [grain_dataset, grain_loader], ids=["dataset_iterator", "data_loader"])
+def test_data_iterator_resumes_a_grain_iterator_where_it_was_saved(workdir, make):
+  data = iter(make())
+  seen = [next(data) for _ in range(7)]
+  with kckpt.Checkpointer(workdir=workdir, save_interval_steps=1) as ckpt:
+    ckpt.save(items.Composite(params={"w": jnp.ones(2)}, data=items.DataIterator(data)), step=7)
+    expected = [next(data) for _ in range(5)]  # drawn while the save may still run: the saved state is step 7's
+    ckpt.wait_until_finished()
+    fresh = iter(make())
+    restored = ckpt.restore(items.Composite(params={"w": jnp.zeros(2)}, data=items.DataIterator(fresh)))
+  assert isinstance(restored.data, items.DataIterator) and restored.data.iterator is fresh
+  assert [next(fresh) for _ in range(5)] == expected
+  assert not set(expected) & set(seen)
+  # As saved: one state per process, here one.
+  raw = kckpt.Checkpointer.open(workdir).restore(items.Composite(data=None)).data
+  assert raw["process_count"] == 1 and len(raw["states"]) == 1
+
+
+def test_data_iterator_refuses_a_restart_with_another_process_count_and_a_state_that_is_not_json(workdir):
+  data = iter(grain_dataset())
+  next(data)
+  with kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(items.Composite(data=items.DataIterator(data), meta=items.Json({"a": 1})), step=1)
+  saved = kckpt.Checkpointer.open(workdir).restore(items.Composite(data=None)).data
+  as_if_two = {**saved, "process_count": 2, "states": saved["states"] * 2}
+  with pytest.raises(ValueError, match="saved by 2 process\\(es\\), this run has 1"):
+    items.DataIterator(iter(grain_dataset())).from_restored(as_if_two)
+  with pytest.raises(ValueError, match="not a DataIterator's"):
+    kckpt.Checkpointer.open(workdir).restore(items.Composite(meta=items.DataIterator(iter(grain_dataset()))))
+
+  class Opaque:
+    def get_state(self):
+      return object()
+
+  with pytest.raises(TypeError, match="get_state\\(\\) returned object, which is neither JSON nor bytes"):
+    items.DataIterator(Opaque()).checkpoint_value()

@@ -1,12 +1,16 @@
 """PartialLoader: warm starts from another run, with globs, ignore lists and errors that name the key."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
+from etils import epath
 
 import kckpt
+from kckpt import _orbax
 from kckpt import items
 
 
@@ -136,14 +140,155 @@ def test_partial_loader_takes_every_step_name(tmp_path):
     kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}, step="nope").transform({"params": params})
 
 
-def test_a_state_whose_dotted_paths_collide_is_refused_by_name(tmp_path):
-  saved_run(tmp_path / "pre", {"params": {"w": jnp.ones(2)}})
+def escaped_items_of(workdir, step=1):
+  step_path = workdir / "checkpoints" / f"ckpt_{step}"
+  return _orbax.escaped_items(_orbax.read_step_metadata(step_path))
+
+
+def test_a_source_saved_with_escaped_keys_loads_by_its_real_key_paths(tmp_path):
+  source = {
+    "params": {
+      "a.b": jnp.full(2, 1.0),
+      "a": {"b": jnp.full(2, 2.0), "c": jnp.full(3, 3.0)},
+      "layer.0.w": jnp.full(4, 4.0),
+    }
+  }
+  saved_run(tmp_path / "pre", source)
+  assert escaped_items_of(tmp_path / "pre") == {"default"}  # a.b twice: saved with escaped keys
+  # The same tree: every leaf gets its own value, the two "params.a.b" included.
+  target = {"params": {"a.b": jnp.zeros(2), "a": {"b": jnp.zeros(2), "c": jnp.zeros(3)}, "layer.0.w": jnp.zeros(4)}}
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}).transform(target)
+  np.testing.assert_array_equal(out["params"]["a.b"], np.full(2, 1.0))
+  np.testing.assert_array_equal(out["params"]["a"]["b"], np.full(2, 2.0))
+  np.testing.assert_array_equal(out["params"]["a"]["c"], np.full(3, 3.0))
+  np.testing.assert_array_equal(out["params"]["layer.0.w"], np.full(4, 4.0))
+  # Globs match real keys: params.a.* is the subtree a, not the key "a.b".
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"enc.*": "params.a.*"}).transform(
+    {"enc": {"b": jnp.zeros(2), "c": jnp.zeros(3)}}
+  )
+  np.testing.assert_array_equal(out["enc"]["b"], np.full(2, 2.0))
+  np.testing.assert_array_equal(out["enc"]["c"], np.full(3, 3.0))
+  # Where two leaves share a dotted path, "a.b" is the nested one and a\.b the key with the dot;
+  # a dotted path only one leaf has needs no escape.
+  loader = kckpt.PartialLoader(
+    workdir=tmp_path / "pre", new_to_old={"x": r"params.a\.b", "y": "params.a.b", "z": "params.layer.0.w"}
+  )
+  flat = {"x": jnp.zeros(2), "y": jnp.zeros(2), "z": jnp.zeros(4)}
+  assert loader.mapping(flat) == {"x": r"params.a\.b", "y": "params.a.b", "z": "params.layer.0.w"}
+  out = loader.transform(flat)
+  np.testing.assert_array_equal(out["x"], np.full(2, 1.0))
+  np.testing.assert_array_equal(out["y"], np.full(2, 2.0))
+  np.testing.assert_array_equal(out["z"], np.full(4, 4.0))
+  # ignore_old names real paths too.
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}, ignore_old=[r"params.a\.b"]).transform(
+    target
+  )
+  np.testing.assert_array_equal(out["params"]["a.b"], np.zeros(2))
+  np.testing.assert_array_equal(out["params"]["a"]["b"], np.full(2, 2.0))
+
+
+def test_a_name_two_escaped_source_leaves_share_is_an_error_naming_both(tmp_path):
+  saved_run(tmp_path / "pre", {"p": {"a.b": {"c": jnp.ones(1)}, "a": {"b.c": jnp.zeros(1)}}})
+  assert escaped_items_of(tmp_path / "pre") == {"default"}
+  with pytest.raises(kckpt.TransplantError, match=r"p\.a\.b\\\.c and p\.a\\\.b\.c"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"x": "p.a.b.c"}).transform({"x": jnp.zeros(1)})
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"x": r"p.a\.b.c"}).transform({"x": jnp.zeros(1)})
+  np.testing.assert_array_equal(out["x"], np.ones(1))
+
+
+def test_a_state_whose_dotted_paths_collide_loads_each_leaf_by_its_real_path(tmp_path):
+  saved_run(tmp_path / "pre", {"params": {"w": jnp.ones(2)}, "v": jnp.full(1, 5.0)})
   state = {"params": {"w": jnp.zeros(2)}, "a.b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}}
-  with pytest.raises(kckpt.TransplantError, match=r"\['a.b'\]"):
-    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"}).transform(state)
+  loader = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params", r"a\.b": "v"})
+  assert loader.mapping(state) == {"params.w": "params.w", r"a\.b": "v"}
+  out = loader.transform(state)
+  np.testing.assert_array_equal(out["params"]["w"], np.ones(2))
+  np.testing.assert_array_equal(out["a.b"], np.full(1, 5.0))
+  np.testing.assert_array_equal(out["a"]["b"], np.zeros(1))  # "a.b" in the state names only one leaf, not mapped here
 
 
-def test_a_source_saved_with_escaped_keys_is_refused_instead_of_copying_the_wrong_leaf(tmp_path):
-  saved_run(tmp_path / "pre", {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}})
-  with pytest.raises(kckpt.TransplantError, match="escaped keys"):
-    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"a.b": "a.b"}).transform({"a.b": jnp.full(2, -1.0)})
+# -- A .safetensors file as the source ----------------------------------------------
+
+
+class Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name="out")(nn.relu(nn.Dense(4, name="hidden")(x)))
+
+
+def hf_style_file(path, dtype=np.float32):
+  """Weights named the Hugging Face way, written by the safetensors library (kernels already (in, out))."""
+  rng = np.random.default_rng(0)
+  weights = {
+    "model.hidden.kernel": rng.normal(size=(3, 4)).astype(dtype),
+    "model.hidden.bias": rng.normal(size=4).astype(dtype),
+    "model.out.kernel": rng.normal(size=(4, 2)).astype(dtype),
+    "model.out.bias": rng.normal(size=2).astype(dtype),
+    "lm_head.weight": rng.normal(size=(2, 9)).astype(dtype),
+  }
+  safetensors.numpy.save_file(weights, str(path))
+  return weights
+
+
+def test_partial_loader_warm_starts_flax_linen_params_from_a_safetensors_file(tmp_path):
+  weights = hf_style_file(tmp_path / "model.safetensors")
+  params = Mlp().init(jax.random.key(1), jnp.zeros((1, 3)))["params"]
+  loader = kckpt.PartialLoader(workdir=str(tmp_path / "model.safetensors"), new_to_old={"*": "model.*"}, ignore_new=["out.bias"])
+  assert loader.mapping(params) == {
+    "hidden.bias": "model.hidden.bias",
+    "hidden.kernel": "model.hidden.kernel",
+    "out.kernel": "model.out.kernel",
+  }
+  out = loader.transform(params)
+  np.testing.assert_array_equal(out["hidden"]["kernel"], weights["model.hidden.kernel"])
+  np.testing.assert_array_equal(out["out"]["kernel"], weights["model.out.kernel"])
+  np.testing.assert_array_equal(out["out"]["bias"], params["out"]["bias"])  # ignored
+  assert isinstance(out["hidden"]["bias"], jax.Array) and out["hidden"]["bias"].sharding == params["hidden"]["bias"].sharding
+  # The model runs on the loaded weights.
+  assert Mlp().apply({"params": out}, jnp.ones((1, 3))).shape == (1, 2)
+
+
+def test_partial_loader_warm_starts_an_nnx_model_from_bfloat16_weights(tmp_path):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  weights = hf_style_file(tmp_path / "model.safetensors", dtype=jnp.bfloat16)
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(3, 4, rngs=rngs)
+      self.out = nnx.Linear(4, 2, rngs=rngs)
+
+  model = Model(nnx.Rngs(0))
+  loader = kckpt.PartialLoader(workdir=epath.Path(tmp_path / "model.safetensors"), new_to_old={"*.*.value": "model.*.*"})
+  nnx.update(model, loader.transform(nnx.state(model, nnx.Param)))
+  assert model.out.kernel[...].dtype == jnp.float32  # bfloat16 in the file, cast to the model's dtype
+  np.testing.assert_array_equal(model.out.kernel[...], weights["model.out.kernel"].astype(np.float32))
+  np.testing.assert_array_equal(model.hidden.bias[...], weights["model.hidden.bias"].astype(np.float32))
+
+
+def test_partial_loader_from_a_safetensors_file_names_the_leaf_at_fault(tmp_path):
+  path = tmp_path / "model.safetensors"
+  hf_style_file(path)
+  params = Mlp().init(jax.random.key(1), jnp.zeros((1, 3)))["params"]
+  with pytest.raises(kckpt.TransplantError, match=r"out.kernel maps to model.out.weight, which is not in the file .*model"):
+    kckpt.PartialLoader(workdir=path, new_to_old={"out.kernel": "model.out.weight"}).transform(params)
+  with pytest.raises(
+    kckpt.TransplantError, match=r"key 'out.kernel': lm_head.weight is \(2, 9\) float32 in the file but out.kernel is \(4, 2\)"
+  ):
+    kckpt.PartialLoader(workdir=path, new_to_old={"out.kernel": "lm_head.weight"}).transform(params)
+  safetensors.numpy.save_file({"ids": np.zeros((4, 2), np.int32)}, str(tmp_path / "ints.safetensors"))
+  with pytest.raises(kckpt.TransplantError, match=r"ids is \(4, 2\) int32 in the file but out.kernel is \(4, 2\) float32"):
+    kckpt.PartialLoader(workdir=tmp_path / "ints.safetensors", new_to_old={"out.kernel": "ids"}).transform(params)
+  with pytest.raises(kckpt.TransplantError, match="has no steps or items"):
+    kckpt.PartialLoader(workdir=path, new_to_old={"*": "model.*"}, step=3).transform(params)
+  with pytest.raises(kckpt.CheckpointNotFoundError, match="no such file"):
+    kckpt.PartialLoader(workdir=tmp_path / "nope.safetensors", new_to_old={"*": "model.*"}).transform(params)
+  (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+  with pytest.raises(kckpt.TransplantError, match="junk.safetensors is not a safetensors file"):
+    kckpt.PartialLoader(workdir=tmp_path / "junk.safetensors", new_to_old={"*": "model.*"}).transform(params)
+
+
+def test_a_checkpoint_leaf_whose_dtype_cannot_be_cast_is_refused_by_name(tmp_path):
+  saved_run(tmp_path / "pre", {"ids": jnp.zeros(3, jnp.int32)})
+  with pytest.raises(kckpt.TransplantError, match=r"ids is \(3,\) int32 in the checkpoint but w is \(3,\) float32"):
+    kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"w": "ids"}).transform({"w": jnp.zeros(3)})
