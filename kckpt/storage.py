@@ -45,9 +45,9 @@ class StorageOptions:
       tuned for. Without it, saves to a local disk were usually faster (up
       to 40%), restores no faster, at two or more files per array.
     use_zarr3: write arrays as Zarr v3 rather than Zarr v2 (Orbax's default
-      is v2). kckpt writes v3 because v3 can carry checksums; Orbax 0.11 and
-      later read it. Turn it off (with `checksums`) only for readers older
-      than that.
+      is v2). kckpt writes v3 because v3 can carry checksums; every Orbax
+      release that reads Zarr v3 reads it. Turn it off (with `checksums`) only
+      for readers that cannot.
     checksums: a CRC32C of every chunk of array data, computed by
       TensorStore as it writes the chunk (off the training thread) and
       checked on every read, by kckpt, plain Orbax and TensorStore alike: a
