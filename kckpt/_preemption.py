@@ -11,7 +11,11 @@ The lifecycle, for a `Checkpointer` that handles SIGTERM (the default):
    `maybe_save`, as `SystemExit(143)` so that ``finally`` blocks and context
    managers run; an ignored SIGTERM stays ignored. A loop that checks
    `reached_preemption` and breaks never gets there: it closes cleanly.
-4. `close` removes the handler (the last one restores the one before).
+4. `close` removes the handler (the last one restores the one before). A
+   SIGTERM that arrived after the last `maybe_save` (so that no save was made
+   for it) is honoured there, once the pending saves are durable: the earlier
+   Python handler is called, the default disposition raises
+   ``SystemExit(143)`` from `close`, an ignored one stays ignored.
 
 `Preemption` is one `Checkpointer`'s view of it.
 """
@@ -68,20 +72,28 @@ def install_sigterm_handler() -> bool:
   return True
 
 
-def uninstall_sigterm_handler() -> None:
-  """Undoes one `install_sigterm_handler`; the last one restores the previous handler."""
+def uninstall_sigterm_handler() -> Any:
+  """Undoes one `install_sigterm_handler`; the last one restores the previous handler.
+
+  Returns the restored handler when this was the last one and a SIGTERM had
+  arrived (for the caller to honour it), else None.
+  """
   global _sigterm_users, _previous_handler
   if threading.current_thread() is not threading.main_thread():
-    return
+    return None
   with _sigterm_lock:
     if _sigterm_users == 0:
-      return
+      return None
     _sigterm_users -= 1
-    if _sigterm_users == 0:
-      _sigterm.clear()
-      if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, _previous_handler if _previous_handler is not None else signal.SIG_DFL)
-      _previous_handler = None
+    if _sigterm_users != 0:
+      return None
+    received = _sigterm.is_set()
+    _sigterm.clear()
+    restored = _previous_handler if _previous_handler is not None else signal.SIG_DFL
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+      signal.signal(signal.SIGTERM, restored)
+    _previous_handler = None
+    return restored if received else None
 
 
 class Preemption:
@@ -91,6 +103,7 @@ class Preemption:
     self.requested = False  # `request_preemption()` was called
     self.reached = False  # the step saved for it is durable
     self.exit_pending = False  # SIGTERM's default action is due at the next `maybe_save`
+    self._undelivered: Any = None  # the handler to honour a SIGTERM no save was made for, at `close`
     self._handler: weakref.finalize | None = None  # removes the SIGTERM handler (close, or GC)
 
   def handle_sigterm(self, owner: object) -> None:
@@ -132,7 +145,25 @@ class Preemption:
       raise SystemExit(SIGTERM_EXIT_STATUS)
 
   def release(self) -> None:
-    """Removes the SIGTERM handler (the last one restores the handler there was before)."""
+    """Removes the SIGTERM handler (the last one restores the handler there was before).
+
+    A SIGTERM no save was made for is remembered for `honour_undelivered`.
+    """
+    self._undelivered = None
     if self._handler is not None:
-      self._handler()
+      unsaved = self.signalled and not self.reached
+      alive = self._handler.detach() is not None  # not yet run by garbage collection
       self._handler = None
+      restored = uninstall_sigterm_handler() if alive else None
+      if unsaved and restored is not None:
+        self._undelivered = restored
+
+  def honour_undelivered(self) -> None:
+    """After `close` finished the saves: honours a SIGTERM that came after the last `maybe_save`."""
+    handler, self._undelivered = self._undelivered, None
+    if handler is None or handler == signal.SIG_IGN:
+      return
+    if callable(handler):
+      handler(signal.SIGTERM, None)
+    else:  # the default disposition: end the process, as SIGTERM means
+      raise SystemExit(SIGTERM_EXIT_STATUS)

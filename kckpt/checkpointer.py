@@ -471,7 +471,12 @@ class Checkpointer(base.BaseCheckpointer):
       session.wait()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the Orbax manager (reopened if used again)."""
+    """Waits for pending saves and releases the Orbax manager (reopened if used again).
+
+    A SIGTERM that arrived after the last `maybe_save` (no save was made for
+    it) is honoured once the saves are durable: a handler installed before
+    kckpt's is called, SIGTERM's default action raises ``SystemExit(143)``.
+    """
     rt = self._rt
     with rt.lock:
       session, rt.session = rt.session, None
@@ -481,6 +486,7 @@ class Checkpointer(base.BaseCheckpointer):
         session.close()
     finally:
       self._index.invalidate()
+    rt.preemption.honour_undelivered()
 
   # -- Restoring --------------------------------------------------------------
 

@@ -256,9 +256,9 @@ def test_barrier_timeout_must_be_positive(bad):
     kckpt.Checkpointer(workdir=None, save_interval_steps=1, barrier_timeout_secs=bad)
 
 
-def _sigterm_loop(workdir, mode):
+def _sigterm_loop(workdir, mode, kill_step=12):
   proc = subprocess.run(
-    [PYTHON, "-m", "tests.programs.sigterm_loop", str(workdir), mode],
+    [PYTHON, "-m", "tests.programs.sigterm_loop", str(workdir), mode, str(kill_step)],
     cwd=REPO,
     env=subprocess_env(),
     capture_output=True,
@@ -290,6 +290,18 @@ def test_an_ignored_sigterm_stays_ignored_after_the_preemption_save(workdir):
   proc, trained, steps = _sigterm_loop(workdir, "ignored")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert steps == [0, 10, 13] and trained[-1] == 59
+
+
+@pytest.mark.parametrize("mode, status", [("default", 143), ("handler", 0), ("ignored", 0)])
+def test_a_sigterm_after_the_last_maybe_save_is_honoured_at_close(workdir, mode, status):
+  # Before: close() restored the earlier handler and dropped the SIGTERM (exit 0, no handler call).
+  proc, trained, steps = _sigterm_loop(workdir, mode, kill_step=59)
+  assert proc.returncode == status, proc.stdout + proc.stderr
+  assert trained[-1] == 59 and steps == [30, 40, 50]  # the saves were finished first (max_to_keep=3)
+  lines = proc.stdout.splitlines()
+  assert lines.count(f"HANDLER {int(signal.SIGTERM)}") == (1 if mode == "handler" else 0)
+  if mode == "handler":
+    assert lines.index(f"HANDLER {int(signal.SIGTERM)}") > lines.index("FINALLY")  # called by close, after the saves
 
 
 def test_sigterm_to_one_process_of_a_loop_that_never_checks_ends_every_process_with_143(tmp_path):
