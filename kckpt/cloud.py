@@ -18,8 +18,11 @@ uses fsspec's ``s3fs``. Both are pointed at the same store here:
 Overrides are per process (fsspec's configuration is global): one process
 talks to one S3 endpoint.
 
-fsspec's listing cache is turned off for ``s3://``: a poller (an eval job)
-must see steps written by another process, so every listing asks the store.
+fsspec's listing cache is turned off for ``s3://`` and ``gs://`` (s3fs,
+gcsfs): a poller (an eval job) must see steps written by another process, so
+every listing asks the store. ``gs://`` needs nothing else here: gcsfs,
+google-cloud-storage and TensorStore read Google's own settings (see the
+README, "Cloud storage").
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 from typing import Any
 
 S3_SCHEME = "s3://"
+GCS_SCHEME = "gs://"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,10 @@ _lock = threading.Lock()
 
 def is_s3(path: Any) -> bool:
   return str(path).startswith(S3_SCHEME)
+
+
+def is_gcs(path: Any) -> bool:
+  return str(path).startswith(GCS_SCHEME)
 
 
 def s3_settings() -> S3Settings:
@@ -97,11 +105,34 @@ def _apply_fsspec_config() -> None:
 _applied: S3Settings | None = None
 
 
+_gcs_prepared = False
+
+
+def _prepare_gcs() -> None:
+  """Turns gcsfs's listing cache off (once; for gcsfs instances made afterwards)."""
+  global _gcs_prepared
+  with _lock:
+    if _gcs_prepared:
+      return
+    try:
+      import fsspec.config  # pylint: disable=import-outside-toplevel
+    except ImportError:  # no cloud extras installed: nothing to configure
+      return
+    conf = dict(fsspec.config.conf.get("gcs", {}))
+    conf["use_listings_cache"] = False  # pollers must see other processes' steps (gcsfs caches listings forever)
+    fsspec.config.conf["gcs"] = conf
+    _gcs_prepared = True
+
+
 def prepare(path: Any) -> None:
-  """Called before kckpt touches `path`: points fsspec at the settings in effect for ``s3://``.
+  """Called before kckpt touches `path`: points fsspec at the settings in effect for ``s3://`` (and ``gs://``).
 
   Cheap when nothing changed (a few environment look-ups).
   """
+  if is_gcs(path):
+    if not _gcs_prepared:
+      _prepare_gcs()
+    return
   if not is_s3(path):
     return
   from kckpt import _orbax  # pylint: disable=import-outside-toplevel  # Orbax learns s3:// at the first use

@@ -13,17 +13,25 @@ writer:
   takes over instead, with a warning: the older one's next save raises);
 * on the same host, when no process holds the kernel lock: takes over at once,
   whatever process id the file names (its writer is gone);
-* on another host (a shared file system, or an object store): waits until the
-  lock has not been refreshed for `stale_secs` (a preempted job restarting
+* on the same host without ``flock`` (some network and FUSE file systems):
+  gets `ConcurrentWriterError` while the process the file names is alive,
+  started before it took the lock and keeps refreshing it; a lock not
+  refreshed for `stale_secs`, or whose process id now belongs to a process
+  started later (a reused id), is taken over at once;
+* on another host (a shared file system, or an object store): waits until
+  the lock has not been refreshed for `stale_secs` (a preempted job restarting
   elsewhere waits at most that long), then takes it over; if the lock keeps
   being refreshed, it gets `ConcurrentWriterError`. The owner refreshes the
   file's time from a background thread; a refresh that fails is raised by the
   owner's next `check` (its next save), never dropped.
 
-On ``s3://`` the lock object is created with a conditional write
-(``If-None-Match: *``) and replaced only with ``If-Match`` on the version read,
-so two writers starting at once, or one taking over while the other
-refreshes, can never both hold it.
+On object stores the lock object is created only if absent and replaced
+(taken over or refreshed) only if it is still the version read, so two
+writers starting at once, or one taking over while the other refreshes, can
+never both hold it: on ``s3://`` with ``If-None-Match: *`` / ``If-Match:
+<ETag>`` (s3fs), on ``gs://`` with ``ifGenerationMatch=0`` /
+``ifGenerationMatch=<generation>`` (google-cloud-storage), where release is
+a delete conditional on the generation too.
 
 A writer also checks at each save that the lock is still its own, so a writer
 whose lock was taken over stops instead of deleting the new owner's steps.
@@ -83,6 +91,8 @@ def _same_file(fd: int, path: epath.Path) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+  if pid <= 0:  # not a process id (os.kill would signal a process group)
+    return False
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -92,49 +102,187 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-class WriterLock:
-  """The lock of one writer; `acquire` it, `check` it at each save, `release` it at close."""
+def _process_start_time(pid: int) -> float | None:
+  """When process `pid` started, in seconds since the epoch (Linux ``/proc``; None elsewhere or if gone)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+      fields = f.read().rpartition(")")[2].split()  # the command name, in parentheses, may hold spaces
+    with open("/proc/stat", encoding="ascii") as f:
+      boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks after boot
+  except (OSError, ValueError, IndexError, StopIteration):
+    return None
 
-  def __init__(self, checkpoints: epath.Path, *, stale_secs: float = 60.0, refresh_secs: float | None = None):
+
+class _S3Lock:
+  """The lock object on ``s3://`` (s3fs): versions are ETags."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+
+  def _fs(self) -> tuple[Any, str]:
+    import fsspec  # pylint: disable=import-outside-toplevel  # s3fs, installed with kckpt[s3]
+
+    cloud.prepare(self.path)
+    return fsspec.core.url_to_fs(str(self.path))
+
+  def stat(self) -> tuple[str, float] | None:
+    """(version, time of the last write by the store's clock), None if absent."""
+    fs, key = self._fs()
+    try:
+      info = fs.info(key)
+    except FileNotFoundError:
+      return None
+    return info["ETag"], info["LastModified"].timestamp()  # S3 keeps whole seconds
+
+  def put(self, data: bytes, *, if_version: str | None) -> str:
+    """Creates the object (`if_version` None) or replaces that version; `_Changed` if it is not."""
+    fs, key = self._fs()
+    try:
+      if if_version is None:
+        fs.pipe_file(key, data, mode="create")
+      else:
+        fs.pipe_file(key, data, IfMatch=if_version)
+    except FileExistsError:
+      raise _Changed() from None
+    except OSError as e:
+      if e.errno == errno.EINVAL:  # s3fs's PreconditionFailed (stores that do not name the condition)
+        raise _Changed() from e
+      raise
+    return fs.info(key)["ETag"]
+
+  def read(self) -> bytes | None:
+    for attempt in range(5):
+      try:
+        return self.path.read_bytes()
+      except (FileNotFoundError, NotADirectoryError):
+        return None
+      except OSError:
+        # The lock can be replaced between the read's metadata request and its
+        # data request (s3fs: "FileExpired") when the holder refreshes it: read again.
+        if attempt == 4:
+          raise
+        time.sleep(0.05)
+    return None
+
+  def delete(self, *, if_version: str) -> None:
+    del if_version  # s3fs deletes unconditionally: `release` checks the token first
+    try:
+      self.path.unlink()
+    except FileNotFoundError:
+      pass
+
+
+class _GcsLock:
+  """The lock object on ``gs://`` (google-cloud-storage): versions are generations."""
+
+  def __init__(self, path: epath.Path):
+    from google.cloud import storage  # type: ignore[import-untyped]  # pylint: disable=import-outside-toplevel  # kckpt[gcs]
+
+    self.path = path
+    bucket, _, self._key = str(path)[len(cloud.GCS_SCHEME) :].partition("/")
+    self._bucket = storage.Client().bucket(bucket)  # Google's default credentials; STORAGE_EMULATOR_HOST
+
+  def stat(self) -> tuple[str, float] | None:
+    blob = self._bucket.get_blob(self._key)
+    if blob is None:
+      return None
+    return str(blob.generation), blob.updated.timestamp()
+
+  def put(self, data: bytes, *, if_version: str | None) -> str:
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
+    blob = self._bucket.blob(self._key)
+    try:
+      blob.upload_from_string(data, content_type="application/json", if_generation_match=int(if_version or 0))
+    except exceptions.PreconditionFailed:
+      raise _Changed() from None
+    return str(blob.generation)
+
+  def read(self) -> bytes | None:
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
+    try:
+      return self._bucket.blob(self._key).download_as_bytes()
+    except exceptions.NotFound:
+      return None
+
+  def delete(self, *, if_version: str) -> None:
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
+    try:
+      self._bucket.blob(self._key).delete(if_generation_match=int(if_version))
+    except (exceptions.NotFound, exceptions.PreconditionFailed):
+      pass  # gone, or another writer's by now: not this writer's to delete
+
+
+class _Changed(Exception):
+  """A conditional write found the lock object created or replaced by someone else."""
+
+
+class WriterLock:
+  """The lock of one writer; `acquire` it, `check` it at each save, `release` it at close.
+
+  `use_flock` False makes a local lock rely on the file's content alone, as on
+  a file system without ``flock`` (for tests of that case).
+  """
+
+  def __init__(
+    self,
+    checkpoints: epath.Path,
+    *,
+    stale_secs: float = 60.0,
+    refresh_secs: float | None = None,
+    use_flock: bool = True,
+  ):
     self.path = checkpoints / LOCK_FILE
     self.stale_secs = stale_secs
     self.refresh_secs = refresh_secs if refresh_secs is not None else max(stale_secs / 6, 0.05)
     self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
     self._local = _fs.is_local(self.path)
+    self._use_flock = use_flock
     self._fd: int | None = None  # holds the kernel lock (local paths)
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._refresh_error: BaseException | None = None
-    self._etag: str | None = None  # s3://: the version of the lock object this writer wrote last
+    self._store: _S3Lock | _GcsLock | None = None  # object stores with conditional writes
+    self._version: str | None = None  # there: the version of the lock object this writer wrote last
 
   # -- Reading the lock file ----------------------------------------------------
 
+  def _conditional_store(self) -> _S3Lock | _GcsLock | None:
+    if self._store is None:
+      if cloud.is_s3(self.path):
+        self._store = _S3Lock(self.path)
+      elif cloud.is_gcs(self.path):
+        self._store = _GcsLock(self.path)
+    return self._store
+
   def _read(self) -> dict | None:
-    attempts = 1 if self._local else 5
-    for attempt in range(attempts):
-      try:
-        return json.loads(self.path.read_text())
-      except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
-        return None
-      except OSError:
-        # On an object store the lock can be replaced between the read's
-        # metadata request and its data request (s3fs: "FileExpired"), when
-        # the holder refreshes it at that moment: read it again.
-        if attempt == attempts - 1:
-          raise
-        time.sleep(0.05)
-    return None
+    store = None if self._local else self._conditional_store()
+    try:
+      if store is not None:
+        data = store.read()
+        return None if data is None else json.loads(data)
+      return json.loads(self.path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+      return None
 
   def _age(self) -> float:
+    store = None if self._local else self._conditional_store()
     try:
+      if store is not None:
+        stat = store.stat()
+        return float("inf") if stat is None else time.time() - stat[1]
       return time.time() - _fs.mtime(self.path)
     except FileNotFoundError:
       return float("inf")
 
+  def _content(self) -> bytes:
+    return json.dumps({**self.owner, "since": time.time()}).encode()
+
   def _write(self) -> None:
-    _fs.write_text_atomic(
-      self.path, json.dumps({**self.owner, "since": time.time()}), tmp_name=f".{LOCK_FILE}.{self.owner['token']}"
-    )
+    _fs.write_text_atomic(self.path, self._content().decode(), tmp_name=f".{LOCK_FILE}.{self.owner['token']}")
 
   def _describe(self, holder: dict) -> str:
     return f"process {holder.get('pid')} on host {holder.get('host')!r}"
@@ -153,6 +301,8 @@ class WriterLock:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self._local:
       self._acquire_local()
+    elif self._conditional_store() is not None:
+      self._acquire_conditional()
     else:
       self._acquire_remote()
     self._stop.clear()
@@ -183,14 +333,14 @@ class WriterLock:
     for _ in range(10):
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
-        locked = _kernel_lock(fd)
+        locked = _kernel_lock(fd) if self._use_flock else None
         if locked is not False and not _same_file(fd, self.path):
           # Locked a file that its writer unlinked at release while this one opened it: try the new one.
           os.close(fd)
           continue
         holder = self._read()
         same_host = holder is not None and holder.get("host") == self.owner["host"]
-        if locked is False or (locked is None and same_host and _pid_alive(int(holder.get("pid", -1)))):  # type: ignore[union-attr]
+        if locked is False or (locked is None and same_host and self._holder_runs_here(holder)):  # type: ignore[arg-type]
           raise self._refused(holder or {"pid": "?", "host": self.owner["host"]})
         if holder is not None and not same_host and self._age() <= self.stale_secs:
           self._wait_until_stale(holder)  # a writer on another host of a shared file system without flock
@@ -200,9 +350,27 @@ class WriterLock:
         raise
     raise ConcurrentWriterError(f"{self.path} keeps being replaced by other writers")
 
+  def _holder_runs_here(self, holder: dict) -> bool:
+    """Without flock: whether the writer that the lock file names (on this host) still runs.
+
+    A process id is reused (a container restart gives the same low ids again),
+    so a live process under that id is not enough: the lock must also have been
+    refreshed within `stale_secs`, and the process must not have started after
+    the lock was taken.
+    """
+    try:
+      pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+      return False
+    if not _pid_alive(pid) or self._age() > self.stale_secs:
+      return False
+    # A process that started after the lock was taken got a reused id (1 s: /proc's boot time is whole seconds).
+    started, since = _process_start_time(pid), holder.get("since")
+    return started is None or not isinstance(since, (int, float)) or started <= since + 1.0
+
   def _write_in_place(self) -> None:
     assert self._fd is not None
-    data = json.dumps({**self.owner, "since": time.time()}).encode()
+    data = self._content()
     os.ftruncate(self._fd, 0)
     os.pwrite(self._fd, data, 0)  # no fsync: after a crash the kernel lock, not the content, decides
 
@@ -213,67 +381,60 @@ class WriterLock:
         raise self._refused(holder)
       time.sleep(min(self.refresh_secs, 1.0))
 
-  # -- s3://: conditional writes ---------------------------------------------------
+  # -- Object stores: conditional writes ------------------------------------------
   #
-  # The lock object is created with If-None-Match: * (only one creator wins) and
-  # replaced, when taken over or refreshed, with If-Match: <the ETag read>, so two
-  # writers can never both believe they hold it.
+  # The lock object is created only if absent (s3: If-None-Match: *, gs:
+  # ifGenerationMatch=0: only one creator wins) and replaced, when taken over or
+  # refreshed, only if it is still the version read (If-Match: <ETag>,
+  # ifGenerationMatch=<generation>), so two writers can never both believe they hold it.
 
-  def _s3(self) -> tuple[Any, str]:
-    import fsspec  # pylint: disable=import-outside-toplevel  # s3fs, installed with kckpt[s3]
-
-    cloud.prepare(self.path)
-    return fsspec.core.url_to_fs(str(self.path))
-
-  def _content(self) -> bytes:
-    return json.dumps({**self.owner, "since": time.time()}).encode()
-
-  def _put_s3(self, *, if_match: str | None) -> None:
+  def _put(self, *, if_match: str | None) -> None:
     """Creates the lock (`if_match` None) or replaces the version `if_match`; ConcurrentWriterError if it changed."""
-    fs, key = self._s3()
+    store = self._conditional_store()
+    assert store is not None
     try:
+      self._version = store.put(self._content(), if_version=if_match)
+    except _Changed:
+      # A retried request whose first attempt had succeeded finds its own write: still this writer's.
+      stat, holder = store.stat(), self._read() or {}
+      if stat is not None and holder.get("token") == self.owner["token"]:
+        self._version = stat[0]
+        return
       if if_match is None:
-        fs.pipe_file(key, self._content(), mode="create")
-      else:
-        fs.pipe_file(key, self._content(), IfMatch=if_match)
-    except FileExistsError:
-      raise ConcurrentWriterError(f"{self.path.parent} was taken by another writer as this one started") from None
-    except OSError as e:
-      if e.errno == errno.EINVAL:  # s3fs's PreconditionFailed (stores that do not name the condition)
-        raise ConcurrentWriterError(f"{self.path} was created or replaced by another writer") from e
-      raise
-    self._etag = fs.info(key)["ETag"]
+        raise ConcurrentWriterError(f"{self.path.parent} was taken by another writer as this one started") from None
+      raise ConcurrentWriterError(f"{self.path} was created or replaced by another writer") from None
 
-  def _etag_of_holder(self) -> str | None:
-    fs, key = self._s3()
-    try:
-      return fs.info(key)["ETag"]
-    except FileNotFoundError:
-      return None
+  # The names tests/integration/test_s3.py uses.
+  _put_s3 = _put
 
-  def _acquire_s3(self) -> None:
+  @property
+  def _etag(self) -> str | None:
+    return self._version
+
+  def _acquire_conditional(self) -> None:
+    store = self._conditional_store()
+    assert store is not None
     deadline = time.monotonic() + self.stale_secs + self.refresh_secs
     while True:
-      etag = self._etag_of_holder()
-      if etag is None:
-        self._put_s3(if_match=None)
+      stat = store.stat()
+      if stat is None:
+        self._put(if_match=None)
         return
+      version, written = stat
       holder = self._read() or {}
       if holder.get("host") == self.owner["host"] and holder.get("pid") == self.owner["pid"]:
         log.warning("%s was opened for writing by another Checkpointer of this process; this one takes over.", self.path.parent)
-        self._put_s3(if_match=etag)
+        self._put(if_match=version)
         return
-      if self._age() > self.stale_secs:  # not refreshed for too long: its writer is gone
-        self._put_s3(if_match=etag)
+      if time.time() - written > self.stale_secs:  # not refreshed for too long: its writer is gone
+        self._put(if_match=version)
         return
       if time.monotonic() > deadline:
         raise self._refused(holder)
       time.sleep(min(self.refresh_secs, 1.0))
 
   def _acquire_remote(self) -> None:
-    if cloud.is_s3(self.path):
-      self._acquire_s3()
-      return
+    """Other remote file systems: write, then read back (not atomic: two writers starting at once may both win)."""
     holder = self._read()
     if holder is not None and holder.get("token") != self.owner["token"]:
       if holder.get("host") == self.owner["host"] and holder.get("pid") == self.owner["pid"]:
@@ -291,15 +452,15 @@ class WriterLock:
       try:
         if self._local:
           os.utime(self.path)
-        elif self._etag is not None:
-          self._put_s3(if_match=self._etag)
+        elif self._version is not None:
+          self._put(if_match=self._version)
         else:
           self._write()
         last_ok = time.monotonic()
       except ConcurrentWriterError as e:  # another writer replaced the lock: final
         self._refresh_error = e
         return
-      except OSError as e:
+      except Exception as e:  # pylint: disable=broad-exception-caught  # google-api-core's errors are not OSErrors
         # A transient error is retried while the lock is still far from stale; after
         # that another writer may take over, so the next `check` raises it.
         if time.monotonic() - last_ok > self.stale_secs / 2:
@@ -328,10 +489,14 @@ class WriterLock:
       self._thread = None
     holder = self._read()
     if holder is not None and holder.get("token") == self.owner["token"]:
-      try:
-        self.path.unlink()
-      except FileNotFoundError:
-        pass
+      store = None if self._local else self._conditional_store()
+      if store is not None and self._version is not None:
+        store.delete(if_version=self._version)  # on gs://, only the version this writer wrote
+      else:
+        try:
+          self.path.unlink()
+        except FileNotFoundError:
+          pass
     if self._fd is not None:
       with _held_lock:
         if _held.get(os.path.realpath(self.path)) is self:

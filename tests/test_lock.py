@@ -61,3 +61,70 @@ def test_a_refresh_that_fails_is_raised_by_the_next_check(tmp_path):
     assert "could not refresh its lock" in str(e.value) and "FileNotFoundError" in str(e.value)
   finally:
     lock.release()
+
+
+# -- A local file system without flock: the file's content decides alone -------------------------
+
+
+def _lock_file_naming(checkpoints, pid, *, since, refreshed):
+  checkpoints.mkdir(parents=True, exist_ok=True)
+  path = checkpoints / lock_lib.LOCK_FILE
+  holder = {"host": socket.gethostname(), "pid": pid, "token": "other"}
+  if since is not None:  # lock files of older kckpt versions have no "since"
+    holder["since"] = since
+  path.write_text(json.dumps(holder))
+  os.utime(path, (refreshed, refreshed))
+  return path
+
+
+def _other_process():
+  """A live process of this host that is not a kckpt writer."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
+def test_without_flock_a_day_old_lock_of_a_live_reused_pid_is_taken_over(tmp_path):
+  # pid 1 is alive (this container's init): the process-id rule alone would refuse forever. No
+  # "since" in the file, so only the day without a refresh tells that its writer is gone.
+  day_ago = time.time() - 86400
+  path = _lock_file_naming(epath.Path(tmp_path), 1, since=None, refreshed=day_ago)
+  lock = lock_lib.WriterLock(epath.Path(tmp_path), stale_secs=60, use_flock=False)
+  lock.acquire()
+  try:
+    assert json.loads(path.read_text())["token"] == lock.owner["token"]
+    lock.check()
+  finally:
+    lock.release()
+  assert not path.exists()
+
+
+def test_without_flock_a_fresh_lock_of_a_live_writer_refuses(tmp_path):
+  proc = _other_process()
+  try:
+    now = time.time()  # the process started before it took the lock, which it refreshed just now
+    _lock_file_naming(epath.Path(tmp_path), proc.pid, since=now, refreshed=now)
+    lock = lock_lib.WriterLock(epath.Path(tmp_path), stale_secs=60, use_flock=False)
+    with pytest.raises(kckpt.ConcurrentWriterError, match=f"process {proc.pid} on host"):
+      lock.acquire()
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times are read from /proc")
+def test_without_flock_a_fresh_lock_whose_pid_now_names_a_newer_process_is_taken_over(tmp_path):
+  # The lock was taken a minute ago by a process that is gone; its id now belongs to one started since.
+  proc = _other_process()
+  try:
+    path = _lock_file_naming(epath.Path(tmp_path), proc.pid, since=time.time() - 60, refreshed=time.time())
+    lock = lock_lib.WriterLock(epath.Path(tmp_path), stale_secs=60, use_flock=False)
+    lock.acquire()
+    try:
+      assert json.loads(path.read_text())["token"] == lock.owner["token"]
+    finally:
+      lock.release()
+  finally:
+    proc.kill()
+    proc.wait()

@@ -1,0 +1,329 @@
+"""gs:// workdirs, end to end against a local GCS server (fake-gcs-server, see conftest.gcs_server).
+
+The essential checks of test_s3.py: round trip (sync and async) with
+retention, an eval job in another process, a crash in the middle of a save,
+the command line; and the writer lock's conditional writes (two writers
+racing, refresh, stale takeover, release). Arrays go through Orbax's own GCS
+support (TensorStore's ``gcs`` driver, OCDBT on, kckpt's default), listings
+and small files through gcsfs, deletes through google-cloud-storage.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from etils import epath
+
+import kckpt
+from kckpt import _layout
+from kckpt import _run
+from kckpt import lock as lock_lib
+from tests.helpers import PYTHON, REPO, subprocess_env
+from tests.programs.save_forever import state_for
+
+
+def _client():
+  from google.cloud import storage  # pylint: disable=import-outside-toplevel
+
+  return storage.Client()  # STORAGE_EMULATOR_HOST (set by the gcs_workdir fixture): the local server
+
+
+def _lock_holder(server, checkpoints):
+  """The writer lock object's content, read from the server (None: there is none)."""
+  name = str(checkpoints / lock_lib.LOCK_FILE)[len(f"gs://{server['bucket']}/") :]
+  blob = _client().bucket(server["bucket"]).get_blob(name)
+  return None if blob is None else json.loads(blob.download_as_bytes())
+
+
+def _keys(server, workdir):
+  """Every object name under the gs:// `workdir`, asked of the server itself."""
+  prefix = workdir[len(f"gs://{server['bucket']}/") :] + "/"
+  return sorted(blob.name[len(prefix) :] for blob in _client().list_blobs(server["bucket"], prefix=prefix))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_round_trip_and_retention(gcs_server, gcs_workdir, async_save):
+  state = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}, "step": np.int32(0)}
+  with kckpt.Checkpointer(workdir=gcs_workdir, save_interval_steps=1, max_to_keep=2, async_save=async_save) as ckpt:
+    for step in range(4):
+      ckpt.save(
+        {**state, "params": {**state["params"], "b": jnp.full(3, float(step))}}, step=step, metrics={"loss": 1.0 / (step + 1)}
+      )
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps == [2, 3] and ckpt.latest_step == 3
+    restored = ckpt.restore(state)
+  np.testing.assert_array_equal(restored["params"]["w"], np.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(restored["params"]["b"], np.full(3, 3.0))
+  assert isinstance(restored["params"]["w"], jnp.ndarray) and restored["step"] == 0
+  keys = _keys(gcs_server, gcs_workdir)
+  steps_present = {k.split("/")[1] for k in keys if k.startswith("checkpoints/ckpt_")}
+  assert steps_present == {"ckpt_2", "ckpt_3"}, keys  # retention deleted every object of steps 0 and 1
+  # Finished on object storage: written in place, the commit marker last; arrays in OCDBT.
+  assert "checkpoints/ckpt_3/commit_success.txt" in keys
+  assert [k for k in keys if k.startswith("checkpoints/ckpt_3/") and k.endswith("manifest.ocdbt")], keys
+  assert not [k for k in keys if "orbax-checkpoint-tmp" in k or "deleting" in k], keys
+  assert "checkpoints/WRITER_LOCK.json" not in keys  # released at close
+  reader = kckpt.Checkpointer.open(gcs_workdir)
+  assert reader.all_steps == [2, 3]
+  np.testing.assert_array_equal(reader.restore(step=2)["params"]["b"], np.full(3, 2.0))
+  assert reader.item_metadata()["params"]["w"].shape == (2, 3)
+
+
+def _requests_since(server, offset):
+  """The requests the server logged after byte `offset` of its log, as "METHOD /path?query"."""
+  # A request made last, after the ones to count, marks the end: the server logs each request before the
+  # client has its full response, so every request to count is in the log once this one is.
+  marker = f"end-{uuid.uuid4().hex}"
+  urllib.request.urlopen(f"{server['endpoint']}/storage/v1/b/{server['bucket']}/o?prefix={marker}", timeout=10).read()
+  deadline = time.monotonic() + 30
+  while True:
+    with open(server["log"], "rb") as f:
+      f.seek(offset)
+      text = f.read().decode(errors="replace")
+    if marker in text:
+      break
+    assert time.monotonic() < deadline, "the server never logged the end marker request"
+    time.sleep(0.01)
+  requests = re.findall(r'\\"(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP', text)
+  return [f"{method} {url}" for method, url in requests if marker not in url]
+
+
+def test_latest_step_poll_is_one_listing(gcs_server, gcs_workdir):
+  """A poll asks the server (gcsfs caches listings forever by default: a poller never saw new steps)."""
+  with kckpt.Checkpointer(workdir=gcs_workdir, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
+    for step in range(5):
+      ckpt.save({"w": np.ones(2)}, step=step)
+  reader = kckpt.Checkpointer.open(gcs_workdir)
+  assert reader.latest_step == 4  # the first look checks each step's commit marker once
+  polls = 5
+  offset = os.path.getsize(gcs_server["log"])
+  for _ in range(polls):
+    reader.reload()
+    assert reader.latest_step == 4
+  requests = _requests_since(gcs_server, offset)
+  assert len(requests) == polls, requests  # one request per poll...
+  prefix = gcs_workdir[len(f"gs://{gcs_server['bucket']}/") :] + "/checkpoints/"
+  for r in requests:  # ...and it is a listing of the checkpoints/ prefix
+    method, _, url = r.partition(" ")
+    path, _, query = url.partition("?")
+    fields = urllib.parse.parse_qs(query)
+    assert method == "GET" and path == f"/storage/v1/b/{gcs_server['bucket']}/o", requests
+    assert fields.get("prefix") == [prefix] and fields.get("delimiter") == ["/"], requests
+
+
+EVAL_JOB = """
+import sys, kckpt
+ckpt = kckpt.Checkpointer.open(sys.argv[1])
+print("READY", ckpt.latest_step, flush=True)
+for step in ckpt.iter_new_checkpoints(timeout=1, timeout_fn=lambda: kckpt.trainer_finished(sys.argv[1])):
+  print("EVAL", step, float(ckpt.restore(step=step)["w"][0]), flush=True)
+print("DONE", flush=True)
+"""
+
+
+def test_eval_job_in_another_process_sees_every_step(gcs_server, gcs_workdir):
+  job = subprocess.Popen(
+    [PYTHON, "-c", EVAL_JOB, gcs_workdir],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(**gcs_server["env"]),
+  )
+  try:
+    ready = ""
+    while not ready.startswith("READY"):  # skip TensorStore's log lines
+      ready = job.stdout.readline()
+      assert ready or job.poll() is None, "eval job exited early"
+    assert ready.startswith("READY None"), ready
+    with kckpt.Checkpointer(workdir=gcs_workdir, save_interval_steps=1, max_to_keep=None) as ckpt:
+      for step in (10, 20, 30):
+        ckpt.save({"w": np.full(2, float(step))}, step=step)
+        ckpt.wait_until_finished()
+    kckpt.write_end_marker(gcs_workdir, step=30)
+    out, _ = job.communicate(timeout=120)
+  finally:
+    if job.poll() is None:
+      job.kill()
+      job.wait()
+  assert job.returncode == 0, out
+  evals = [line for line in out.splitlines() if line.startswith("EVAL")]
+  assert evals == ["EVAL 10 10.0", "EVAL 20 20.0", "EVAL 30 30.0"], out
+  assert "DONE" in out
+
+
+def test_kill_during_save_never_exposes_a_partial_step(gcs_server, gcs_workdir):
+  program = REPO / "tests" / "programs" / "save_forever.py"
+  megabytes = 16
+  proc = subprocess.Popen(
+    [PYTHON, str(program), gcs_workdir, str(megabytes), "async"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=subprocess_env(**gcs_server["env"]),
+  )
+  lines = []
+  try:
+    while True:
+      line = proc.stdout.readline()
+      lines.append(line)
+      if line.startswith("SAVING 2"):
+        break
+      assert line or proc.poll() is None, "saving program exited early:\n" + "".join(lines)
+    # Kill once part of step 2 is in the bucket, before its commit marker.
+    deadline = time.monotonic() + 60
+    while not [k for k in _keys(gcs_server, gcs_workdir) if k.startswith("checkpoints/ckpt_2/")]:
+      assert time.monotonic() < deadline, "step 2 never started writing:\n" + "".join(lines)
+      time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+  listing = _run.list_steps(_layout.checkpoints_dir(gcs_workdir))
+  reader = kckpt.Checkpointer.open(gcs_workdir)
+  steps = reader.all_steps
+  assert steps and steps[0] == 1, (steps, listing)
+  if 2 not in steps:  # the usual case: step 2 was cut short; it is there, unfinished and hidden
+    assert "ckpt_2" in listing.unfinished, listing
+  for step in steps:  # every reported step restores fully and bit-exactly
+    expected = state_for(step, 1 if step == 1 else megabytes)
+    restored = reader.restore({k: np.zeros(v.shape, np.float32) for k, v in expected.items()}, step=step)
+    for key in expected:
+      np.testing.assert_array_equal(restored[key], np.asarray(expected[key]))
+  # A new trainer takes over the dead one's lock (not refreshed for lock_stale_secs), cleans up
+  # what the crash left and saves again.
+  next_step = steps[-1] + 100
+  with kckpt.Checkpointer(workdir=gcs_workdir, save_interval_steps=1, max_to_keep=None, lock_stale_secs=1) as writer:
+    writer.save({"w": jnp.ones(3)}, step=next_step)
+  after = _run.list_steps(_layout.checkpoints_dir(gcs_workdir))
+  assert after.finished == (*steps, next_step) and after.unfinished == (), after
+
+
+def test_cli_ls_on_a_gcs_run(gcs_server, gcs_workdir):
+  with kckpt.Checkpointer(workdir=gcs_workdir, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
+    for step in (5, 6):
+      ckpt.save({"w": np.ones(4, np.float32)}, step=step, metrics={"loss": step / 10}, tag="release" if step == 6 else None)
+  out = subprocess.run(
+    [PYTHON, "-m", "kckpt", "ls", gcs_workdir, "--json"],
+    capture_output=True,
+    text=True,
+    env=subprocess_env(**gcs_server["env"]),
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr
+  listing = json.loads(out.stdout)
+  assert [row["step"] for row in listing["steps"]] == [5, 6]
+  assert listing["steps"][1]["metrics"] == {"loss": 0.6} and listing["steps"][1]["tag"] == "release"
+  assert listing["steps"][0]["size_bytes"] > 0 and listing["unfinished"] == []
+
+
+# -- The writer lock: conditional writes (ifGenerationMatch) -----------------------------------------
+
+
+def _writer(checkpoints, host, **kwargs):
+  lock = lock_lib.WriterLock(checkpoints, **kwargs)
+  lock.owner = {**lock.owner, "host": host}  # each a writer on its own host: only the lock object decides
+  return lock
+
+
+def _race(writers, attempt):
+  """Runs `attempt(writer)` for every writer at once; returns each one's outcome (None or the error)."""
+  start = threading.Barrier(len(writers))
+  outcomes = [None] * len(writers)
+
+  def run(i):
+    start.wait()
+    try:
+      attempt(writers[i])
+    except kckpt.ConcurrentWriterError as e:
+      outcomes[i] = e
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(writers))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  return outcomes
+
+
+def test_writers_starting_at_once_one_wins(gcs_server, gcs_workdir):
+  checkpoints = epath.Path(gcs_workdir) / "checkpoints"
+  # The create-if-absent (ifGenerationMatch=0) of six starting writers, all at once.
+  writers = [_writer(checkpoints, f"host-{i}") for i in range(6)]
+  outcomes = _race(writers, lambda w: w._put(if_match=None))  # pylint: disable=protected-access
+  winners = [w for w, e in zip(writers, outcomes, strict=True) if e is None]
+  assert len(winners) == 1, outcomes
+  assert all("taken by another writer as this one started" in str(e) for e in outcomes if e is not None), outcomes
+  assert _lock_holder(gcs_server, checkpoints)["token"] == winners[0].owner["token"]
+  # Whole starts, on a fresh workdir: one writer holds it, each other one gets ConcurrentWriterError
+  # (it lost the create, or saw the winner refresh its lock for stale_secs).
+  checkpoints = checkpoints.parent / "again"
+  writers = [_writer(checkpoints, f"host-{i}", stale_secs=2, refresh_secs=0.1) for i in range(4)]
+  outcomes = _race(writers, lambda w: w.acquire())
+  try:
+    winners = [w for w, e in zip(writers, outcomes, strict=True) if e is None]
+    assert len(winners) == 1, outcomes
+    assert _lock_holder(gcs_server, checkpoints)["token"] == winners[0].owner["token"]
+    winners[0].check()
+  finally:
+    for w in writers:
+      w.release()
+  assert _lock_holder(gcs_server, checkpoints) is None
+
+
+def test_refresh_takeover_and_release(gcs_server, gcs_workdir):
+  checkpoints = epath.Path(gcs_workdir) / "checkpoints"
+  first = _writer(checkpoints, "host-a", stale_secs=2, refresh_secs=0.1)
+  first.acquire()
+  try:
+    # The owner's refreshes replace its own generation (ifGenerationMatch=<the one it wrote>).
+    version = first._version  # pylint: disable=protected-access
+    deadline = time.monotonic() + 30
+    while first._version == version:  # pylint: disable=protected-access
+      assert time.monotonic() < deadline, "the lock was never refreshed"
+      time.sleep(0.05)
+    first.check()
+    # A writer on another host is refused while the owner refreshes ...
+    second = _writer(checkpoints, "host-b", stale_secs=2, refresh_secs=0.1)
+    with pytest.raises(kckpt.ConcurrentWriterError, match="is being written by process .* on host 'host-a'"):
+      second.acquire()
+    # ... and once the owner stops refreshing (it died), takes over by replacing that very
+    # generation; the owner's next check raises, and its refresh of the old generation fails.
+    first._stop.set()  # pylint: disable=protected-access
+    first._thread.join()  # pylint: disable=protected-access
+    dead_version = first._version  # pylint: disable=protected-access
+    second.acquire()
+    with pytest.raises(kckpt.ConcurrentWriterError, match="taken over by process .* on host 'host-b'"):
+      first.check()
+    with pytest.raises(kckpt.ConcurrentWriterError, match="created or replaced by another writer"):
+      first._put(if_match=dead_version)  # pylint: disable=protected-access
+    second.check()
+    # Two writers taking over the same stale generation at once: one wins.
+    third, fourth = _writer(checkpoints, "host-c"), _writer(checkpoints, "host-d")
+    current = second._version  # pylint: disable=protected-access
+    outcomes = _race([third, fourth], lambda w: w._put(if_match=current))  # pylint: disable=protected-access
+    assert sorted(e is None for e in outcomes) == [False, True], outcomes
+    with pytest.raises(kckpt.ConcurrentWriterError):
+      second.check()
+    winner = third if outcomes[0] is None else fourth
+    # Release deletes the winner's lock object; the next writer takes the workdir at once.
+    second.release()  # not its lock any more: leaves it alone
+    assert _lock_holder(gcs_server, checkpoints)["token"] == winner.owner["token"]
+    winner.release()
+    assert _lock_holder(gcs_server, checkpoints) is None
+    fifth = _writer(checkpoints, "host-e", stale_secs=60)
+    fifth.acquire()
+    fifth.release()
+  finally:
+    first.release()
