@@ -421,6 +421,19 @@ def test_verify_reads_every_step_and_is_quiet_when_piped(composite_run):
   assert snapshot(composite_run) == before  # read-only
 
 
+def test_commands_take_a_relative_run_path(composite_run, capsys, monkeypatch):
+  # Orbax reads only absolute paths: `kckpt verify run` from the run's parent folder failed on every item.
+  monkeypatch.chdir(composite_run.parent)
+  status, out, err = call_cli(capsys, "verify", composite_run.name, "--step", 100, "--json")
+  assert status == 0, out + err
+  assert json.loads(out)["steps"][0]["problems"] == []
+  status, out, err = call_cli(capsys, "tree", f"{composite_run.name}/checkpoints/ckpt_200", "--item", "params", "--json")
+  assert status == 0, err
+  assert json.loads(out)["leaves"] == 3
+  status, out, err = call_cli(capsys, "diff", f"{composite_run.name}@100", "@200", "--json")
+  assert status == cli.EXIT_FOUND, err
+
+
 def test_verify_reports_a_corrupted_array_file_with_step_item_and_leaf(single_run):
   data_files = list((single_run / "checkpoints" / "ckpt_2" / "default" / "ocdbt.process_0" / "d").iterdir())
   assert data_files
