@@ -5,6 +5,10 @@ One place answers "which step does ``"best"`` (or ``-1``, or a tag) mean?" for
 local to this process (a listing and small files, never a collective);
 processes agree only inside calls every process makes (`Checkpointer.restore`
 shares the primary's answer through `agreed_resolution`).
+
+Listing and naming need only the standard library and `etils.epath`: the
+``kckpt`` command's ``ls``, ``watch`` and ``gc`` import no JAX through here
+(`kckpt.multihost` is imported by `agreed_resolution` alone).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from etils import epath
 from kckpt import _fs
 from kckpt import _layout
 from kckpt import _orbax
-from kckpt import multihost
 from kckpt import policies
 from kckpt._types import Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError
@@ -297,6 +300,8 @@ def agreed_resolution(index: RunIndex, step: StepSpec, *, timeout_secs: float) -
   take its answer, so ``"latest"``, ``"best"`` or a tag name one step on all
   of them even while a writer adds steps. An error there is raised everywhere.
   """
+  from kckpt import multihost  # pylint: disable=import-outside-toplevel  # imports JAX: only where processes agree
+
   if multihost.process_count() == 1:
     return index.resolve(step)
   try:

@@ -25,8 +25,6 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
-
 from kckpt._types import Metrics, Step
 
 BestMode = Literal["max", "min"]
@@ -61,6 +59,8 @@ def to_json_metrics(metrics: Any, *, path: str = "metrics") -> Any:
   if hasattr(metrics, "shape") and hasattr(metrics, "dtype"):  # NumPy or JAX array
     if tuple(metrics.shape) not in ((), (1,)):
       raise ValueError(f"{path}: metrics must be scalars, got an array of shape {tuple(metrics.shape)}")
+    import numpy as np  # pylint: disable=import-outside-toplevel  # only for array metrics: listings skip NumPy
+
     value = np.asarray(metrics).reshape(()).item()  # no JAX op: nothing to compile
     return to_json_metrics(value, path=path)
   raise ValueError(f"{path}: metrics must be numbers, got {type(metrics).__name__}: {metrics!r}")
@@ -323,6 +323,7 @@ def policy_from_rules(rules: Mapping[str, Any]) -> RetentionPolicy:
 def check_metrics(metrics: Metrics | None, policy: RetentionPolicy, *, what: str) -> Any:
   """`metrics` as JSON data, checked to hold a score when `policy` ranks by one; ValueError starting with `what`.
 
+  >>> import numpy as np
   >>> check_metrics({"eval": {"loss": np.float32(0.5)}}, RetentionPolicy(best_metric_path="eval.loss"), what="save")
   {'eval': {'loss': 0.5}}
   """

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import kckpt
+from kckpt import _fs
 from kckpt import cli
 from kckpt import items
 from kckpt.cli import _common
@@ -420,6 +421,19 @@ def test_verify_reads_every_step_and_is_quiet_when_piped(composite_run):
   assert snapshot(composite_run) == before  # read-only
 
 
+def test_commands_take_a_relative_run_path(composite_run, capsys, monkeypatch):
+  # Orbax reads only absolute paths: `kckpt verify run` from the run's parent folder failed on every item.
+  monkeypatch.chdir(composite_run.parent)
+  status, out, err = call_cli(capsys, "verify", composite_run.name, "--step", 100, "--json")
+  assert status == 0, out + err
+  assert json.loads(out)["steps"][0]["problems"] == []
+  status, out, err = call_cli(capsys, "tree", f"{composite_run.name}/checkpoints/ckpt_200", "--item", "params", "--json")
+  assert status == 0, err
+  assert json.loads(out)["leaves"] == 3
+  status, out, err = call_cli(capsys, "diff", f"{composite_run.name}@100", "@200", "--json")
+  assert status == cli.EXIT_FOUND, err
+
+
 def test_verify_reports_a_corrupted_array_file_with_step_item_and_leaf(single_run):
   data_files = list((single_run / "checkpoints" / "ckpt_2" / "default" / "ocdbt.process_0" / "d").iterdir())
   assert data_files
@@ -571,6 +585,74 @@ def test_watch_all_with_timeout_stops_and_refuses_a_step_folder(composite_run, c
   assert "eval.loss=0.9" in out.splitlines()[0]
   status, _, err = call_cli(capsys, "watch", composite_run / "checkpoints" / "ckpt_100")
   assert_one_line_error(status, err, "whole run")
+
+
+# -- What each command imports --------------------------------------------------
+
+HEAVY = ("jax", "orbax", "tensorstore")
+# Runs the command in a fresh interpreter, then reports which heavy packages it imported.
+_IMPORTS_PROBE = """
+import json, sys
+from kckpt.cli import main
+status = main(sys.argv[1:])
+heavy = sorted({name.split(".")[0] for name in sys.modules} & set(HEAVY))
+print("IMPORTS " + json.dumps({"status": status, "heavy": heavy, "numpy": "numpy" in sys.modules}), file=sys.stderr)
+"""
+
+
+def run_probed(*args) -> tuple[subprocess.CompletedProcess, dict]:
+  """Runs ``kckpt ARGS`` in a new process: its result, and what it imported (see `_IMPORTS_PROBE`)."""
+  code = f"HEAVY = {HEAVY!r}\n{_IMPORTS_PROBE}"
+  result = subprocess.run(
+    [PYTHON, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, env=subprocess_env()
+  )
+  reports = [line for line in result.stderr.splitlines() if line.startswith("IMPORTS ")]
+  assert len(reports) == 1, result.stderr
+  return result, json.loads(reports[0].removeprefix("IMPORTS "))
+
+
+def test_listing_commands_import_no_jax_orbax_or_tensorstore(composite_run, tmp_path):
+  run = copy_run(composite_run, tmp_path)
+  checkpoints = run / "checkpoints"
+  result, imported = run_probed("ls", run)
+  assert imported == {"status": 0, "heavy": [], "numpy": False}, result.stderr
+  assert result.stdout.startswith(f"{checkpoints}: 4 steps, ") and "ckpt_500.orbax-checkpoint-tmp" in result.stdout
+  result, imported = run_probed("ls", checkpoints / "ckpt_300", "--json")
+  assert imported["heavy"] == [] and [s["step"] for s in json.loads(result.stdout)["steps"]] == [300]
+  result, imported = run_probed("watch", run, "--all", "--json", "--timeout", 0.2, "--interval", 0.05)
+  assert imported["heavy"] == [] and [json.loads(line)["step"] for line in result.stdout.splitlines()] == list(STEPS)
+  result, imported = run_probed("gc", run, "--max-to-keep", 2, "--dry-run")
+  assert imported["heavy"] == [] and "would delete 2 steps" in result.stdout, result.stdout
+  result, imported = run_probed("gc", run, "--max-to-keep", 2, "--yes", "--json")
+  assert imported["heavy"] == [] and json.loads(result.stdout)["deleted"] == [100, 200]
+  assert kckpt.Checkpointer.open(run).all_steps == [300, 400]
+  # The probe sees imports: a command that reads arrays imports JAX and Orbax, on the CPU.
+  result, imported = run_probed("verify", run)
+  assert imported["status"] == 0 and {"jax", "orbax"} <= set(imported["heavy"]), result.stderr
+
+
+def test_tree_of_a_json_item_imports_no_orbax(composite_run):
+  result, imported = run_probed("tree", composite_run, "--item", "meta", "--json")
+  assert imported == {"status": 0, "heavy": [], "numpy": False}, result.stderr
+  assert json.loads(result.stdout)["items"][0]["item"] == "meta"
+
+
+def test_ls_lists_the_checkpoints_folder_once(composite_run, capsys, monkeypatch):
+  listed = []
+  list_names = _fs.list_names
+
+  def counting_list_names(directory):
+    listed.append(str(directory))
+    return list_names(directory)
+
+  monkeypatch.setattr(_fs, "list_names", counting_list_names)
+  status, out, _ = call_cli(capsys, "ls", composite_run)
+  assert status == 0 and "4 steps" in out
+  assert listed == [str(composite_run / "checkpoints")]
+  listed.clear()
+  status, out, _ = call_cli(capsys, "ls", composite_run / "checkpoints" / "ckpt_200", "--json")
+  assert status == 0 and [s["step"] for s in json.loads(out)["steps"]] == [200]
+  assert listed == [str(composite_run / "checkpoints")]
 
 
 # -- export --------------------------------------------------------------------

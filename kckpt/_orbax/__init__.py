@@ -18,13 +18,21 @@ A narrow API over Orbax 0.12, in four parts:
 Every reach into an Orbax or JAX private name is listed in the table of
 `kckpt._orbax._reaches`, with a check (run by the tests) that fails, naming
 the reach, when an upgrade breaks it.
+
+Only the step folder's files (`kckpt._orbax._format`: plain JSON and folder
+names, no Orbax) are imported with this package; every other name is
+resolved on first use (PEP 562), so a listing (``kckpt ls``, `RunIndex`)
+never imports JAX, Orbax or TensorStore.
 """
 
-from kckpt._orbax._checksums import CRC32C
-from kckpt._orbax._commit import DurableRenameTemporaryPath
-from kckpt._orbax._files import damaged_files
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from kckpt._orbax._format import (
   COMMIT_MARKER,
+  CRC32C,
   METRICS_ITEM,
   STEP_METADATA_FILE,
   TMP_MARKER,
@@ -44,23 +52,76 @@ from kckpt._orbax._format import (
   step_tag,
   step_time,
 )
-from kckpt._orbax._handlers import MultiprocessingOptions
-from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, saved_leaf_specs
-from kckpt._orbax._patches import install_s3_support
-from kckpt._orbax._reader import (
-  RESTORE_BATCH_BYTES,
-  ItemRead,
-  LeafReader,
-  abstract_target,
-  is_read_error,
-  match_scalar_types,
-  read_each,
-  read_items,
-  read_leaves,
-  read_tree_into,
-  release,
+
+# Names that need Orbax (or JAX, TensorStore) -> the module that defines them, imported on first use.
+_LAZY = {
+  "DurableRenameTemporaryPath": "_commit",
+  "damaged_files": "_files",
+  "MultiprocessingOptions": "_handlers",
+  "SavedLeaf": "_metadata",
+  "metadata_as_shape_dtype": "_metadata",
+  "pytree_metadata": "_metadata",
+  "saved_leaf_specs": "_metadata",
+  "install_s3_support": "_patches",
+  "RESTORE_BATCH_BYTES": "_reader",
+  "ItemRead": "_reader",
+  "LeafReader": "_reader",
+  "abstract_target": "_reader",
+  "is_read_error": "_reader",
+  "match_scalar_types": "_reader",
+  "read_each": "_reader",
+  "read_items": "_reader",
+  "read_leaves": "_reader",
+  "read_tree_into": "_reader",
+  "release": "_reader",
+  "ItemWrite": "_writer",
+  "Writer": "_writer",
+}
+_SUBMODULES = (
+  "_checksums",
+  "_commit",
+  "_files",
+  "_format",
+  "_handlers",
+  "_metadata",
+  "_patches",
+  "_reaches",
+  "_reader",
+  "_writer",
 )
-from kckpt._orbax._writer import ItemWrite, Writer
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY:
+    value = getattr(importlib.import_module(f"kckpt._orbax.{_LAZY[name]}"), name)
+  elif name in _SUBMODULES:
+    value = importlib.import_module(f"kckpt._orbax.{name}")  # `_orbax._metadata` before anything imported it
+  else:
+    raise AttributeError(f"module 'kckpt._orbax' has no attribute {name!r}")
+  globals()[name] = value
+  return value
+
+
+if TYPE_CHECKING:
+  from kckpt._orbax._commit import DurableRenameTemporaryPath
+  from kckpt._orbax._files import damaged_files
+  from kckpt._orbax._handlers import MultiprocessingOptions
+  from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, saved_leaf_specs
+  from kckpt._orbax._patches import install_s3_support
+  from kckpt._orbax._reader import (
+    RESTORE_BATCH_BYTES,
+    ItemRead,
+    LeafReader,
+    abstract_target,
+    is_read_error,
+    match_scalar_types,
+    read_each,
+    read_items,
+    read_leaves,
+    read_tree_into,
+    release,
+  )
+  from kckpt._orbax._writer import ItemWrite, Writer
 
 __all__ = [
   "COMMIT_MARKER",

@@ -26,8 +26,9 @@ from typing import Any
 from etils import epath
 from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # Orbax 0.12 internal: see install
 
-# The value of the step's ``checksums`` entry (kckpt metadata) when its arrays carry them.
-CRC32C = "crc32c"
+from kckpt._orbax._format import CRC32C  # the step's ``checksums`` entry when its arrays carry them
+
+__all__ = ["CRC32C", "install", "installed", "register", "with_crc32c", "writing_with_checksums"]
 
 _lock = threading.Lock()
 _roots: dict[str, int] = {}  # workdir prefix -> how many writers registered it

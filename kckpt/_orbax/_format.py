@@ -25,6 +25,7 @@ from kckpt import _layout
 from kckpt._types import Step
 
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+CRC32C = "crc32c"  # the step's ``checksums`` entry when each array chunk carries a CRC32C (`_checksums`)
 COMMIT_MARKER = "commit_success.txt"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 METRICS_ITEM = "metrics"  # Orbax's own place for a step's metrics: ``metrics/metrics``

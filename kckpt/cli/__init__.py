@@ -79,13 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-  """Keeps Orbax's and absl's log lines out of the command's output."""
+  """Keeps Orbax's and absl's log lines out of the command's output; keeps JAX on the CPU.
+
+  JAX is not imported here: ``ls``, ``watch`` and ``gc`` never import it, and
+  the commands that read arrays import it on their first read.
+  """
   logging.getLogger("absl").setLevel(logging.ERROR)
   logging.getLogger("kckpt").setLevel(logging.WARNING)
+  jax = sys.modules.get("jax")
+  if jax is None:
+    # Read by JAX when it is imported (later, if a command reads arrays).
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the command never needs an accelerator
+    return
   try:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    jax.config.update("jax_platforms", "cpu")  # the command never needs an accelerator
+    jax.config.update("jax_platforms", "cpu")
   except Exception:  # pylint: disable=broad-exception-caught
     pass  # a backend is already up (main() called from Python): use it
 

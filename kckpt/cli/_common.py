@@ -9,6 +9,7 @@ from typing import Any
 
 from etils import epath
 
+from kckpt import _fs
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _run
@@ -50,8 +51,8 @@ class RunLocation:
 
 
 def locate(given: str) -> RunLocation:
-  """Finds the checkpoints folder (and step) that `given` names; CliError if none."""
-  path = epath.Path(given)
+  """Finds the checkpoints folder (and step) that `given` names (made absolute: Orbax reads only those); CliError if none."""
+  path = epath.Path(_fs.absolute(given))
   try:
     exists, is_dir = path.exists(), path.is_dir()
   except OSError as e:

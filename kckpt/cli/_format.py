@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-import numpy as np
 from etils import epath
 
 
@@ -71,7 +70,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-  if isinstance(value, np.generic):
+  np = sys.modules.get("numpy")  # not imported by the listing commands: then no value is a NumPy one
+  if np is not None and isinstance(value, np.generic):
     return value.item()
   if isinstance(value, (epath.Path, os.PathLike)):
     return os.fspath(value)

@@ -14,7 +14,6 @@ from kckpt import _layout
 from kckpt import _orbax
 from kckpt import inspect
 from kckpt import items as items_lib
-from kckpt import trees
 from kckpt.cli import _common
 from kckpt.cli import _format
 from kckpt.errors import CliError
@@ -76,6 +75,7 @@ def export_sources(step_path: epath.Path, items: Mapping[str, str], names: Seque
 
 
 def run(args: argparse.Namespace) -> int:
+  from kckpt import trees  # pylint: disable=import-outside-toplevel  (imports JAX: only when exporting)
   from kckpt.checkpointer import Checkpointer  # pylint: disable=import-outside-toplevel  (the writer, only here)
 
   location = _common.locate(args.run)

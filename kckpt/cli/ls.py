@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
   location = _common.locate(args.run)
   listing = location.listing()
   policy = _common.retention_policy(args, location)
-  rows = inspect.summary_rows(location.checkpoints, None if location.step is None else [location.step], retention=policy)
+  rows = inspect.summary_rows(
+    location.checkpoints, None if location.step is None else [location.step], retention=policy, listing=listing
+  )
   if location.step is not None and not rows:
     raise CliError(f"step {location.step} is not a finished step of {location.checkpoints}")
   unfinished = list(listing.unfinished) if location.step is None else []

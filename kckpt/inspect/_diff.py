@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from etils import epath
 
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt.inspect._common import ProgressFn, leaf_batches, leaf_label, open_reader, read_json_item, spec_str, user_items
+
+if TYPE_CHECKING:
+  import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +80,14 @@ def compare_values(a: Any, b: Any) -> tuple[bool, float | None, float | None]:
   place on both sides counts as equal. Non-numeric leaves are only equal or
   not (no differences).
 
+  >>> import numpy as np
   >>> compare_values(np.array([1.0, np.nan]), np.array([1.0, np.nan]))
   (False, 0.0, 0.0)
   >>> compare_values("adam", "sgd")
   (True, None, None)
   """
+  import numpy as np  # pylint: disable=import-outside-toplevel  # not for listings (kckpt ls imports no NumPy)
+
   if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
     return a != b, None, None
   x, y = np.asarray(a), np.asarray(b)
@@ -105,6 +110,8 @@ def compare_values(a: Any, b: Any) -> tuple[bool, float | None, float | None]:
 
 
 def _is_numeric(dtype: np.dtype) -> bool:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
   # bfloat16 and the other ML dtypes of `ml_dtypes` have kind "V" and cast to float64.
   return dtype.kind in "biufc" or (dtype.kind == "V" and np.can_cast(dtype, np.float64))
 

@@ -71,13 +71,15 @@ def summary_rows(
   retention: policies.RetentionPolicy | None = None,
   sizes: bool = True,
   progress: ProgressFn | None = None,
+  listing: _run.StepListing | None = None,
 ) -> list[StepRow]:
   """One row per finished step of the run at `checkpoints` (or per step of `steps` that is finished).
 
   Reads the small files of each step, never an array. With `retention`, each
   row says whether that policy keeps the step, decided over every finished
   step of the run. `sizes` walks each shown step's folder for its size.
-  Steps deleted meanwhile are left out.
+  Steps deleted meanwhile are left out. `listing`: a listing of `checkpoints`
+  the caller just made (not listed again).
 
   >>> import tempfile, numpy as np, kckpt
   >>> run = tempfile.mkdtemp()
@@ -87,7 +89,7 @@ def summary_rows(
   >>> [(row.step, row.metrics) for row in summary_rows(ckpt.directory, sizes=False)]
   [(2, {'loss': 0.5})]
   """
-  finished = _run.list_steps(checkpoints).finished
+  finished = (_run.list_steps(checkpoints) if listing is None else listing).finished
   known = frozenset(finished)
   shown = list(finished) if steps is None else [s for s in steps if s in known]
   details = {d.step: d for d in read_details(checkpoints, finished if retention is not None else shown)}

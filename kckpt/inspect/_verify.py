@@ -7,7 +7,6 @@ import json
 import math
 from typing import Any
 
-import numpy as np
 from etils import epath
 
 from kckpt import _layout
@@ -71,12 +70,15 @@ class StepCheck:
 def check_leaf_value(leaf: _orbax.SavedLeaf, value: Any, *, check_finite: bool = False) -> str | None:
   """What is wrong with a leaf read from disk next to its metadata, or None.
 
+  >>> import numpy as np
   >>> leaf = _orbax.SavedLeaf("w", "array", (4,), np.dtype("float32"))
   >>> check_leaf_value(leaf, np.zeros(3, np.float32))
   'read shape (3,), metadata says (4,)'
   >>> check_leaf_value(leaf, np.array([0, 1, np.nan, 3], np.float32), check_finite=True)
   '1 of 4 values are NaN or infinite'
   """
+  import numpy as np  # pylint: disable=import-outside-toplevel  # not for listings (kckpt ls imports no NumPy)
+
   if leaf.kind == "array":
     if not isinstance(value, np.ndarray):
       return f"read a {type(value).__name__}, metadata says an array {spec_str(leaf)}"
