@@ -28,6 +28,7 @@ import weakref
 from typing import Any
 
 _sigterm = threading.Event()
+_honoured = threading.Event()  # the SIGTERM was honoured already (a `maybe_save` saved for it and passed it on)
 _sigterm_lock = threading.Lock()
 _sigterm_users = 0
 _previous_handler: Any = None
@@ -87,8 +88,9 @@ def uninstall_sigterm_handler() -> Any:
     _sigterm_users -= 1
     if _sigterm_users != 0:
       return None
-    received = _sigterm.is_set()
+    received = _sigterm.is_set() and not _honoured.is_set()
     _sigterm.clear()
+    _honoured.clear()
     restored = _previous_handler if _previous_handler is not None else signal.SIG_DFL
     if signal.getsignal(signal.SIGTERM) is _on_sigterm:
       signal.signal(signal.SIGTERM, restored)
@@ -135,6 +137,8 @@ class Preemption:
     """
     self.reached = True
     self.exit_pending = self.will_exit or exit_all
+    if self.signalled:
+      _honoured.set()  # another Checkpointer's close must not pass it on again
     previous = previous_handler()
     if self.signalled and callable(previous):
       previous(signal.SIGTERM, None)

@@ -474,17 +474,20 @@ class Checkpointer(base.BaseCheckpointer):
     """Waits for pending saves and releases the Orbax manager (reopened if used again).
 
     A SIGTERM that arrived after the last `maybe_save` (no save was made for
-    it) is honoured once the saves are durable: a handler installed before
-    kckpt's is called, SIGTERM's default action raises ``SystemExit(143)``.
+    it), or while `close` waits, is honoured once the saves are durable: a
+    handler installed before kckpt's is called, SIGTERM's default action
+    raises ``SystemExit(143)``. (When a save fails, its error is raised
+    instead.)
     """
     rt = self._rt
     with rt.lock:
       session, rt.session = rt.session, None
-    rt.preemption.release()
     try:
       if session is not None:
         session.close()
     finally:
+      # Only now: a SIGTERM during the wait above still finds kckpt's handler, not one that kills mid-save.
+      rt.preemption.release()
       self._index.invalidate()
     rt.preemption.honour_undelivered()
 
