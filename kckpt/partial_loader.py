@@ -164,6 +164,10 @@ class _Names:
     """Whether another leaf has the dotted path of `name`."""
     return len(self._by_dotted.get(_unescape(name), ())) > 1
 
+  def sharing(self, name: str) -> list[str]:
+    """The leaves with the dotted path of `name` (itself included)."""
+    return list(self._by_dotted.get(_unescape(name), [name]))
+
   def display(self, name: str) -> str:
     """How messages and `PartialLoader.mapping` write a leaf: its dotted path, escaped where shared."""
     return name if self.shared(name) else _unescape(name)
@@ -357,6 +361,14 @@ class PartialLoader:
           )
         if source.names.matches(found, self.ignore_old):
           continue
+        if found != wanted and targets.shared(name):
+          # Found by its dotted path only, while two target leaves have that path: the
+          # source cannot tell which of them its leaf is (it would fill both).
+          raise TransplantError(
+            f"key {new!r}: target leaves {' and '.join(sorted(targets.display(n) for n in targets.sharing(name)))} share"
+            f" the dotted path {_unescape(name)}, and {source.what} has one leaf there ({source.names.display(found)}),"
+            " saved without telling them apart: map each of them explicitly, or ignore one (ignore_new)"
+          )
         saved, target = source.specs[source.names.keys[found]], trees.leaf_spec(leaf)
         if saved.shape != target.shape or trees.compare_trees({found: saved}, {found: target}):
           raise TransplantError(

@@ -207,6 +207,20 @@ def test_a_state_whose_dotted_paths_collide_loads_each_leaf_by_its_real_path(tmp
   np.testing.assert_array_equal(out["a"]["b"], np.zeros(1))  # "a.b" in the state names only one leaf, not mapped here
 
 
+def test_one_source_leaf_is_never_loaded_into_two_target_leaves_sharing_its_dotted_path(tmp_path):
+  # Before: the target's key "a.b" (escaped a\.b) fell back to the source's nested a.b, which
+  # also filled the target's nested a.b: one saved value silently in two leaves.
+  saved_run(tmp_path / "pre", {"params": {"a": {"b": jnp.ones(1)}}})
+  state = {"params": {"a.b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}}}
+  loader = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"})
+  with pytest.raises(kckpt.TransplantError, match=r"target leaves params\.a\.b and params\.a\\\.b share the dotted path params\.a\.b"):
+    loader.transform(state)
+  # Naming the one meant works (the nested leaf: its name matches exactly).
+  out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.a.b": "params.a.b"}).transform(state)
+  np.testing.assert_array_equal(out["params"]["a"]["b"], np.ones(1))
+  np.testing.assert_array_equal(out["params"]["a.b"], np.zeros(1))
+
+
 # -- A .safetensors file as the source ----------------------------------------------
 
 
