@@ -61,6 +61,8 @@ def validate(ckpt: Checkpointer) -> None:
     raise ValueError(f"Checkpointer.workdir must be a path, got {type(ckpt.workdir).__name__}: {ckpt.workdir!r}")
   if not isinstance(ckpt.storage, storage_lib.StorageOptions):
     raise ValueError(f"Checkpointer.storage must be a kckpt.StorageOptions, got {type(ckpt.storage).__name__}: {ckpt.storage!r}")
+  if ckpt.health_fn is not None and not callable(ckpt.health_fn):
+    raise ValueError(f"Checkpointer.health_fn must be a function of the metrics or None, got {ckpt.health_fn!r}")
 
 
 def constructor_kwargs(cls: type, config: Mapping[str, Any] | Any) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from kckpt._types import Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError
 
 # Words a step may be named by, besides numbers and tags.
-STEP_WORDS = ("latest", "best")
+STEP_WORDS = ("latest", "best", "last_good")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,12 @@ class StepDetails:
       was dirty; None outside git), the saved arrays' ``shardings`` (sharding
       -> number of leaves) and the ``config`` given to `save`. Empty for
       steps written by other code.
+    healthy: False when the step was marked unhealthy at save: a floating
+      leaf held NaN or infinity (`health` names them), or the Checkpointer's
+      `health_fn` said so. True otherwise, steps saved without a health
+      record (other code, older kckpt) included.
+    health: the health record as saved (``healthy``, ``nonfinite_leaves``,
+      ``health_fn``), or None when there is none.
   """
 
   step: Step
@@ -105,6 +111,11 @@ class StepDetails:
   tag: str | None = None
   checksums: str | None = None
   provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  health: Mapping[str, Any] | None = None
+
+  @property
+  def healthy(self) -> bool:
+    return health_says_healthy(self.health)
 
   @property
   def user_items(self) -> tuple[str, ...]:
@@ -113,7 +124,14 @@ class StepDetails:
   @property
   def record(self) -> policies.StepRecord:
     """What retention needs of the step."""
-    return policies.StepRecord(step=self.step, time=self.time.timestamp() if self.time else None, metrics=self.metrics)
+    return policies.StepRecord(
+      step=self.step, time=self.time.timestamp() if self.time else None, metrics=self.metrics, healthy=self.healthy
+    )
+
+
+def health_says_healthy(health: Mapping[str, Any] | None) -> bool:
+  """Whether a step with this health record counts as healthy (no record: yes)."""
+  return health is None or health.get("healthy") is not False
 
 
 def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
@@ -129,6 +147,7 @@ def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
     tag=_orbax.step_tag(metadata),
     checksums=_orbax.step_checksums(metadata),
     provenance=_orbax.step_provenance(metadata),
+    health=_orbax.read_step_health(path),
   )
 
 
@@ -184,6 +203,7 @@ class RunIndex:
     # Records a writer gave (`remember`): kept until it `forget`s them, even while a
     # listing does not show the step yet (it is being saved).
     self._remembered: set[Step] = set()
+    self._health: dict[Step, bool] = {}  # step -> healthy, read once per step (or told by the writer)
 
   # -- Listing ----------------------------------------------------------------
 
@@ -231,6 +251,29 @@ class RunIndex:
     with self._lock:
       self._records.pop(step, None)
       self._remembered.discard(step)
+      self._health.pop(step, None)
+
+  def healthy(self, step: Step) -> bool:
+    """Whether `step` was not marked unhealthy at save (its small health file, read once)."""
+    with self._lock:
+      known = self._health.get(step)
+    if known is None:
+      record = _orbax.read_step_health(_layout.step_dir(self.checkpoints, step))
+      known = health_says_healthy(record)
+      if record is not None:  # no record (yet: a step being saved, or none at all) is read again next time
+        with self._lock:
+          self._health[step] = known
+    return known
+
+  def remember_health(self, step: Step, healthy: bool) -> None:
+    """What a writer decided of the step it is committing."""
+    with self._lock:
+      self._health[step] = healthy
+
+  def last_good_step(self) -> Step | None:
+    """The newest healthy step (health files are read newest first, until one is healthy)."""
+    finished = self.finished(fresh=True)
+    return next((s for s in reversed(finished) if self.healthy(s)), None)
 
   def details(self, step: StepSpec = -1) -> StepDetails:
     """Time, metrics, items and tag of the step `step` names."""
@@ -258,7 +301,8 @@ class RunIndex:
   def resolve(self, step: StepSpec) -> Step | None:
     """The step number that `step` names; None when it names the newest or best and there is none.
 
-    `step`: an int, -1 or ``"latest"`` (the newest), ``"best"``, or a tag.
+    `step`: an int, -1 or ``"latest"`` (the newest), ``"best"``,
+    ``"last_good"`` (the newest step not marked unhealthy), or a tag.
     A number is returned as it is (see `require` to check that it exists).
     """
     if isinstance(step, str):
@@ -266,6 +310,8 @@ class RunIndex:
         step = -1
       elif step == "best":
         return self.best_step()
+      elif step == "last_good":
+        return self.last_good_step()
       else:
         return self.step_with_tag(step)
     if isinstance(step, int) and not isinstance(step, bool) and step == -1:
@@ -277,9 +323,17 @@ class RunIndex:
     """Like `resolve`, but the step must exist (`CheckpointNotFoundError` otherwise)."""
     resolved = self.resolve(step)
     if resolved is None:
-      what = "scored step (no step has the best metric)" if step == "best" and self.finished() else "checkpoint"
+      what = self.missing_what(step)
       raise CheckpointNotFoundError(f"No {what} found in {self.checkpoints}")
     return self.require_exists(resolved)
+
+  def missing_what(self, step: StepSpec) -> str:
+    """What is missing when `step` resolves to nothing: ``"checkpoint"``, or why a word names no step."""
+    if step == "best" and self.finished():
+      return "scored step (no step has the best metric)"
+    if step == "last_good" and self.finished():
+      return "healthy step (every step was marked unhealthy at save)"
+    return "checkpoint"
 
   def require_exists(self, step: Step) -> Step:
     finished = self.finished()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 from etils import epath
 
+from kckpt import _health
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _preemption
@@ -105,6 +106,7 @@ class WriteSession:
         async_save=config.async_save,
         multiprocessing_options=config.multiprocessing_options,
         decide_preservation=self._decide_preservation,
+        keep_at_deletion=self._is_last_good,
         async_timeout_secs=config.async_timeout_secs,
         durable=config.durable,
         sync=multihost.SaveSync(str(self.directory), timeout_secs=config.barrier_timeout_secs)
@@ -169,6 +171,7 @@ class WriteSession:
         f" Delete it first (ckpt.delete({step})) or pass force=True to skip it."
       )
     provenance = _provenance.step_provenance((w.value for w in writes if w.format == "pytree"), config)
+    metrics_healthy = self._metrics_health(step, metrics)
     now = round(time.time(), 6)  # the step's time, recorded in it; microseconds, as a datetime holds it
     self._index.remember(policies.StepRecord(step=step, time=now, metrics=metrics))
     stats = telemetry.SaveTelemetry(
@@ -179,6 +182,7 @@ class WriteSession:
       started=started,
       async_save=self._config.async_save,
     )
+    collector = _health.start(self.directory, step, writes, on_complete=self._post_stats)
     try:
       self._writer.save(
         step,
@@ -192,9 +196,11 @@ class WriteSession:
           provenance=provenance,
         ),
         on_durable=stats.durable,
+        before_commit=lambda tmp: self._before_commit(tmp, step, collector, metrics_healthy),
       )
     except BaseException:
       self._index.forget(step)
+      _orbax.close_collector(collector)
       raise
     finally:
       self._index.invalidate()
@@ -204,17 +210,50 @@ class WriteSession:
     stats.returned(time.perf_counter())
     return True
 
+  def _metrics_health(self, step: Step, metrics: Mapping[str, Any] | None) -> bool | None:
+    """The `health_fn`'s verdict on the metrics (None without one); its errors name the step."""
+    health_fn = self._config.health_fn
+    if health_fn is None:
+      return None
+    try:
+      return bool(health_fn(metrics))
+    except Exception as e:
+      raise ValueError(f"save(step={step}): health_fn raised {type(e).__name__}: {e} (nothing was saved)") from e
+
+  def _post_stats(self, collector: Any) -> None:
+    """A non-primary process's statistics of the shards it wrote, for the primary (multi-process runs)."""
+    if not multihost.is_primary():  # the primary reads them before the commit; this process is done with them
+      self._writer.post_stats(collector.partials())
+      _orbax.close_collector(collector)
+
+  def _before_commit(self, tmp: epath.Path, step: Step, collector: Any, metrics_healthy: bool | None) -> None:
+    """On the primary, just before the commit: the step's health and leaf statistics, written into it."""
+    try:
+      record = _health.finish(tmp, collector, self._writer.gathered_stats(), metrics_healthy)
+    finally:
+      _orbax.close_collector(collector)
+    self._index.remember_health(step, record["healthy"])
+
   def _publish_stats(self, stats: telemetry.TransferStats) -> None:
     self._runtime.save_stats = stats
 
   def _decide_preservation(self, known_steps: Sequence[Step]) -> list[bool]:
     """Orbax's question "which of these steps stay?", answered by kckpt's retention rules."""
     records = [self._index.record(s) for s in known_steps]
-    decisions = {d.step: d.keep for d in policies.decide_retention(self._config.retention_policy, records)}
+    decisions = {
+      d.step: d.keep for d in policies.decide_retention(self._config.retention_policy, records, is_healthy=self._index.healthy)
+    }
     for step, keep in decisions.items():
       if not keep:
         self._index.forget(step)
     return [decisions[s] for s in known_steps]
+
+  def _is_last_good(self, step: Step) -> bool:
+    """Asked as Orbax deletes `step` after a commit: whether it is the newest healthy step (then it stays)."""
+    if not self._index.healthy(step):
+      return False
+    newer = [s for s in self._index.finished(fresh=True) if s > step]
+    return bool(newer) and not any(self._index.healthy(s) for s in newer)
 
   # -- Deleting -----------------------------------------------------------------
 

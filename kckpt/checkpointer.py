@@ -95,10 +95,16 @@ class Checkpointer(base.BaseCheckpointer):
       next `maybe_save` raises ``SystemExit(143)``). The handler is installed
       by the first `maybe_save` and removed by `close`.
     storage: `kckpt.StorageOptions`: the on-disk format (compression, OCDBT,
-      Zarr version) and I/O concurrency limits of saves. The default is the
-      fastest measured (uncompressed, OCDBT, Zarr v2);
+      Zarr version, checksums) and I/O concurrency limits of saves. The
+      default: uncompressed, OCDBT, Zarr v3 with a CRC32C per chunk;
       ``StorageOptions.orbax_defaults()`` writes what plain Orbax writes.
       Restores read any format.
+    health_fn: an optional function of a step's metrics (the dict given to
+      `save`, or None) that returns whether the step is healthy ("loss is
+      finite and below 10"). A step whose floating arrays hold NaN or
+      infinity is unhealthy too. Unhealthy steps are saved, and marked: the
+      newest healthy step is always kept (besides the other rules) and
+      ``restore(step="last_good")`` restores it.
     s3_endpoint: for ``s3://`` workdirs, the S3 endpoint URL (MinIO, R2...),
       overriding ``AWS_ENDPOINT_URL``; applies to the whole process (see
       `kckpt.cloud`).
@@ -137,6 +143,7 @@ class Checkpointer(base.BaseCheckpointer):
   barrier_timeout_secs: float = multihost.DEFAULT_BARRIER_TIMEOUT_SECS
   handle_sigterm: bool = True
   storage: storage_lib.StorageOptions = storage_lib.StorageOptions()
+  health_fn: Callable[[Metrics | None], bool] | None = None
   s3_endpoint: str | None = None
   s3_region: str | None = None
 
@@ -286,7 +293,9 @@ class Checkpointer(base.BaseCheckpointer):
     [(1, ('latest',)), (2, ('newest', 'latest'))]
     """
     finished = self._index.finished(fresh=True)
-    return policies.decide_retention(self.retention_policy, [self._index.record(s) for s in finished])
+    return policies.decide_retention(
+      self.retention_policy, [self._index.record(s) for s in finished], is_healthy=self._index.healthy
+    )
 
   # -- Saving -----------------------------------------------------------------
 
@@ -538,8 +547,9 @@ class Checkpointer(base.BaseCheckpointer):
     if resolved is None:
       if noop_if_missing and step in (-1, "latest"):
         return state
-      what = "scored step (no step has the best metric)" if step == "best" and self._index.finished() else "checkpoint"
-      raise CheckpointNotFoundError(f"No {what} found in {self.directory}. Use `noop_if_missing=True` to keep the initial state.")
+      raise CheckpointNotFoundError(
+        f"No {self._index.missing_what(step)} found in {self.directory}. Use `noop_if_missing=True` to keep the initial state."
+      )
     step = self._index.require_exists(resolved)
     if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
       multihost.barrier("restore", timeout_secs=self.barrier_timeout_secs, what=f"restore(step={step})")

@@ -250,6 +250,22 @@ class SaveSync:
     if old >= 1 and self._me == 0:
       self._client.key_value_delete(self._round(old))
 
+  def post_stats(self, partials: Any) -> None:
+    """This process's per-leaf statistics of the current save, for the primary (`gathered_stats`)."""
+    if self._save:
+      self._client.key_value_set(f"{self._round(self._save)}/stats/{self._me}", json.dumps(partials), allow_overwrite=True)
+
+  def gathered_stats(self) -> list[Any]:
+    """The statistics the other processes posted for the current save.
+
+    Called by the primary just before the commit: Orbax's barrier before it
+    means every process finished writing (and posting).
+    """
+    if not self._save:
+      return []
+    entries = self._client.key_value_dir_get(f"{self._round(self._save)}/stats/")
+    return [json.loads(value) for key, value in entries if int(key.rsplit("/", 1)[1]) != self._me]
+
   def report_failure(self, message: str) -> None:
     """Tells the other processes that this process failed the current save."""
     if self._save:

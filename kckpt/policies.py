@@ -172,11 +172,15 @@ class StepRecord:
     step: the step.
     time: when it was saved, in seconds since the epoch (None: unknown).
     metrics: the metrics saved with it (None: saved without metrics).
+    healthy: False when the step was marked unhealthy at save (non-finite
+      floating values, or the `health_fn` said so); True otherwise, steps
+      saved without a health record included.
   """
 
   step: Step
   time: float | None = None
   metrics: Metrics | None = None
+  healthy: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,10 +254,21 @@ class KeepDecision:
     return dataclasses.asdict(self)
 
 
-def decide_retention(policy: RetentionPolicy, records: Iterable[StepRecord]) -> list[KeepDecision]:
+def decide_retention(
+  policy: RetentionPolicy, records: Iterable[StepRecord], *, is_healthy: Callable[[Step], bool] | None = None
+) -> list[KeepDecision]:
   """Decides, for each step, whether it stays and why. Sorted by step.
 
-  Each step appears once (the last record given for a step wins).
+  Each step appears once (the last record given for a step wins). Besides the
+  policy's rules, the newest healthy step always stays (reason ``"last
+  good"``, when the newest step is not healthy). `is_healthy(step)` is asked
+  newest first until a healthy step is found (default: `StepRecord.healthy`),
+  so only the steps newer than the last good one are looked at.
+
+  >>> policy = RetentionPolicy(max_to_keep=2)
+  >>> records = [StepRecord(1), StepRecord(2), StepRecord(3, healthy=False), StepRecord(4, healthy=False)]
+  >>> [(d.step, d.reasons) for d in decide_retention(policy, records) if d.keep]
+  [(2, ('last good',)), (3, ('latest',)), (4, ('newest', 'latest'))]
   """
   records = sorted({r.step: r for r in records}.values(), key=lambda r: r.step)
   reasons: dict[Step, list[str]] = {r.step: [] for r in records}
@@ -261,6 +276,10 @@ def decide_retention(policy: RetentionPolicy, records: Iterable[StepRecord]) -> 
     return []
 
   reasons[records[-1].step].append("newest")
+  healthy = is_healthy or {r.step: r.healthy for r in records}.__getitem__
+  last_good = next((r.step for r in reversed(records) if healthy(r.step)), None)
+  if last_good is not None and last_good != records[-1].step:
+    reasons[last_good].append("last good")
 
   scores = {r.step: policy.score(r.metrics) for r in records}
   if policy.ranks_by_metric:

@@ -158,3 +158,104 @@ def test_a_config_that_is_not_json_is_refused_and_nothing_is_saved(workdir):
     ckpt.save(train_state(1), step=1, config={"fn": print})
   assert ckpt.all_steps == []
   ckpt.close()
+
+
+# -- Health ----------------------------------------------------------------------
+
+
+def test_nan_steps_are_marked_unhealthy_and_the_last_good_one_is_kept_and_restorable(workdir):
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=2)
+  for step in range(1, 7):
+    value = float(step) if step <= 3 else float("nan")
+    ckpt.save({"w": jnp.full((8, 8), value), "b": np.full(3, value, np.float32), "count": step}, step=step)
+  ckpt.wait_until_finished()
+  assert ckpt.all_steps == [3, 5, 6]
+  assert [(d.step, d.reasons) for d in ckpt.retention()] == [(3, ("last good",)), (5, ("latest",)), (6, ("newest", "latest"))]
+  assert ckpt.step_details(3).healthy and not ckpt.step_details(6).healthy
+  assert ckpt.step_details(6).health["nonfinite_leaves"] == ["default/b", "default/w"]
+  restored = ckpt.restore({"w": jnp.zeros((8, 8)), "b": np.zeros(3, np.float32), "count": 0}, step="last_good")
+  np.testing.assert_array_equal(restored["w"], np.full((8, 8), 3.0))
+  assert restored["count"] == 3
+  ckpt.close()
+  # A restarted writer sees the same: another NaN step still keeps step 3.
+  again = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=2)
+  assert again.step_details("last_good").step == 3
+  again.save({"w": jnp.full((8, 8), np.nan), "b": np.zeros(3, np.float32), "count": 7}, step=7)
+  again.close()
+  assert again.all_steps == [3, 6, 7]
+  # Once a healthy step is saved, the old last good one is an ordinary step again.
+  again.save({"w": jnp.ones((8, 8)), "b": np.zeros(3, np.float32), "count": 8}, step=8)
+  again.close()
+  assert again.all_steps == [7, 8] and again.step_details("last_good").step == 8
+
+
+def test_health_fn_marks_steps_by_their_metrics(workdir):
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=1, health_fn=lambda m: m["loss"] < 10)
+  ckpt.save({"w": jnp.ones(4)}, step=1, metrics={"loss": 2.0})
+  ckpt.save({"w": jnp.ones(4) * 2}, step=2, metrics={"loss": 50.0})
+  ckpt.close()
+  assert ckpt.all_steps == [1, 2]  # 1 is the last good step
+  assert ckpt.step_details(2).health == {
+    "healthy": False,
+    "nonfinite_leaf_count": 0,
+    "nonfinite_leaves": [],
+    "health_fn": False,
+  }
+  np.testing.assert_array_equal(ckpt.restore({"w": jnp.zeros(4)}, step="last_good")["w"], np.ones(4))
+
+
+def test_a_health_fn_that_raises_names_the_step_and_saves_nothing(workdir):
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, health_fn=lambda m: m["loss"] < 10)
+  with pytest.raises(ValueError, match=r"save\(step=4\): health_fn raised TypeError"):
+    ckpt.save({"w": jnp.ones(4)}, step=4)  # no metrics: the function cannot index None
+  assert ckpt.all_steps == []
+  ckpt.close()
+
+
+def test_last_good_without_any_healthy_step_is_not_found(workdir):
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  ckpt.save({"w": jnp.full(4, np.inf)}, step=1)
+  ckpt.close()
+  with pytest.raises(kckpt.CheckpointNotFoundError, match="No healthy step \\(every step was marked unhealthy"):
+    ckpt.restore(step="last_good")
+
+
+# -- Per-leaf statistics -----------------------------------------------------------
+
+
+def test_leaf_statistics_equal_numpys_on_the_saved_arrays(workdir):
+  rng = np.random.default_rng(3)
+  state = {
+    "params": {
+      "w": jnp.asarray(rng.standard_normal((64, 32), np.float32)),
+      "e": jnp.asarray(rng.standard_normal(100), jnp.bfloat16),
+    },
+    "host": rng.standard_normal(7),  # a NumPy leaf (float64)
+    "bad": jnp.asarray([1.0, np.nan, 3.0]),
+    "ints": jnp.arange(5),  # not floating: no statistics
+  }
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  ckpt.save(state, step=1)
+  ckpt.close()
+  stats = kckpt.inspect.leaf_stats(ckpt.directory, 1)["default"]
+  assert set(stats) == {"params.w", "params.e", "host", "bad"}
+  saved = ckpt.restore()
+  for name, value in {"params.w": saved["params"]["w"], "params.e": saved["params"]["e"], "host": saved["host"]}.items():
+    x = np.asarray(value, np.float64)
+    expected = {"norm": np.linalg.norm(x), "min": x.min(), "max": x.max(), "mean": x.mean()}
+    for key, want in expected.items():
+      assert stats[name][key] == pytest.approx(want, rel=1e-5, abs=1e-6), (name, key)
+    assert stats[name]["nonfinite"] == 0 and stats[name]["size"] == x.size
+  assert stats["bad"]["nonfinite"] == 1 and np.isnan(stats["bad"]["norm"]) and np.isnan(stats["bad"]["min"])
+
+
+def test_no_write_spec_outlives_its_save(workdir):
+  """The array hook keeps each spec only until its array is written (or its step is done, for NumPy leaves)."""
+  from kckpt._orbax import _checksums  # pylint: disable=import-outside-toplevel
+
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  for step in (1, 2, 3):
+    ckpt.save({"w": jnp.ones(4), "host": np.ones((2, 2)), "more": [np.zeros(3)] * 4}, step=step)
+  ckpt.wait_until_finished()
+  assert not [v for v in _checksums._owners.values() if v[1].startswith(ckpt.directory.as_posix())]
+  ckpt.close()

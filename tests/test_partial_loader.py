@@ -213,7 +213,9 @@ def test_one_source_leaf_is_never_loaded_into_two_target_leaves_sharing_its_dott
   saved_run(tmp_path / "pre", {"params": {"a": {"b": jnp.ones(1)}}})
   state = {"params": {"a.b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}}}
   loader = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params": "params"})
-  with pytest.raises(kckpt.TransplantError, match=r"target leaves params\.a\.b and params\.a\\\.b share the dotted path params\.a\.b"):
+  with pytest.raises(
+    kckpt.TransplantError, match=r"target leaves params\.a\.b and params\.a\\\.b share the dotted path params\.a\.b"
+  ):
     loader.transform(state)
   # Naming the one meant works (the nested leaf: its name matches exactly).
   out = kckpt.PartialLoader(workdir=tmp_path / "pre", new_to_old={"params.a.b": "params.a.b"}).transform(state)

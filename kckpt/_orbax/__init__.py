@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 from kckpt._orbax._format import (
   COMMIT_MARKER,
   CRC32C,
+  HEALTH_FILE,
+  LEAF_STATS_FILE,
   METRICS_ITEM,
   STEP_METADATA_FILE,
   TMP_MARKER,
@@ -44,6 +46,8 @@ from kckpt._orbax._format import (
   is_temporary_name,
   item_formats,
   needs_commit_marker,
+  read_leaf_stats,
+  read_step_health,
   read_step_metadata,
   read_step_metrics,
   remove_step_folder,
@@ -55,6 +59,13 @@ from kckpt._orbax._format import (
 
 # Names that need Orbax (or JAX, TensorStore) -> the module that defines them, imported on first use.
 _LAZY = {
+  "StatsCollector": "_leafstats",
+  "leaf_stats": "_leafstats",
+  "merge_partials": "_leafstats",
+  "open_collector": "_leafstats",
+  "close_collector": "_leafstats",
+  "reduce_shards": "_leafstats",
+  "before_commit": "_commit",
   "DurableRenameTemporaryPath": "_commit",
   "damaged_files": "_files",
   "MultiprocessingOptions": "_handlers",
@@ -103,9 +114,15 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-  from kckpt._orbax._commit import DurableRenameTemporaryPath
+  from kckpt._orbax._commit import DurableRenameTemporaryPath, before_commit
   from kckpt._orbax._files import damaged_files
   from kckpt._orbax._handlers import MultiprocessingOptions
+  from kckpt._orbax._leafstats import StatsCollector
+  from kckpt._orbax._leafstats import close_collector
+  from kckpt._orbax._leafstats import leaf_stats
+  from kckpt._orbax._leafstats import merge_partials
+  from kckpt._orbax._leafstats import open_collector
+  from kckpt._orbax._leafstats import reduce_shards
   from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, saved_leaf_specs
   from kckpt._orbax._patches import install_s3_support
   from kckpt._orbax._reader import (
@@ -126,6 +143,8 @@ if TYPE_CHECKING:
 __all__ = [
   "COMMIT_MARKER",
   "CRC32C",
+  "HEALTH_FILE",
+  "LEAF_STATS_FILE",
   "DurableRenameTemporaryPath",
   "ItemFormat",
   "ItemRead",
@@ -135,10 +154,13 @@ __all__ = [
   "MultiprocessingOptions",
   "RESTORE_BATCH_BYTES",
   "STEP_METADATA_FILE",
+  "StatsCollector",
   "SavedLeaf",
   "TMP_MARKER",
   "Writer",
   "abstract_target",
+  "before_commit",
+  "close_collector",
   "custom_metadata",
   "damaged_files",
   "escaped_items",
@@ -148,13 +170,19 @@ __all__ = [
   "is_step_folder",
   "is_temporary_name",
   "item_formats",
+  "leaf_stats",
   "match_scalar_types",
+  "merge_partials",
   "metadata_as_shape_dtype",
   "needs_commit_marker",
+  "open_collector",
   "pytree_metadata",
   "read_each",
+  "reduce_shards",
   "read_items",
   "read_leaves",
+  "read_leaf_stats",
+  "read_step_health",
   "read_step_metadata",
   "read_step_metrics",
   "read_tree_into",

@@ -1,46 +1,72 @@
-"""Checksums of array data: a CRC32C per chunk, written and checked by TensorStore.
+"""What kckpt adds to each array Orbax writes under a kckpt workdir: a CRC32C per chunk, and statistics.
 
-Zarr v3 has a ``crc32c`` codec: TensorStore appends the CRC32C of each chunk
-when it writes it (in its own I/O threads, with the CPU's CRC instruction) and
-checks it on every read, failing with ``DATA_LOSS: ... Digest mismatch``. A
-reader needs nothing from kckpt: the codec is in each array's ``zarr.json``,
-so plain Orbax and TensorStore read (and check) these checkpoints too.
+Orbax 0.12 has no hook per array. Two of its module-level functions are
+wrapped (once, at the first kckpt writer; see `_reaches`), and act only for
+arrays written under a folder that an open kckpt `Writer` registered
+(`register`): arrays written anywhere else, by plain Orbax in the same
+process included, are left exactly as Orbax writes them.
 
-Orbax 0.12 has no option for codecs. Its Zarr v3 arrays are written with a
-``sharding_indexed`` codec whose one inner chunk is the whole chunk (its
-index has a CRC32C, the data none). For arrays written under a workdir that a
-kckpt `Writer` registered (`writing_with_checksums`), the spec built by
-`tensorstore_utils.build_array_write_spec` is changed to the inner chunk's
-codecs followed by ``crc32c``: the same chunks, one read each, with a
-checksum. Arrays written anywhere else, by plain Orbax in the same process
-included, are left as Orbax builds them.
+**Checksums.** Zarr v3 has a ``crc32c`` codec: TensorStore appends the CRC32C
+of each chunk when it writes it (in its own I/O threads, with the CPU's CRC
+instruction) and checks it on every read, failing with ``DATA_LOSS: ...
+Digest mismatch``. A reader needs nothing from kckpt: the codec is in each
+array's ``zarr.json``, so plain Orbax and TensorStore read (and check) these
+checkpoints too. Orbax writes its Zarr v3 arrays with a ``sharding_indexed``
+codec whose one inner chunk is the whole chunk (its index has a CRC32C, the
+data none); `tensorstore_utils.build_array_write_spec`'s result is changed to
+the inner chunk's codecs followed by ``crc32c``: the same chunks, one read
+each, with a checksum.
+
+**Statistics.** `serialization.async_serialize_from_host` gets each array's
+shards already copied to host memory by Orbax (the copy every async save
+makes); alongside the write, a worker thread reduces them to
+`kckpt._orbax._leafstats.Partial` values (count, non-finite count, sum, sum
+of squares, min, max) for the step's `StatsCollector`. Nothing runs on the
+training thread and no array is copied again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
+from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
 from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # Orbax 0.12 internal: see install
 
+from kckpt._orbax import _leafstats
 from kckpt._orbax._format import CRC32C  # the step's ``checksums`` entry when its arrays carry them
 
-__all__ = ["CRC32C", "install", "installed", "register", "with_crc32c", "writing_with_checksums"]
+__all__ = ["CRC32C", "install", "installed", "register", "with_crc32c"]
+
+
+@dataclasses.dataclass
+class _Root:
+  writers: int = 0
+  checksums: bool = True
+
 
 _lock = threading.Lock()
-_roots: dict[str, int] = {}  # workdir prefix -> how many writers registered it
+_roots: dict[str, _Root] = {}  # "<checkpoints folder>/" -> what the writers there want
+# id(write spec) -> (the spec, item folder, parameter name), until serialized. The spec itself is
+# held so that its id is not reused by another dict while the entry exists.
+_owners: dict[int, tuple[dict[str, Any], str, str]] = {}
 _original_build = _ts_utils.build_array_write_spec
+_original_serialize = _serialization.async_serialize_from_host
 _installed = False
 
 
-def _under_registered_root(parent_dir: Any) -> bool:
+def _root_of(parent_dir: Any) -> tuple[str, _Root] | None:
   if parent_dir is None or not _roots:
-    return False
+    return None
   path = epath.Path(parent_dir).as_posix() + "/"
-  return any(path.startswith(root) for root in tuple(_roots))
+  for root, wanted in tuple(_roots.items()):
+    if path.startswith(root):
+      return root, wanted
+  return None
 
 
 def with_crc32c(spec: dict[str, Any], name: str) -> None:
@@ -73,44 +99,85 @@ def with_crc32c(spec: dict[str, Any], name: str) -> None:
 
 def _build_array_write_spec(info, *args, **kwargs):
   spec = _original_build(info, *args, **kwargs)
-  if getattr(info, "use_zarr3", False) and _under_registered_root(getattr(info, "parent_dir", None)):
-    with_crc32c(spec.json, str(getattr(info, "name", "?")))
+  found = _root_of(getattr(info, "parent_dir", None))
+  if found is not None:
+    _, wanted = found
+    name = str(getattr(info, "name", "?"))
+    if wanted.checksums and getattr(info, "use_zarr3", False):
+      with_crc32c(spec.json, name)
+    with _lock:
+      _owners[id(spec.json)] = (spec.json, epath.Path(info.parent_dir).as_posix(), name)
   return spec
 
 
+async def _serialize_from_host(rslices_on_host, tensorstore_spec, *args, **kwargs):
+  with _lock:
+    owner = _owners.pop(id(tensorstore_spec), None)
+  if owner is not None and owner[0] is not tensorstore_spec:
+    owner = None
+  collector = _leafstats.collector_for(owner[1]) if owner is not None else None
+  if owner is None or collector is None:
+    return await _original_serialize(rslices_on_host, tensorstore_spec, *args, **kwargs)
+  _, item_dir, name = owner
+  shards = [s.unsliced_data for s in rslices_on_host.replica_slices if s.is_on_host]
+  results = await asyncio.gather(
+    _original_serialize(rslices_on_host, tensorstore_spec, *args, **kwargs),
+    asyncio.to_thread(_leafstats.reduce_shards, shards),
+  )
+  collector.add(_leafstats.item_name(epath.Path(item_dir).name), name, results[1])
+  return None
+
+
+def _forget_specs_under(step_dir: str) -> None:
+  """Drops the specs of arrays never serialized here (NumPy leaves) once their step's collector closes."""
+  step_dir = step_dir.rstrip("/")
+  prefixes = (step_dir + "/", step_dir + ".")  # the step folder, and its temporary name (ckpt_5.orbax-checkpoint-tmp-...)
+  with _lock:
+    for key, (_, item_dir, _) in list(_owners.items()):
+      if item_dir.startswith(prefixes):
+        del _owners[key]
+
+
 def install() -> None:
-  """Hooks Orbax's array spec builder (once; it changes nothing until a root is registered)."""
+  """Hooks Orbax's array spec builder and host serializer (once; they change nothing until a root is registered)."""
   global _installed
   with _lock:
     if not _installed:
-      # Orbax 0.12 internal: the module-level builder that jax_array_handlers and
-      # type_handlers call (as `ts_utils.build_array_write_spec`) for every array leaf.
+      # Orbax 0.12 internals: module-level functions that jax_array_handlers and
+      # type_handlers look up on their modules (`ts_utils.build_array_write_spec`,
+      # `serialization.async_serialize_from_host`) for every array leaf.
       _ts_utils.build_array_write_spec = _build_array_write_spec
+      _serialization.async_serialize_from_host = _serialize_from_host
+      _leafstats.on_close(_forget_specs_under)
       _installed = True
 
 
 def installed() -> bool:
-  return _installed and _ts_utils.build_array_write_spec is _build_array_write_spec
+  return (
+    _installed
+    and _ts_utils.build_array_write_spec is _build_array_write_spec
+    and _serialization.async_serialize_from_host is _serialize_from_host
+  )
 
 
-@contextlib.contextmanager
-def writing_with_checksums(directory: epath.Path | str) -> Iterator[None]:
-  """Arrays written under `directory` while the context is open carry a CRC32C per chunk."""
+def register(directory: epath.Path | str, *, checksums: bool) -> contextlib.ExitStack:
+  """Arrays written under `directory` get statistics, and a CRC32C per chunk when `checksums`, until closed."""
   root = epath.Path(directory).as_posix().rstrip("/") + "/"
   install()
   with _lock:
-    _roots[root] = _roots.get(root, 0) + 1
-  try:
-    yield
-  finally:
+    wanted = _roots.setdefault(root, _Root(checksums=checksums))
+    wanted.writers += 1
+    wanted.checksums = checksums
+
+  def unregister() -> None:
     with _lock:
-      _roots[root] -= 1
-      if not _roots[root]:
-        del _roots[root]
+      wanted.writers -= 1
+      if not wanted.writers:
+        _roots.pop(root, None)
+      for key, (_, item_dir, _) in list(_owners.items()):  # specs of arrays never serialized (NumPy leaves)
+        if item_dir.startswith(root):
+          del _owners[key]
 
-
-def register(directory: epath.Path | str) -> contextlib.ExitStack:
-  """`writing_with_checksums` as an object to close later (a `Writer` holds it until `close`)."""
   stack = contextlib.ExitStack()
-  stack.enter_context(writing_with_checksums(directory))
+  stack.callback(unregister)
   return stack

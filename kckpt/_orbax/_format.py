@@ -26,6 +26,9 @@ from kckpt._types import Step
 
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 CRC32C = "crc32c"  # the step's ``checksums`` entry when each array chunk carries a CRC32C (`_checksums`)
+# kckpt's own files in a step folder, written just before the commit (see `_commit.before_commit`).
+HEALTH_FILE = "_KCKPT_HEALTH.json"  # {"healthy": bool, "nonfinite_leaves": [...], "health_fn": bool | None}
+LEAF_STATS_FILE = "_KCKPT_LEAF_STATS.json"  # {item: {parameter name: {"norm", "min", "max", "mean", "nonfinite", "size"}}}
 COMMIT_MARKER = "commit_success.txt"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 METRICS_ITEM = "metrics"  # Orbax's own place for a step's metrics: ``metrics/metrics``
@@ -153,6 +156,30 @@ def custom_metadata(
   if provenance is not None:
     own["provenance"] = dict(provenance)
   return {KCKPT_METADATA_KEY: own}
+
+
+def read_step_health(path: epath.Path) -> dict[str, Any] | None:
+  """The step's health record (`HEALTH_FILE`), or None: saved without one (other code, older kckpt)."""
+  try:
+    value = json.loads((path / HEALTH_FILE).read_text())
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    log.warning("Step health %s is not valid JSON (%s): the step's health is unknown.", path / HEALTH_FILE, e)
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def read_leaf_stats(path: epath.Path) -> dict[str, dict[str, dict[str, Any]]]:
+  """item -> parameter name -> statistics of the step's floating leaves; {} when none were recorded."""
+  try:
+    value = json.loads((path / LEAF_STATS_FILE).read_text())
+  except (FileNotFoundError, NotADirectoryError):
+    return {}
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    log.warning("Leaf statistics %s are not valid JSON (%s).", path / LEAF_STATS_FILE, e)
+    return {}
+  return value if isinstance(value, dict) else {}
 
 
 def step_checksums(metadata: Mapping[str, Any]) -> str | None:

@@ -23,7 +23,9 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   ``crc32c`` codec to arrays written under an open kckpt writer's folder.
   Orbax has no option for codecs; its v3 chain (``sharding_indexed`` with one
   inner chunk) is checked at each save, which fails naming the array when it
-  changes.
+  changes. And ``serialization.async_serialize_from_host`` (called by
+  ``jax_array_handlers`` on the host copies of an array's shards): reduce
+  them to per-leaf statistics alongside the write.
 - ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
   before removing, so readers never see half a step. No option takes one.
 - ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,
@@ -38,12 +40,12 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   joins threads and shuts the thread pools Orbax's background save needs
   (``atexit`` runs too late: the exit hangs first). concurrent.futures uses it.
 - ``CheckpointManagerOptions.temporary_path_class`` (public, deprecated since
-  0.12.3; `_commit`): fsync every file before the atomic rename.
+  0.12.3; `_commit`): write kckpt's files of the step (health, leaf
+  statistics) and fsync every file before the atomic rename or commit file.
   `atomicity_options`, its replacement, picks only Orbax's own classes.
 
 Replaced by public API in this release: the finalize thread
-(`is_saving_in_progress()`), the commit-file class for s3://
-(`AtomicityOptions(mode=COMMIT_FILE)`), ``tensorstore_utils.get_ts_context``
+(`is_saving_in_progress()`), ``tensorstore_utils.get_ts_context``
 (`ocp.serialization.get_ts_context`), the absl log filter on Orbax's metrics
 warning (metrics are a JSON item, Orbax tracks none), and ``_atomicity``'s
 rename class (`ocp.path.atomicity.AtomicRenameTemporaryPath`).
@@ -116,6 +118,14 @@ def _array_spec_builder_looked_up_on_the_module() -> bool:
   )
 
 
+def _host_serializer_looked_up_on_the_module() -> bool:
+  handlers = inspect.getsource(importlib.import_module("orbax.checkpoint._src.serialization.jax_array_handlers"))
+  serialization = importlib.import_module("orbax.checkpoint._src.serialization.serialization")
+  return callable(getattr(serialization, "async_serialize_from_host", None)) and (
+    "serialization.async_serialize_from_host(" in handlers
+  )
+
+
 _TS_UTILS = "orbax.checkpoint._src.serialization.tensorstore_utils"
 _GCS_UTILS = "orbax.checkpoint._src.path.gcs_utils"
 
@@ -127,6 +137,7 @@ REACHES = (
   Reach(f"{_TS_UTILS}.build_kvstore_tspec", _has(_TS_UTILS, "build_kvstore_tspec")),
   Reach(f"{_GCS_UTILS}.get_kvstore_for_gcs", _has(_GCS_UTILS, "get_kvstore_for_gcs")),
   Reach(f"{_TS_UTILS}.build_array_write_spec (as called by the array handlers)", _array_spec_builder_looked_up_on_the_module),
+  Reach("serialization.async_serialize_from_host (as called by the array handler)", _host_serializer_looked_up_on_the_module),
   Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
   Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
   Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),

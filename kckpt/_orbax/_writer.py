@@ -82,6 +82,7 @@ class Writer:
     async_save: bool,
     multiprocessing_options: MultiprocessingOptions | None,
     decide_preservation: Callable[[Sequence[Step]], Sequence[bool]],
+    keep_at_deletion: Callable[[Step], bool] | None = None,
     async_timeout_secs: int | None = None,
     durable: bool = True,
     sync: Any = None,
@@ -118,7 +119,8 @@ class Writer:
     self._sync = sync
     storage = storage or storage_lib.StorageOptions()
     self.checksums = storage.checksums  # arrays written here carry a CRC32C per chunk
-    self._checksum_scope = _checksums.register(directory) if storage.checksums else None
+    # Arrays written here get per-leaf statistics (and checksums): see `_checksums`.
+    self._checksum_scope: Any = _checksums.register(directory, checksums=storage.checksums)
     self._manager = ocp.CheckpointManager(
       directory, options=options, handler_registry=_handlers.handler_registry(storage, multiprocessing_options)
     )
@@ -128,7 +130,10 @@ class Writer:
       # never see a half-deleted step (see _commit.RenameThenDelete; on S3 the commit
       # marker is removed first, then the objects).
       self._manager._checkpoint_deleter = _commit.RenameThenDelete(  # pylint: disable=protected-access
-        directory, (multiprocessing_options or MultiprocessingOptions()).primary_host
+        directory,
+        (multiprocessing_options or MultiprocessingOptions()).primary_host,
+        keep=keep_at_deletion,
+        on_kept=self._refresh_known_steps,
       )
     self._in_flight: Step | None = None
     self._lock = threading.Lock()
@@ -145,26 +150,43 @@ class Writer:
     metrics: Metrics | None,
     custom_metadata: Mapping[str, Any] | None = None,
     on_durable: Callable[[float], None] | None = None,
+    before_commit: Callable[[epath.Path], None] | None = None,
   ) -> None:
-    """Starts saving `step`; `on_durable(time.perf_counter())` once it is durable (not if it fails)."""
+    """Starts saving `step`; `on_durable(time.perf_counter())` once it is durable (not if it fails).
+
+    `before_commit(temporary step folder)` runs on the primary process just
+    before the commit (see `_commit.before_commit`).
+    """
     self.wait()  # Surfaces an earlier failure before starting the next save.
     args = ocp.args.Composite(
       **{w.name: _save_args(w) for w in writes},
       **({_format.METRICS_ITEM: ocp.args.JsonSave(dict(metrics))} if metrics is not None else {}),
     )
     self._on_durable[step] = on_durable
+    final = _layout.step_dir(self.directory, step)
+    _commit.before_commit(final, before_commit)
     if self._sync is not None:
       self._sync.begin_save(step)
     try:
       saved = self._manager.save(step, args=args, force=True, custom_metadata=dict(custom_metadata) if custom_metadata else None)
     except BaseException as e:
       self._on_durable.pop(step, None)
+      _commit.before_commit(final, None)
       if self._sync is not None:  # the other processes must not wait for this one
         self._sync.report_failure(f"{type(e).__name__}: {e}")
       raise
     if not saved:  # Orbax refuses silently only when read-only; never expected here.
       raise RuntimeError(f"Orbax did not save step {step} in {self.directory}")
     self._in_flight = step
+
+  def post_stats(self, partials: Mapping[str, Any]) -> None:
+    """A non-primary process hands the primary the statistics of the shards it wrote (multi-process runs)."""
+    if self._sync is not None:
+      self._sync.post_stats(partials)
+
+  def gathered_stats(self) -> list[Any]:
+    """On the primary, before the commit: the statistics every other process posted for this save."""
+    return self._sync.gathered_stats() if self._sync is not None else []
 
   def is_busy(self) -> bool:
     """Whether the background part of a save (commit, deleting old steps) is still running.

@@ -21,7 +21,10 @@ from kckpt.errors import CheckpointNotFoundError, CliError
 PROG = "kckpt"
 EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 RUN_HELP = "a workdir, its checkpoints/ folder, or one ckpt_<step> folder"
-STEP_HELP = "a number, -1 or 'latest' (the newest), 'best' (by the retention rules), or a tag given to save"
+STEP_HELP = (
+  "a number, -1 or 'latest' (the newest), 'best' (by the retention rules), 'last_good' (the newest healthy step),"
+  " or a tag given to save"
+)
 
 
 # ---------------------------------------------------------------------------

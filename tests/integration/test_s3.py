@@ -297,7 +297,7 @@ def test_orbax_builds_s3_kvstores_through_the_hook(s3_workdir):
   assert plain["driver"] == "s3" and plain["path"] == "run/ckpt_1/default/w"
   assert _patches._ts_utils.build_kvstore_tspec("/tmp/x", use_ocdbt=False)["driver"] == "file"  # local paths untouched
   options = _commit.commit_options(epath.Path("s3://bkt/run"), True)
-  assert options["atomicity_options"].mode == ocp.options.AtomicityMode.COMMIT_FILE
+  assert issubclass(options["temporary_path_class"], ocp.path.atomicity.CommitFileTemporaryPath)
 
 
 def test_a_step_deleted_while_a_reader_restores_it_is_not_found_not_corrupt(s3_server, s3_workdir):

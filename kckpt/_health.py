@@ -1,0 +1,90 @@
+"""A step's health and per-leaf statistics: gathered during its save, written into it before the commit.
+
+At `save` (`start`): a `StatsCollector` is opened for the step; the NumPy and
+Python float leaves are reduced at once (they are on the host already), the
+`jax.Array` leaves by the array hook while Orbax writes them, from the host
+copy of their shards that Orbax makes anyway (`kckpt._orbax._checksums`), in
+Orbax's background threads. Just before the commit, on the primary process
+(`finish`): the partials of every process are merged into per-leaf
+statistics (norm, min, max, mean, non-finite count, size), and the step is
+healthy when no floating leaf holds NaN or infinity and the `health_fn` (if
+any) said so. Both are written into the step folder (`HEALTH_FILE`,
+`LEAF_STATS_FILE`), so they are part of the step, atomically.
+
+Why not on the device: reducing each leaf with XLA means compiling one
+program per distinct array shape; on the CPU that measured about 0.2 s per
+shape (46 s for 200 shapes), which a state of thousands of leaves cannot pay
+at its first save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from kckpt import _fs
+from kckpt import _orbax
+from kckpt import multihost
+from kckpt import trees
+
+# At most this many leaves are named in a health record (the count is always there).
+MAX_NAMED_LEAVES = 50
+
+
+def _saved_as_array(leaf: Any) -> bool:
+  """Whether Orbax writes `leaf` through its array handler (and the hook sees it)."""
+  return isinstance(leaf, jax.Array) and not (multihost.process_count() > 1 and leaf.is_fully_addressable)
+
+
+def start(
+  checkpoints: epath.Path, step: int, writes: Sequence[_orbax.ItemWrite], *, on_complete: Callable[[Any], None] | None
+) -> Any:
+  """Opens the step's statistics and adds those of its host leaves (NumPy arrays, Python floats)."""
+  pytrees = [w for w in writes if w.format == "pytree"]
+  flat = {w.name: trees.flatten_with_paths(w.value) for w in pytrees}
+  arrays = sum(1 for leaves in flat.values() for leaf in leaves.values() if _saved_as_array(leaf))
+  collector = _orbax.open_collector(checkpoints, step, arrays, on_complete=on_complete)
+  for item, leaves in flat.items():
+    for name, leaf in leaves.items():
+      if _saved_as_array(leaf):
+        continue
+      if isinstance(leaf, (np.ndarray, np.generic, float)) and not isinstance(leaf, bool):
+        collector.add(item, name, _orbax.reduce_shards([np.asarray(leaf)]), array=False)
+  return collector
+
+
+def _json_number(value: float | int) -> float | int | str:
+  """JSON has no NaN or infinity: they are written as strings ("nan", "inf", "-inf")."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def finish(tmp: epath.Path, collector: Any, others: Iterable[Mapping[str, Any]], metrics_healthy: bool | None) -> dict[str, Any]:
+  """Writes the step's health record and leaf statistics into its temporary folder `tmp`; returns the record."""
+  merged = _orbax.merge_partials([collector.partials(), *others])
+  stats = {
+    item: {name: {k: _json_number(v) for k, v in _orbax.leaf_stats(part).items()} for name, part in sorted(leaves.items())}
+    for item, leaves in sorted(merged.items())
+  }
+  nonfinite = [f"{item}/{name}" for item, leaves in stats.items() for name, s in leaves.items() if s["nonfinite"]]
+  record = {
+    "healthy": not nonfinite and metrics_healthy is not False,
+    "nonfinite_leaf_count": len(nonfinite),
+    "nonfinite_leaves": nonfinite[:MAX_NAMED_LEAVES],
+    "health_fn": metrics_healthy,
+  }
+  _fs.write_text_atomic(tmp / _orbax.LEAF_STATS_FILE, json.dumps(stats))
+  _fs.write_text_atomic(tmp / _orbax.HEALTH_FILE, json.dumps(record))
+  return record
+
+
+def stat_value(value: Any) -> float:
+  """A statistic as read back from the step (the strings "nan", "inf", "-inf" as floats)."""
+  return float(value)

@@ -1,0 +1,205 @@
+"""Per-leaf statistics of a step, reduced from the host copies of its shards while they are written.
+
+A `StatsCollector` is opened for each save (`open_collector`); the array hook
+(`kckpt._orbax._checksums`) adds one `Partial` per array and process, kckpt
+adds those of its NumPy leaves, and `leaf_stats` turns the merged partials into
+the numbers stored with the step. In a multi-process run each process reduces
+only the shards it writes; `StatsCollector.partials` are what it hands the
+primary process, which merges them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from kckpt import _layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial:
+  """What a few values of one floating leaf reduce to; partials of one leaf `merge`."""
+
+  count: int
+  nonfinite: int
+  total: float
+  squares: float
+  min: float
+  max: float
+
+  def merge(self, other: Partial) -> Partial:
+    return Partial(
+      count=self.count + other.count,
+      nonfinite=self.nonfinite + other.nonfinite,
+      total=self.total + other.total,
+      squares=self.squares + other.squares,
+      min=float(np.minimum(self.min, other.min)),  # NaN wins, as in np.min
+      max=float(np.maximum(self.max, other.max)),
+    )
+
+  def as_list(self) -> list[Any]:
+    return [self.count, self.nonfinite, self.total, self.squares, self.min, self.max]
+
+  @classmethod
+  def from_list(cls, values: list[Any]) -> Partial:
+    count, nonfinite, total, squares, low, high = values
+    return cls(int(count), int(nonfinite), float(total), float(squares), float(low), float(high))
+
+
+def is_floating(dtype: Any) -> bool:
+  """Whether leaves of `dtype` get statistics (floating and complex-free: float16/32/64, bfloat16, float8s)."""
+  try:
+    return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).kind == "V" and "float" in np.dtype(dtype).name
+  except TypeError:
+    return False
+
+
+def reduce_shards(shards: Iterable[np.ndarray]) -> Partial | None:
+  """The `Partial` of some shards of one leaf (None for a leaf that is not floating, or has no values here).
+
+  >>> reduce_shards([np.array([3.0, -4.0], np.float32)])
+  Partial(count=2, nonfinite=0, total=-1.0, squares=25.0, min=-4.0, max=3.0)
+  """
+  result: Partial | None = None
+  for shard in shards:
+    shard = np.asarray(shard)
+    if not is_floating(shard.dtype) or shard.size == 0:
+      continue
+    values = shard.reshape(-1)
+    if values.dtype not in (np.float32, np.float64):
+      values = values.astype(np.float32)
+    finite = np.isfinite(values)
+    nonfinite = int(values.size - np.count_nonzero(finite))
+    part = Partial(
+      count=int(values.size),
+      nonfinite=nonfinite,
+      total=float(np.sum(values, dtype=np.float64)),
+      squares=float(np.dot(values, values)),
+      min=float(np.min(values)),
+      max=float(np.max(values)),
+    )
+    result = part if result is None else result.merge(part)
+  return result
+
+
+def leaf_stats(partial: Partial) -> dict[str, float | int]:
+  """The numbers stored for one leaf: ``norm`` (L2), ``min``, ``max``, ``mean``, ``nonfinite`` (count), ``size``.
+
+  As NumPy computes them on the whole array: a NaN anywhere makes the norm,
+  min, max and mean NaN.
+
+  >>> leaf_stats(Partial(count=2, nonfinite=0, total=-1.0, squares=25.0, min=-4.0, max=3.0))
+  {'norm': 5.0, 'min': -4.0, 'max': 3.0, 'mean': -0.5, 'nonfinite': 0, 'size': 2}
+  """
+  return {
+    "norm": math.sqrt(partial.squares) if partial.squares >= 0 or math.isnan(partial.squares) else float("nan"),
+    "min": partial.min,
+    "max": partial.max,
+    "mean": partial.total / partial.count if partial.count else float("nan"),
+    "nonfinite": partial.nonfinite,
+    "size": partial.count,
+  }
+
+
+class StatsCollector:
+  """The partials of one save of one process, by item and Orbax parameter name."""
+
+  def __init__(self, checkpoints: str, step: int, expected_arrays: int, on_complete: Callable[[StatsCollector], None] | None):
+    self.checkpoints = checkpoints
+    self.step = step
+    self._expected = expected_arrays
+    self._arrays = 0
+    self._on_complete = on_complete
+    self._lock = threading.Lock()
+    self._parts: dict[tuple[str, str], Partial] = {}
+
+  def add(self, item: str, name: str, partial: Partial | None, *, array: bool = True) -> None:
+    """Adds what one array (or NumPy leaf, `array=False`) of `item` reduced to on this process."""
+    complete = False
+    with self._lock:
+      if partial is not None:
+        key = (item, name)
+        self._parts[key] = partial if key not in self._parts else self._parts[key].merge(partial)
+      if array:
+        self._arrays += 1
+        complete = self._arrays == self._expected
+    if complete and self._on_complete is not None:
+      self._on_complete(self)
+
+  def partials(self) -> dict[str, dict[str, list[Any]]]:
+    """item -> parameter name -> the merged `Partial` as a list (JSON, for another process)."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    with self._lock:
+      for (item, name), part in self._parts.items():
+        out.setdefault(item, {})[name] = part.as_list()
+    return out
+
+
+def merge_partials(tables: Iterable[Mapping[str, Mapping[str, list[Any]]]]) -> dict[str, dict[str, Partial]]:
+  """Merges `StatsCollector.partials` of several processes."""
+  merged: dict[str, dict[str, Partial]] = {}
+  for table in tables:
+    for item, leaves in table.items():
+      for name, values in leaves.items():
+        part = Partial.from_list(list(values))
+        known = merged.setdefault(item, {})
+        known[name] = part if name not in known else known[name].merge(part)
+  return merged
+
+
+_lock = threading.Lock()
+_collectors: dict[tuple[str, int], StatsCollector] = {}
+_on_close: list[Callable[[str], None]] = []  # called with the folder prefix of a closed collector's step
+
+
+def on_close(callback: Callable[[str], None]) -> None:
+  """`callback("<checkpoints>/<step folder name>")` whenever a collector closes (the step's folders, tmp ones too)."""
+  if callback not in _on_close:
+    _on_close.append(callback)
+
+
+def open_collector(
+  checkpoints: epath.Path, step: int, expected_arrays: int, on_complete: Callable[[StatsCollector], None] | None = None
+) -> StatsCollector:
+  """Starts collecting the statistics of the save of `step` under `checkpoints` (until `close_collector`)."""
+  collector = StatsCollector(checkpoints.as_posix().rstrip("/"), step, expected_arrays, on_complete)
+  with _lock:
+    _collectors[(collector.checkpoints, step)] = collector
+  if expected_arrays == 0 and on_complete is not None:
+    on_complete(collector)
+  return collector
+
+
+def close_collector(collector: StatsCollector) -> None:
+  with _lock:
+    if _collectors.get((collector.checkpoints, collector.step)) is collector:
+      del _collectors[(collector.checkpoints, collector.step)]
+  for callback in _on_close:
+    callback(f"{collector.checkpoints}/{_layout.STEP_PREFIX}_{collector.step}")
+
+
+def item_name(folder: str) -> str:
+  """An item's name from its folder's name (Orbax writes an item in ``<name>.orbax-checkpoint-tmp...`` first).
+
+  >>> item_name("params.orbax-checkpoint-tmp-1733"), item_name("params")
+  ('params', 'params')
+  """
+  return folder.split(".orbax-checkpoint-tmp", 1)[0]
+
+
+def collector_for(item_dir: str) -> StatsCollector | None:
+  """The open collector of the step whose (temporary) folder holds `item_dir`, if any."""
+  if not _collectors:
+    return None
+  step_dir = epath.Path(item_dir).parent
+  step = _layout.parse_step(step_dir.name.split(".", 1)[0])
+  if step is None:
+    return None
+  with _lock:
+    return _collectors.get((step_dir.parent.as_posix().rstrip("/"), step))
