@@ -74,13 +74,15 @@ def reduce_shards(shards: Iterable[np.ndarray]) -> Partial | None:
     values = shard.reshape(-1)
     if values.dtype not in (np.float32, np.float64):
       values = values.astype(np.float32)
-    finite = np.isfinite(values)
-    nonfinite = int(values.size - np.count_nonzero(finite))
+    squares = float(np.dot(values, values))
+    # Four passes over the data; the non-finite values are counted only when the sum of
+    # squares says there are any (a NaN or infinity makes it NaN or infinite).
+    nonfinite = 0 if math.isfinite(squares) else int(values.size - np.count_nonzero(np.isfinite(values)))
     part = Partial(
       count=int(values.size),
       nonfinite=nonfinite,
-      total=float(np.sum(values, dtype=np.float64)),
-      squares=float(np.dot(values, values)),
+      total=float(np.sum(values)),
+      squares=squares,
       min=float(np.min(values)),
       max=float(np.max(values)),
     )
