@@ -58,6 +58,19 @@ def test_sharded_run_saved_by_4_processes_restores_on_4_2_and_1(tmp_path):
   as_numpy = reader.restore(step=9)
   np.testing.assert_array_equal(as_numpy["params"]["w"], multihost_run.values(9))
   assert int(as_numpy["step"]) == 9
+  # Statistics of leaves sharded over 4 processes: each reduced its own shards, the primary merged them.
+  stats = kckpt.inspect.leaf_stats(reader.directory, 12)["default"]
+  for name, expected in {
+    "params.w": multihost_run.values(12),
+    "params.v": multihost_run.values(12)[:, 0],
+    "params.b": multihost_run.values(12)[0],  # replicated: counted once
+  }.items():
+    x = expected.astype(np.float64)
+    assert stats[name]["size"] == x.size and stats[name]["nonfinite"] == 0
+    assert stats[name]["norm"] == pytest.approx(np.linalg.norm(x), rel=1e-6)
+    assert (stats[name]["min"], stats[name]["max"]) == (x.min(), x.max())
+    assert stats[name]["mean"] == pytest.approx(x.mean(), rel=1e-6)
+  assert reader.step_details(12).healthy
 
 
 def test_background_error_on_one_process_is_raised_on_every_process(tmp_path):
