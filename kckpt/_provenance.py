@@ -115,19 +115,3 @@ def step_provenance(trees: Iterable[Any], config: Mapping[str, Any] | None) -> d
     items_lib.check_json(config, name="config")
     record["config"] = json.loads(json.dumps(config))
   return record
-
-
-def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
-  """``(key, a's value, b's value)`` for every (dotted) key whose values differ.
-
-  >>> differences({"jax": "0.4", "devices": {"count": 8}}, {"jax": "0.5", "devices": {"count": 8}})
-  [('jax', '0.4', '0.5')]
-  """
-  out: list[tuple[str, Any, Any]] = []
-  for key in sorted(set(a) | set(b)):
-    x, y = a.get(key), b.get(key)
-    if isinstance(x, Mapping) and isinstance(y, Mapping):
-      out.extend(differences(x, y, f"{prefix}{key}."))
-    elif x != y:
-      out.append((f"{prefix}{key}", x, y))
-  return out

@@ -259,3 +259,55 @@ def test_no_write_spec_outlives_its_save(workdir):
   ckpt.wait_until_finished()
   assert not [v for v in _checksums._owners.values() if v[1].startswith(ckpt.directory.as_posix())]
   ckpt.close()
+
+
+# -- On the command line -------------------------------------------------------------
+
+
+def run_with_health_and_provenance(workdir):
+  with kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, health_fn=lambda m: m["loss"] < 1) as ckpt:
+    state = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([1.0, np.nan])}, "step": 3}
+    ckpt.save(state, step=1, metrics={"loss": 0.5}, config={"lr": 0.1})
+    ckpt.save({"params": {"w": jnp.ones((2, 3)), "b": jnp.ones(2)}, "step": 3}, step=2, metrics={"loss": 2.0})
+    ckpt.save({"params": {"w": jnp.ones((2, 3)), "b": jnp.ones(2)}, "step": 3}, step=3, metrics={"loss": 0.1})
+  return ckpt
+
+
+def test_ls_shows_health_and_with_details_provenance(workdir, capsys):
+  run_with_health_and_provenance(workdir)
+  assert cli.main(["ls", str(workdir), "--details"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  header = next(line for line in out if line.startswith("step "))
+  assert "health" in header.split()
+  rows = {line.split()[0]: line for line in out if line.strip()[:1].isdigit()}
+  assert "nan/inf in 1 leaf" in rows["1"] and "health_fn" in rows["2"] and " ok " in rows["3"]
+  details = {line.split(":")[0]: line for line in out if line.startswith("step ") and ":" in line and "saved" not in line}
+  assert f"jax {jax.__version__}" in details["step 1"] and f"host {socket.gethostname()}" in details["step 1"]
+  assert 'config {"lr": 0.1}' in details["step 1"] and "config" not in details["step 2"]
+  assert "checksums crc32c" in details["step 3"]
+  assert cli.main(["ls", str(workdir), "--json"]) == 0
+  import json  # pylint: disable=import-outside-toplevel
+
+  steps = json.loads(capsys.readouterr().out)["steps"]
+  assert [s["healthy"] for s in steps] == [False, False, True]
+  assert steps[0]["provenance"]["config"] == {"lr": 0.1}
+
+
+def test_tree_stats_prints_the_saved_statistics(workdir, capsys):
+  run_with_health_and_provenance(workdir)
+  assert cli.main(["tree", str(workdir), "--step", "1", "--stats"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[1].split() == ["path", "shape", "dtype", "bytes", "norm", "min", "max", "mean", "nonfinite"]
+  w = next(line for line in out if line.startswith("params.w")).split()
+  assert w[-5:] == [f"{np.linalg.norm(np.arange(6.0)):.4g}", "0", "5", "2.5", "0"]
+  b = next(line for line in out if line.startswith("params.b")).split()
+  assert b[-5:] == ["nan", "nan", "nan", "nan", "1"]
+
+
+def test_diff_lists_provenance_differences_without_changing_the_status(workdir, capsys):
+  run_with_health_and_provenance(workdir)
+  assert cli.main(["diff", f"{workdir}@2", "@3"]) == 0  # same arrays
+  out = capsys.readouterr().out
+  assert "\nprovenance " not in out  # same process, no config
+  assert cli.main(["diff", f"{workdir}@1", "@3"]) == 1
+  assert 'provenance config: {"lr": 0.1} -> null' in capsys.readouterr().out

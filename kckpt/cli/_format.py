@@ -36,6 +36,16 @@ def format_number(value: Any) -> str:
   return str(value)
 
 
+def compact_json(value: Any, limit: int = 200) -> str:
+  """`value` as one line of JSON, cut at `limit` characters.
+
+  >>> compact_json({"lr": 0.1, "model": {"width": 512}})
+  '{"lr": 0.1, "model": {"width": 512}}'
+  """
+  text = json.dumps(value, sort_keys=True, default=str)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def plural(n: int, word: str) -> str:
   """``plural(1, "step") == "1 step"``, ``plural(2, "step") == "2 steps"``."""
   return f"{n} {word}{'s' * (n != 1)}"

@@ -18,7 +18,10 @@ A and B are RUN[@STEP] (the newest step without @STEP); '@STEP' alone means
 a step of the other argument's run. STEP is a number, -1 or latest, best (by
 the run's retention rules) or a tag given to save. Arrays are read a batch of
 leaves at a time, never the whole tree. max rel diff is max |A-B| / max |A|
-per leaf. Exit status: 0 when identical, 1 when they differ, 2 on error.
+per leaf. Differences in what made the two steps (provenance: versions,
+devices, host, git, config) are listed too; they do not change the exit
+status. Exit status: 0 when the arrays are identical, 1 when they differ, 2
+on error.
 
 examples:
   kckpt diff /tmp/run@1000 @2000
@@ -59,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
   finally:
     progress.clear()
   status = _common.EXIT_OK if diff.equal else _common.EXIT_FOUND
+  provenance = inspect.step_provenance_differences(side_a.path, side_b.path)
   if args.json:
     _format.print_json(
       {
         "a": {"path": str(side_a.path), "step": side_a.step},
         "b": {"path": str(side_b.path), "step": side_b.step},
         **diff.as_dict(),
+        "provenance_differences": [{"key": k, "a": x, "b": y} for k, x, y in provenance],
       }
     )
     return status
@@ -81,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
       rows.append([d.leaf, spec, _format_diff(d.max_abs_diff), _format_diff(d.max_rel_diff)])
     headers = ["changed", "shape dtype (A -> B)", "max abs diff", "max rel diff"]
     print(_format.format_table(headers, rows, right=frozenset({2, 3})))
+  for key, x, y in provenance:
+    print(f"provenance {key}: {_format.compact_json(x, 80)} -> {_format.compact_json(y, 80)}")
   print(
     f"{len(diff.changed)} changed, {len(diff.only_in_a)} only in A, {len(diff.only_in_b)} only in B,"
     f" {diff.identical} identical" + ("" if not diff.changed else "  (rel: max |A-B| / max |A|)")

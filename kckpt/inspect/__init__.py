@@ -36,6 +36,8 @@ from kckpt.inspect._diff import (
   compare_values,
   diff_item,
   diff_steps,
+  provenance_differences,
+  step_provenance_differences,
 )
 from kckpt.inspect._rows import (
   ItemTree,
@@ -65,6 +67,8 @@ __all__ = [
   "compare_values",
   "diff_item",
   "diff_steps",
+  "provenance_differences",
+  "step_provenance_differences",
   "disk_bytes",
   "flatten_metrics",
   "format_time",

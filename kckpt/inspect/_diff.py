@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from etils import epath
@@ -197,3 +198,25 @@ def diff_steps(path_a: epath.Path, path_b: epath.Path, *, progress: ProgressFn |
       total.changed.extend(part.changed)
       identical += part.identical
   return dataclasses.replace(total, identical=identical)
+
+
+def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """``(key, a's value, b's value)`` for every (dotted) key of two steps' provenance whose values differ.
+
+  >>> provenance_differences({"jax": "0.4", "devices": {"count": 8}}, {"jax": "0.5", "devices": {"count": 8}})
+  [('jax', '0.4', '0.5')]
+  """
+  out: list[tuple[str, Any, Any]] = []
+  for key in sorted(set(a) | set(b)):
+    x, y = a.get(key), b.get(key)
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+      out.extend(provenance_differences(x, y, f"{prefix}{key}."))
+    elif x != y:
+      out.append((f"{prefix}{key}", x, y))
+  return out
+
+
+def step_provenance_differences(step_a: epath.Path, step_b: epath.Path) -> list[tuple[str, Any, Any]]:
+  """`provenance_differences` of the steps at two folders (empty when neither recorded any)."""
+  read = lambda path: _orbax.step_provenance(_orbax.read_step_metadata(path))
+  return provenance_differences(read(step_a), read(step_b))

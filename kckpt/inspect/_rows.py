@@ -49,6 +49,22 @@ class StepRow:
     """The step's metrics, flattened (`flatten_metrics`)."""
     return flatten_metrics(self.details.metrics)
 
+  @property
+  def health(self) -> str:
+    """``"ok"``, what made the step unhealthy (``"nan/inf in 2 leaves"``, ``"health_fn"``), or ``"-"``: no record."""
+    health = self.details.health
+    if health is None:
+      return "-"
+    if health.get("healthy") is not False:
+      return "ok"
+    why = []
+    if health.get("nonfinite_leaf_count"):
+      count = health["nonfinite_leaf_count"]
+      why.append(f"nan/inf in {count} lea{'f' if count == 1 else 'ves'}")
+    if health.get("health_fn") is False:
+      why.append("health_fn")
+    return ", ".join(why) or "unhealthy"
+
   def as_dict(self) -> dict[str, Any]:
     """Plain JSON data (the time in ISO 8601)."""
     row = {
@@ -58,6 +74,10 @@ class StepRow:
       "items": list(self.details.user_items),
       "metrics": self.metrics,
       "tag": self.details.tag,
+      "healthy": self.details.healthy,
+      "health": dict(self.details.health) if self.details.health is not None else None,
+      "checksums": self.details.checksums,
+      "provenance": dict(self.details.provenance),
     }
     if self.decision is not None:
       row.update(keep=self.decision.keep, kept_by=list(self.decision.reasons))
