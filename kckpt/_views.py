@@ -29,27 +29,64 @@ class RunSummary:
     for d in self.newest:
       metrics = _metrics_text(d)
       tag = f"  tag: {d.tag}" if d.tag else ""
+      health = "" if d.healthy else "  UNHEALTHY"
       lines.append(
         f"  step {d.step:>8}  {inspect_lib.format_time(d.time)}  items: {', '.join(d.user_items)}{tag}"
         + (f"  {metrics}" if metrics else "")
+        + health
       )
     return "\n".join(lines)
 
   def as_html(self) -> str:
     finished = self.listing.finished
+    names = sorted({k for d in self.newest for k in inspect_lib.flatten_metrics(d.metrics)})
+    tags = any(d.tag for d in self.newest)
+
+    def cell(value: object) -> str:
+      return f"<td>{html.escape(str(value))}</td>"
+
     rows = "".join(
-      f"<tr><td>{d.step}</td><td>{html.escape(inspect_lib.format_time(d.time))}</td>"
-      f"<td>{html.escape(', '.join(d.user_items))}</td><td>{html.escape(_metrics_text(d))}</td></tr>"
+      "<tr>"
+      + cell(d.step)
+      + cell(inspect_lib.format_time(d.time))
+      + cell(", ".join(d.user_items))
+      + "".join(cell(_number(inspect_lib.flatten_metrics(d.metrics).get(n, ""))) for n in names)
+      + (cell(d.tag or "") if tags else "")
+      + cell("ok" if d.healthy else "unhealthy")
+      + "</tr>"
       for d in self.newest
     )
+    header = (
+      "<tr><th>step</th><th>saved</th><th>items</th>"
+      + "".join(f"<th>{html.escape(n)}</th>" for n in names)
+      + ("<th>tag</th>" if tags else "")
+      + "<th>health</th></tr>"
+    )
+    oldest_first = [d.step for d in reversed(self.newest)]
+    plots = "".join(
+      inspect_lib.Plot(
+        n,
+        tuple(
+          (d.step, float(v))
+          for d in reversed(self.newest)
+          if isinstance(v := inspect_lib.flatten_metrics(d.metrics).get(n), (int, float)) and not isinstance(v, bool)
+        ),
+      ).svg()
+      for n in names
+    )
+    shown = f"the newest {len(oldest_first)}" if len(oldest_first) < len(finished) else "all"
     return (
       f"<div><b>kckpt.Checkpointer</b> <code>{html.escape(self.directory)}</code><br>"
       f"{len(finished)} step(s): {html.escape(_layout.steps_repr(finished))}"
       + (f"; being written: {html.escape(', '.join(self.listing.unfinished))}" if self.listing.unfinished else "")
-      + "<table><tr><th>step</th><th>saved</th><th>items</th><th>metrics</th></tr>"
-      + rows
-      + "</table></div>"
+      + f"<table>{header}{rows}</table>"
+      + (f"<div>metrics over {shown} steps shown:<br>{plots}</div>" if plots else "")
+      + "</div>"
     )
+
+
+def _number(value: object) -> str:
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _metrics_text(details: _run.StepDetails) -> str:

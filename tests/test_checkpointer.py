@@ -573,7 +573,7 @@ def test_summary_and_html_show_steps_time_and_metrics(workdir):
   assert "step        1" not in text  # only the newest max_rows
   assert "ckpt_4.orbax-checkpoint-tmp" in text
   html = reader._repr_html_()
-  assert "<table>" in html and "eval.loss=0.5" in html and "[1, 2, 3]" in html
+  assert "<table>" in html and "<th>eval.loss</th>" in html and "<td>0.5</td>" in html and "[1, 2, 3]" in html
   assert "Checkpointer(" in repr(reader) and "ckpt_" not in repr(reader)  # repr stays the config: no I/O
 
 

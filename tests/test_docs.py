@@ -5,19 +5,25 @@ import doctest
 import pytest
 
 import kckpt
+from kckpt import _provenance
 from kckpt import _run
 from kckpt import base
 from kckpt import checkpointer
+from kckpt import errors
 from kckpt import inspect
 from kckpt import items
 from kckpt import markers
 from kckpt import partial_loader
 from kckpt import policies
+from kckpt import storage
 from kckpt import telemetry
 from kckpt import trees
 from kckpt import watch
+from kckpt._orbax import _checksums, _leafstats
+from kckpt.cli import _format
 from kckpt.inspect import _common
 from kckpt.inspect import _diff
+from kckpt.inspect import _plot
 from kckpt.inspect import _rows
 from kckpt.inspect import _verify
 
@@ -29,7 +35,14 @@ MODULES = [
   inspect,
   _common,
   _diff,
+  _plot,
   _rows,
+  _provenance,
+  errors,
+  storage,
+  _checksums,
+  _leafstats,
+  _format,
   _verify,
   items,
   markers,

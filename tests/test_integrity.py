@@ -311,3 +311,16 @@ def test_diff_lists_provenance_differences_without_changing_the_status(workdir, 
   assert "\nprovenance " not in out  # same process, no config
   assert cli.main(["diff", f"{workdir}@1", "@3"]) == 1
   assert 'provenance config: {"lr": 0.1} -> null' in capsys.readouterr().out
+
+
+def test_the_notebook_view_shows_health_metric_columns_and_plots(workdir):
+  ckpt = run_with_health_and_provenance(workdir)
+  page = ckpt._repr_html_()
+  assert "<th>health</th>" in page and "<th>loss</th>" in page
+  assert page.count("<td>unhealthy</td>") == 2 and page.count("<td>ok</td>") == 1
+  assert page.count("<polyline") == 1 and "step 1..3: 0.5 -&gt; 0.1" in page
+  assert "UNHEALTHY" in ckpt.summary()
+  norms = kckpt.inspect.leaf_history(ckpt.directory, "params.w")
+  assert [s for s, _ in norms.points] == [1, 2, 3]
+  assert norms.points[0][1] == pytest.approx(np.linalg.norm(np.arange(6.0)))
+  assert "<polyline" in norms._repr_html_()

@@ -39,6 +39,7 @@ from kckpt.inspect._diff import (
   provenance_differences,
   step_provenance_differences,
 )
+from kckpt.inspect._plot import Plot, leaf_history, metric_history
 from kckpt.inspect._rows import (
   ItemTree,
   StepRow,
@@ -58,12 +59,15 @@ __all__ = [
   "Diff",
   "ItemTree",
   "LeafDiff",
+  "Plot",
   "Problem",
   "ProgressFn",
   "StepCheck",
   "StepRow",
   "check_leaf_value",
+  "leaf_history",
   "leaf_stats",
+  "metric_history",
   "compare_values",
   "diff_item",
   "diff_steps",
