@@ -125,7 +125,7 @@ class Writer:
       directory, options=options, handler_registry=_handlers.handler_registry(storage, multiprocessing_options)
     )
     self._on_durable = _report_durable(self._manager)
-    if local or cloud.is_s3(directory):
+    if local or _fs.is_object_store(directory):
       # Orbax 0.12 internal: the manager's deleter, replaced so that readers
       # never see a half-deleted step (see _commit.RenameThenDelete; on S3 the commit
       # marker is removed first, then the objects).

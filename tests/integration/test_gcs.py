@@ -98,6 +98,17 @@ def _requests_since(server, offset):
   return [f"{method} {url}" for method, url in requests if marker not in url]
 
 
+def test_the_last_good_step_is_kept_on_gcs_too(gcs_server, gcs_workdir):
+  with kckpt.Checkpointer(workdir=gcs_workdir, save_interval_steps=1, max_to_keep=1) as ckpt:
+    ckpt.save({"w": jnp.ones(4)}, step=1)
+    for step in (2, 3):
+      ckpt.save({"w": jnp.full(4, jnp.nan)}, step=step)
+  reader = kckpt.Checkpointer.open(gcs_workdir)
+  assert reader.all_steps == [1, 3]  # 2 deleted by max_to_keep; 1 kept as the last good step
+  assert not reader.step_details(3).healthy
+  np.testing.assert_array_equal(reader.restore({"w": jnp.zeros(4)}, step="last_good")["w"], np.ones(4))
+
+
 def test_latest_step_poll_is_one_listing(gcs_server, gcs_workdir):
   """A poll asks the server (gcsfs caches listings forever by default: a poller never saw new steps)."""
   with kckpt.Checkpointer(workdir=gcs_workdir, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
