@@ -38,24 +38,42 @@ MAX_NAMED_LEAVES = 50
 
 
 def _saved_as_array(leaf: Any) -> bool:
-  """Whether Orbax writes `leaf` through its array handler (and the hook sees it)."""
+  """Whether Orbax writes `leaf` through its array handler (and the hook sees it), on every process.
+
+  In a multi-process run a `jax.Array` held by one process (a counter on one
+  device) is written from NumPy by the primary (`_orbax._writer`), like the
+  NumPy leaves.
+  """
   return isinstance(leaf, jax.Array) and not (multihost.process_count() > 1 and leaf.is_fully_addressable)
 
 
 def start(
-  checkpoints: epath.Path, step: int, writes: Sequence[_orbax.ItemWrite], *, on_complete: Callable[[Any], None] | None
+  checkpoints: epath.Path,
+  step: int,
+  writes: Sequence[_orbax.ItemWrite],
+  *,
+  primary: bool,
+  on_complete: Callable[[Any], None] | None,
 ) -> Any:
-  """Opens the step's statistics and adds those of its host leaves (NumPy arrays, Python floats)."""
+  """Opens the step's statistics; on the `primary` process, adds those of its host leaves.
+
+  Host leaves (NumPy arrays and scalars, Python floats, and in a multi-process
+  run `jax.Array`s held by one process) hold the same value on every process
+  and are written once, by the primary: only it reduces them (on the calling
+  thread; they are small in a training state). `on_complete(collector)` is
+  called once the hook saw every `jax.Array` leaf (not when there are none).
+  """
   pytrees = [w for w in writes if w.format == "pytree"]
   flat = {w.name: trees.flatten_with_paths(w.value) for w in pytrees}
   arrays = sum(1 for leaves in flat.values() for leaf in leaves.values() if _saved_as_array(leaf))
-  collector = _orbax.open_collector(checkpoints, step, arrays, on_complete=on_complete)
-  for item, leaves in flat.items():
-    for name, leaf in leaves.items():
-      if _saved_as_array(leaf):
-        continue
-      if isinstance(leaf, (np.ndarray, np.generic, float)) and not isinstance(leaf, bool):
-        collector.add(item, name, _orbax.reduce_shards([np.asarray(leaf)]), array=False)
+  collector = _orbax.open_collector(checkpoints, step, arrays, on_complete=on_complete if arrays else None)
+  if primary:
+    for item, leaves in flat.items():
+      for name, leaf in leaves.items():
+        if _saved_as_array(leaf):
+          continue
+        if isinstance(leaf, (np.ndarray, np.generic, float, jax.Array)) and not isinstance(leaf, bool):
+          collector.add(item, name, _orbax.reduce_shards([np.asarray(leaf)]), array=False)
   return collector
 
 
@@ -68,6 +86,7 @@ def _json_number(value: float | int) -> float | int | str:
 
 def finish(tmp: epath.Path, collector: Any, others: Iterable[Mapping[str, Any]], metrics_healthy: bool | None) -> dict[str, Any]:
   """Writes the step's health record and leaf statistics into its temporary folder `tmp`; returns the record."""
+  others = list(others)
   merged = _orbax.merge_partials([collector.partials(), *others])
   stats = {
     item: {name: {k: _json_number(v) for k, v in _orbax.leaf_stats(part).items()} for name, part in sorted(leaves.items())}
@@ -79,6 +98,7 @@ def finish(tmp: epath.Path, collector: Any, others: Iterable[Mapping[str, Any]],
     "nonfinite_leaf_count": len(nonfinite),
     "nonfinite_leaves": nonfinite[:MAX_NAMED_LEAVES],
     "health_fn": metrics_healthy,
+    "statistics_from_processes": 1 + len(others),
   }
   _fs.write_text_atomic(tmp / _orbax.LEAF_STATS_FILE, json.dumps(stats))
   _fs.write_text_atomic(tmp / _orbax.HEALTH_FILE, json.dumps(record))

@@ -118,6 +118,7 @@ class WriteSession:
       if self._lock is not None:
         self._lock.release()
       raise
+    self._collector: Any = None  # the statistics of the save in flight
     _install_exit_hook()
     _open_sessions.add(self)
 
@@ -139,8 +140,17 @@ class WriteSession:
     """Blocks until the save in flight is durable; raises its error, naming the step."""
     try:
       self._writer.wait()
+    except BaseException:
+      self._drop_collector()  # the failed save's statistics (and its commit work) are never used
+      raise
     finally:
       self._index.invalidate()
+
+  def _drop_collector(self) -> None:
+    collector, self._collector = self._collector, None
+    if collector is not None:
+      _orbax.close_collector(collector)
+      _orbax.before_commit(_layout.step_dir(self.directory, collector.step), None)
 
   # -- Saving -------------------------------------------------------------------
 
@@ -182,7 +192,11 @@ class WriteSession:
       started=started,
       async_save=self._config.async_save,
     )
-    collector = _health.start(self.directory, step, writes, on_complete=self._post_stats)
+    if self._writer.in_flight_step is not None:
+      self.wait()  # as the writer would at its next save; first, so that the previous save's statistics are done
+    self._drop_collector()  # those of a save that failed before its commit
+    collector = _health.start(self.directory, step, writes, primary=self._finishes_steps(), on_complete=self._post_stats)
+    self._collector = collector
     try:
       self._writer.save(
         step,
@@ -200,7 +214,7 @@ class WriteSession:
       )
     except BaseException:
       self._index.forget(step)
-      _orbax.close_collector(collector)
+      self._drop_collector()
       raise
     finally:
       self._index.invalidate()
@@ -220,16 +234,24 @@ class WriteSession:
     except Exception as e:
       raise ValueError(f"save(step={step}): health_fn raised {type(e).__name__}: {e} (nothing was saved)") from e
 
+  def _finishes_steps(self) -> bool:
+    """Whether this process commits the steps (Orbax's primary host; every process when it is None)."""
+    options = self._config.multiprocessing_options
+    primary = 0 if options is None else options.primary_host
+    return primary is None or jax.process_index() == primary
+
   def _post_stats(self, collector: Any) -> None:
     """A non-primary process's statistics of the shards it wrote, for the primary (multi-process runs)."""
-    if not multihost.is_primary():  # the primary reads them before the commit; this process is done with them
+    if not self._finishes_steps():  # the primary reads them before the commit; this process is done with them
       self._writer.post_stats(collector.partials())
       _orbax.close_collector(collector)
 
   def _before_commit(self, tmp: epath.Path, step: Step, collector: Any, metrics_healthy: bool | None) -> None:
     """On the primary, just before the commit: the step's health and leaf statistics, written into it."""
     try:
-      record = _health.finish(tmp, collector, self._writer.gathered_stats(), metrics_healthy)
+      options = self._config.multiprocessing_options
+      shared = options is None or options.primary_host is not None  # else every process commits its own steps
+      record = _health.finish(tmp, collector, self._writer.gathered_stats() if shared else [], metrics_healthy)
     finally:
       _orbax.close_collector(collector)
     self._index.remember_health(step, record["healthy"])
@@ -282,6 +304,7 @@ class WriteSession:
     try:
       self._writer.close()
     finally:
+      self._drop_collector()
       if self._lock is not None:
         self._lock.release()
       self._index.invalidate()

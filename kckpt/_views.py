@@ -52,7 +52,7 @@ class RunSummary:
       + cell(", ".join(d.user_items))
       + "".join(cell(_number(inspect_lib.flatten_metrics(d.metrics).get(n, ""))) for n in names)
       + (cell(d.tag or "") if tags else "")
-      + cell("ok" if d.healthy else "unhealthy")
+      + cell("-" if d.health is None else "ok" if d.healthy else "unhealthy")
       + "</tr>"
       for d in self.newest
     )

@@ -266,6 +266,10 @@ class SaveSync:
     entries = self._client.key_value_dir_get(f"{self._round(self._save)}/stats/")
     return [json.loads(value) for key, value in entries if int(key.rsplit("/", 1)[1]) != self._me]
 
+  @property
+  def process_index(self) -> int:
+    return self._me
+
   def report_failure(self, message: str) -> None:
     """Tells the other processes that this process failed the current save."""
     if self._save:

@@ -489,6 +489,11 @@ def test_background_error_raised_at_next_call_naming_step(workdir, monkeypatch, 
     }
     calls[next_call]()
   assert info.value.step == 2 and "injected storage failure" in str(info.value.__cause__)
+  from kckpt._orbax import _commit, _leafstats  # pylint: disable=import-outside-toplevel
+
+  # The failed save's statistics and commit work are gone, not kept for a later save.
+  assert not [key for key in _commit._before_commit if key.startswith(ckpt.directory.as_posix())]
+  assert not [key for key in _leafstats._collectors if key[0] == ckpt.directory.as_posix()]
   # Nothing finished was lost, and the checkpointer keeps working.
   assert ckpt.all_steps == [1]
   np.testing.assert_array_equal(ckpt.restore({"x": np.zeros(3)})["x"], np.ones(3))

@@ -200,6 +200,7 @@ def test_health_fn_marks_steps_by_their_metrics(workdir):
     "nonfinite_leaf_count": 0,
     "nonfinite_leaves": [],
     "health_fn": False,
+    "statistics_from_processes": 1,
   }
   np.testing.assert_array_equal(ckpt.restore({"w": jnp.zeros(4)}, step="last_good")["w"], np.ones(4))
 

@@ -122,7 +122,7 @@ async def _serialize_from_host(rslices_on_host, tensorstore_spec, *args, **kwarg
   shards = [s.unsliced_data for s in rslices_on_host.replica_slices if s.is_on_host]
   results = await asyncio.gather(
     _original_serialize(rslices_on_host, tensorstore_spec, *args, **kwargs),
-    asyncio.to_thread(_leafstats.reduce_shards, shards),
+    asyncio.to_thread(_leafstats.reduce_shards_or_none, shards, f"{item_dir}/{name}"),
   )
   collector.add(_leafstats.item_name(epath.Path(item_dir).name), name, results[1])
   return None

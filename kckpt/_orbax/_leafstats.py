@@ -11,6 +11,7 @@ primary process, which merges them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -58,6 +59,15 @@ def is_floating(dtype: Any) -> bool:
     return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).kind == "V" and "float" in np.dtype(dtype).name
   except TypeError:
     return False
+
+
+def reduce_shards_or_none(shards: Iterable[np.ndarray], what: str) -> Partial | None:
+  """`reduce_shards`, but a failure is logged and gives None (statistics must never fail a save)."""
+  try:
+    return reduce_shards(shards)
+  except Exception:  # pylint: disable=broad-exception-caught
+    logging.getLogger("kckpt").exception("kckpt: the statistics of %s could not be computed", what)
+    return None
 
 
 def reduce_shards(shards: Iterable[np.ndarray]) -> Partial | None:
@@ -173,8 +183,6 @@ def open_collector(
   collector = StatsCollector(checkpoints.as_posix().rstrip("/"), step, expected_arrays, on_complete)
   with _lock:
     _collectors[(collector.checkpoints, step)] = collector
-  if expected_arrays == 0 and on_complete is not None:
-    on_complete(collector)
   return collector
 
 

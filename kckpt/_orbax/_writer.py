@@ -16,7 +16,6 @@ from etils import epath
 
 from kckpt import _fs
 from kckpt import _layout
-from kckpt import cloud
 from kckpt import storage as storage_lib
 from kckpt._orbax import _checksums, _commit, _format, _handlers
 from kckpt._types import Metrics, PyTree, Step

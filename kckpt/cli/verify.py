@@ -13,7 +13,8 @@ EPILOG = """\
 Reports each problem with its step, item and leaf; exit status 1 if any.
 Steps saved by kckpt carry a CRC32C per chunk of array data, checked as
 each chunk is read: a changed bit is a problem naming its leaf. Steps saved
-without (plain Orbax, older kckpt) say "no checksums": there a flipped bit
+without (plain Orbax, older kckpt, StorageOptions(checksums=False)) say
+"no checksums": there a flipped bit
 inside an array goes unseen; a truncated, missing or undecodable file does not.
 
 examples:

@@ -39,7 +39,9 @@ from kckpt.inspect._diff import (
   provenance_differences,
   step_provenance_differences,
 )
-from kckpt.inspect._plot import Plot, leaf_history, metric_history
+from kckpt.inspect._plot import Plot
+from kckpt.inspect._plot import leaf_history
+from kckpt.inspect._plot import metric_history
 from kckpt.inspect._rows import (
   ItemTree,
   StepRow,

@@ -71,6 +71,7 @@ def test_sharded_run_saved_by_4_processes_restores_on_4_2_and_1(tmp_path):
     assert (stats[name]["min"], stats[name]["max"]) == (x.min(), x.max())
     assert stats[name]["mean"] == pytest.approx(x.mean(), rel=1e-6)
   assert reader.step_details(12).healthy
+  assert reader.step_details(12).health["statistics_from_processes"] == 4  # every process's shards were merged
 
 
 def test_background_error_on_one_process_is_raised_on_every_process(tmp_path):
