@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ from etils import epath
 
 from kckpt import _layout
 from kckpt import _orbax
+from kckpt import _progress
 from kckpt import _run
 from kckpt import items as items_lib
 from kckpt import storage as storage_lib
@@ -109,11 +110,19 @@ def _restore(
       restored.update(
         _orbax.read_items(step_path, [_orbax.ItemRead(name=r.name, format=r.format) for r in as_saved], storage=storage)
       )
-  for r in reads:
-    if r.target is not None:
+  targeted = [r for r in reads if r.target is not None]
+  progress = _progress.Transfer(
+    f"restore step {step}",
+    total_bytes=sum(trees.tree_nbytes(r.target) for r in targeted if r.format == "pytree"),
+    total_leaves=sum(len(jax.tree.leaves(r.target)) for r in targeted if r.format == "pytree"),
+  )
+  try:
+    for r in targeted:
       with reading(step, r.name, step_path / r.name, donated=donate and _has_device_arrays(r.target)):
-        value = _read_into(step_path / r.name, r, donate, storage)
+        value = _read_into(step_path / r.name, r, donate, storage, on_batch=progress.advance)
       restored[r.name] = _orbax.match_scalar_types(r.target, value)
+  finally:
+    progress.close()
   for r in reads:
     if r.name in escaped and r.format == "pytree":
       restored[r.name] = trees.unescape_dotted_keys(restored[r.name])
@@ -195,9 +204,15 @@ def _has_device_arrays(tree: Any) -> bool:
   return any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(tree))
 
 
-def _read_into(item_dir: epath.Path, read: _ItemRead, donate: bool, storage: storage_lib.StorageOptions | None) -> Any:
+def _read_into(
+  item_dir: epath.Path,
+  read: _ItemRead,
+  donate: bool,
+  storage: storage_lib.StorageOptions | None,
+  on_batch: Callable[[int, int], None] | None = None,
+) -> Any:
   if read.partial_paths is None:
-    return _orbax.read_tree_into(item_dir, read.target, donate=donate, storage=storage)
+    return _orbax.read_tree_into(item_dir, read.target, donate=donate, storage=storage, on_batch=on_batch)
   # Partial: read the leaves both trees have, keep the target's others as they are.
   leaves = trees.flatten_with_paths(read.target)
   abstract = {p: _orbax.abstract_target(leaves[p]) for p in read.partial_paths}

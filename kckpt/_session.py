@@ -21,6 +21,7 @@ from kckpt import _health
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _preemption
+from kckpt import _progress
 from kckpt import _provenance
 from kckpt import _run
 from kckpt import items as items_lib
@@ -197,6 +198,14 @@ class WriteSession:
     self._drop_collector()  # those of a save that failed before its commit
     collector = _health.start(self.directory, step, writes, primary=self._finishes_steps(), on_complete=self._post_stats)
     self._collector = collector
+    progress = None
+    if not self._config.async_save:  # an async save's caller does not wait: it shows nothing
+      progress = _progress.Transfer(
+        f"save step {step}",
+        total_bytes=sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree"),
+        total_leaves=collector.expected_arrays,
+      )
+      collector.on_written = progress.advance
     try:
       self._writer.save(
         step,
@@ -215,12 +224,18 @@ class WriteSession:
     except BaseException:
       self._index.forget(step)
       self._drop_collector()
+      if progress is not None:
+        progress.close()
       raise
     finally:
       self._index.invalidate()
     self._runtime.last_save_time = now
     if not self._config.async_save:
-      self._writer.wait()
+      try:
+        self._writer.wait()
+      finally:
+        if progress is not None:
+          progress.close()
     stats.returned(time.perf_counter())
     return True
 

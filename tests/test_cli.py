@@ -69,15 +69,18 @@ def assert_one_line_error(status, err, *fragments):
     assert fragment in lines[0]
 
 
-def run_on_terminal(args, *, answer: str | None = None, prompt: str | None = None) -> tuple[int, str]:
-  """Runs ``python -m kckpt ARGS`` with stdin, stdout and stderr on a pseudo-terminal.
+def run_on_terminal(
+  args, *, answer: str | None = None, prompt: str | None = None, python: bool = False, env: dict | None = None
+) -> tuple[int, str]:
+  """Runs ``python -m kckpt ARGS`` (``python ARGS`` with `python`) with stdin, stdout and stderr on a pseudo-terminal.
 
   When `prompt` appears in the output, `answer` is typed. Returns the exit
   status and everything the terminal showed.
   """
   leader, follower = pty.openpty()
+  command = [PYTHON, *map(str, args)] if python else kckpt_cmd(*args)
   proc = subprocess.Popen(
-    kckpt_cmd(*args), stdin=follower, stdout=follower, stderr=follower, env=subprocess_env(), close_fds=True
+    command, stdin=follower, stdout=follower, stderr=follower, env={**subprocess_env(), **(env or {})}, close_fds=True
   )
   os.close(follower)
   shown = b""
@@ -476,7 +479,7 @@ def test_verify_shows_progress_on_a_terminal(composite_run):
   status, shown = run_on_terminal(["verify", composite_run])
   assert status == 0, shown
   assert "verify step 400 (4/4)" in shown  # the progress line
-  assert "\x1b[K" in shown  # rewritten in place
+  assert "\rverify step 400 (4/4)" in shown  # rewritten in place (tqdm's status line)
   assert "OK: 4 steps" in shown
 
 
@@ -873,3 +876,29 @@ def test_export_safetensors_of_escaped_keys_uses_real_paths_and_refuses_names_tw
   status, _, err = call_cli(capsys, "export", run, "--items", "other", "--format", "safetensors", tmp_path / "o.safetensors")
   assert_one_line_error(status, err, "other.a.b and other.a\\.b would both be named 'a.b'")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["params.safetensors", "run"]
+
+
+# -- Progress of saves and restores (the library) --------------------------------------------
+
+SAVE_AND_RESTORE = """
+import sys, numpy as np, jax.numpy as jnp, kckpt
+state = {f"w{i}": jnp.full((256, 256), float(i)) for i in range(8)}
+with kckpt.Checkpointer(workdir=sys.argv[1], save_interval_steps=1, async_save=False) as ckpt:
+  ckpt.save(state, step=1)
+  out = ckpt.restore({k: jnp.zeros((256, 256)) for k in state})
+print("RESTORED", float(out["w7"][0, 0]))
+"""
+
+
+def test_sync_saves_and_restores_show_progress_on_a_terminal_only(tmp_path):
+  env = {"KCKPT_PROGRESS_DELAY_SECS": "0"}
+  status, shown = run_on_terminal(["-c", SAVE_AND_RESTORE, str(tmp_path / "t")], python=True, env=env)
+  assert status == 0, shown
+  assert "RESTORED 7.0" in shown
+  assert "save step 1" in shown and "restore step 1" in shown  # tqdm bars: bytes, rate, leaves
+  assert "/8 leaves" in shown and "B/s" in shown and "2.00M" in shown  # leaves done, rate, total bytes
+  piped = subprocess.run(
+    [PYTHON, "-c", SAVE_AND_RESTORE, str(tmp_path / "p")], env={**subprocess_env(), **env}, capture_output=True, text=True
+  )
+  assert piped.returncode == 0 and "RESTORED 7.0" in piped.stdout
+  assert "save step" not in piped.stderr and "restore step" not in piped.stderr  # not a terminal: nothing

@@ -124,7 +124,7 @@ async def _serialize_from_host(rslices_on_host, tensorstore_spec, *args, **kwarg
     _original_serialize(rslices_on_host, tensorstore_spec, *args, **kwargs),
     asyncio.to_thread(_leafstats.reduce_shards_or_none, shards, f"{item_dir}/{name}"),
   )
-  collector.add(_leafstats.item_name(epath.Path(item_dir).name), name, results[1])
+  collector.add(_leafstats.item_name(epath.Path(item_dir).name), name, results[1], nbytes=int(rslices_on_host.nbytes))
   return None
 
 

@@ -125,14 +125,17 @@ class StatsCollector:
   def __init__(self, checkpoints: str, step: int, expected_arrays: int, on_complete: Callable[[StatsCollector], None] | None):
     self.checkpoints = checkpoints
     self.step = step
-    self._expected = expected_arrays
+    self.expected_arrays = expected_arrays
     self._arrays = 0
     self._on_complete = on_complete
     self._lock = threading.Lock()
     self._parts: dict[tuple[str, str], Partial] = {}
+    self.on_written: Callable[[int], None] | None = None  # called with each array's bytes written here (progress)
 
-  def add(self, item: str, name: str, partial: Partial | None, *, array: bool = True) -> None:
+  def add(self, item: str, name: str, partial: Partial | None, *, array: bool = True, nbytes: int = 0) -> None:
     """Adds what one array (or NumPy leaf, `array=False`) of `item` reduced to on this process."""
+    if array and self.on_written is not None:
+      self.on_written(nbytes)
     complete = False
     with self._lock:
       if partial is not None:
@@ -140,7 +143,7 @@ class StatsCollector:
         self._parts[key] = partial if key not in self._parts else self._parts[key].merge(partial)
       if array:
         self._arrays += 1
-        complete = self._arrays == self._expected
+        complete = self._arrays == self.expected_arrays
     if complete and self._on_complete is not None:
       self._on_complete(self)
 

@@ -131,7 +131,12 @@ def _read_handler(storage: storage_lib.StorageOptions | None) -> ocp.PyTreeCheck
 
 
 def read_tree_into(
-  item_dir: epath.Path, target: PyTree, *, donate: bool, storage: storage_lib.StorageOptions | None = None
+  item_dir: epath.Path,
+  target: PyTree,
+  *,
+  donate: bool,
+  storage: storage_lib.StorageOptions | None = None,
+  on_batch: Callable[[int, int], None] | None = None,
 ) -> PyTree:
   """Restores the pytree item at `item_dir` into the structure of `target`.
 
@@ -173,6 +178,8 @@ def read_tree_into(
         flat = trees.flatten_with_paths(abstract)
         raise LeafReadError(_unreadable_leaves(item_dir, sorted(batch), flat), e) from e
       restored.update({p: v for p, v in trees.flatten_with_paths(out).items() if p in batch})
+      if on_batch is not None:
+        on_batch(sum(trees.tree_nbytes(leaves[p]) for p in batch if p in leaves), len(batch))
   finally:
     handler.close()
   return trees.replace_leaves(target, restored)

@@ -6,11 +6,12 @@ import json
 import math
 import os
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from etils import epath
+
+from kckpt import _progress
 
 
 def human_bytes(n: int | None) -> str:
@@ -95,38 +96,5 @@ def is_terminal(stream: Any) -> bool:
     return False
 
 
-class Progress:
-  """One status line on stderr, rewritten in place; only when stderr is a terminal.
-
-  Piped or redirected output stays clean: nothing is written at all.
-  """
-
-  def __init__(self, stream: TextIO | None = None, *, min_interval_secs: float = 0.1):
-    self._stream = stream if stream is not None else sys.stderr
-    self.enabled = is_terminal(self._stream)
-    self._min_interval = min_interval_secs
-    self._last = 0.0
-    self._shown = False
-
-  def update(self, text: str, *, force: bool = False) -> None:
-    if not self.enabled:
-      return
-    now = time.monotonic()
-    if not force and now - self._last < self._min_interval:
-      return
-    self._last = now
-    self._stream.write("\r\x1b[K" + text)
-    self._stream.flush()
-    self._shown = True
-
-  def clear(self) -> None:
-    if self.enabled and self._shown:
-      self._stream.write("\r\x1b[K")
-      self._stream.flush()
-      self._shown = False
-
-  def callback(self, prefix: str = "") -> Callable[[str], None] | None:
-    """A `progress` argument for `kckpt.inspect` that shows its lines after `prefix` (None when disabled)."""
-    if not self.enabled:
-      return None
-    return lambda text: self.update(prefix + text)
+# The command's status line: kckpt's own progress display (a tqdm line on a terminal, nothing elsewhere).
+Progress = _progress.StatusLine
