@@ -195,7 +195,9 @@ def test_health_fn_marks_steps_by_their_metrics(workdir):
   ckpt.save({"w": jnp.ones(4) * 2}, step=2, metrics={"loss": 50.0})
   ckpt.close()
   assert ckpt.all_steps == [1, 2]  # 1 is the last good step
-  assert ckpt.step_details(2).health == {
+  health = dict(ckpt.step_details(2).health)
+  assert 0 < health.pop("disk_bytes") <= kckpt.inspect.disk_bytes(ckpt.step_details(2).path)
+  assert health == {
     "healthy": False,
     "nonfinite_leaf_count": 0,
     "nonfinite_leaves": [],
@@ -291,6 +293,9 @@ def test_ls_shows_health_and_with_details_provenance(workdir, capsys):
 
   steps = json.loads(capsys.readouterr().out)["steps"]
   assert [s["healthy"] for s in steps] == [False, False, True]
+  for s in steps:  # the size recorded at commit (no walk of the folder), a few hundred bytes of metadata aside
+    walked = kckpt.inspect.disk_bytes(workdir / "checkpoints" / f"ckpt_{s['step']}")
+    assert s["size_bytes"] == s["health"]["disk_bytes"] and walked - 2000 < s["size_bytes"] <= walked
   assert steps[0]["provenance"]["config"] == {"lr": 0.1}
 
 

@@ -56,10 +56,18 @@ def is_committed(step_path: epath.Path) -> bool:
   return (step_path / COMMIT_MARKER).exists()
 
 
+def _read_text(path: epath.Path) -> str:
+  """A small file's text; local files through `open` (epath's `read_text` costs 4x more per file)."""
+  if _fs.is_local(path):
+    with open(os.fspath(path), encoding="utf-8") as f:
+      return f.read()
+  return path.read_text()
+
+
 def read_step_metadata(path: epath.Path) -> dict[str, Any]:
   """The step's ``_CHECKPOINT_METADATA`` (empty when absent or unreadable)."""
   try:
-    return json.loads((path / STEP_METADATA_FILE).read_text())
+    return json.loads(_read_text(path / STEP_METADATA_FILE))
   except (FileNotFoundError, NotADirectoryError):
     return {}
   except json.JSONDecodeError as e:
@@ -70,7 +78,7 @@ def read_step_metadata(path: epath.Path) -> dict[str, Any]:
 def read_step_metrics(path: epath.Path) -> Mapping[str, Any] | None:
   """The metrics saved with the step at `path`, or None."""
   try:
-    return json.loads((path / METRICS_ITEM / METRICS_ITEM).read_text())
+    return json.loads(_read_text(path / METRICS_ITEM / METRICS_ITEM))
   except (FileNotFoundError, NotADirectoryError):
     return None
 
@@ -161,7 +169,7 @@ def custom_metadata(
 def read_step_health(path: epath.Path) -> dict[str, Any] | None:
   """The step's health record (`HEALTH_FILE`), or None: saved without one (other code, older kckpt)."""
   try:
-    value = json.loads((path / HEALTH_FILE).read_text())
+    value = json.loads(_read_text(path / HEALTH_FILE))
   except (FileNotFoundError, NotADirectoryError):
     return None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -173,7 +181,7 @@ def read_step_health(path: epath.Path) -> dict[str, Any] | None:
 def read_leaf_stats(path: epath.Path) -> dict[str, dict[str, dict[str, Any]]]:
   """item -> parameter name -> statistics of the step's floating leaves; {} when none were recorded."""
   try:
-    value = json.loads((path / LEAF_STATS_FILE).read_text())
+    value = json.loads(_read_text(path / LEAF_STATS_FILE))
   except (FileNotFoundError, NotADirectoryError):
     return {}
   except (json.JSONDecodeError, UnicodeDecodeError) as e:

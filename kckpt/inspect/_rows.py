@@ -32,7 +32,9 @@ class StepRow:
 
   Attributes:
     details: its time, metrics, items and tag.
-    size_bytes: its size on disk (None when not asked for or unreadable).
+    size_bytes: its size on disk (None when not asked for or unreadable): as
+      recorded when it was committed (kckpt's steps, a few hundred bytes of
+      metadata aside), else by walking its folder.
     decision: whether the retention policy keeps it and why (None without a policy).
   """
 
@@ -124,7 +126,8 @@ def summary_rows(
     if sizes:
       if progress:
         progress(f"size of step {step} ({i}/{len(shown)})")
-      size = disk_bytes(details[step].path)
+      recorded = (details[step].health or {}).get("disk_bytes")
+      size = recorded if isinstance(recorded, int) else disk_bytes(details[step].path)
     rows.append(StepRow(details[step], size_bytes=size, decision=decisions.get(step)))
   return rows
 
