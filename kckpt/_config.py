@@ -1,4 +1,4 @@
-"""Checking a `Checkpointer`'s fields, and building one from a plain config mapping."""
+"""A `Checkpointer`'s fields: checking them, what they mean (policies, folder), building one from a mapping."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from etils import epath
+
+from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _run
+from kckpt import cloud
 from kckpt import policies
 from kckpt import storage as storage_lib
 
@@ -84,3 +88,37 @@ def constructor_kwargs(cls: type, config: Mapping[str, Any] | Any) -> dict[str, 
   if "save_on_steps" in kwargs and kwargs["save_on_steps"] is not None:
     kwargs["save_on_steps"] = tuple(kwargs["save_on_steps"])
   return kwargs
+
+
+def checkpoints_dir(ckpt: Checkpointer) -> epath.Path:
+  """``<workdir>/checkpoints``; ValueError while `workdir` is None. Applies the S3 settings first."""
+  if ckpt.workdir is None:
+    raise ValueError(
+      "Checkpointer.workdir is None: bind it before saving or restoring, e.g."
+      " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
+    )
+  if ckpt.s3_endpoint or ckpt.s3_region:
+    cloud.configure_s3(endpoint=ckpt.s3_endpoint, region=ckpt.s3_region)
+  return _layout.checkpoints_dir(ckpt.workdir)
+
+
+def save_policy(ckpt: Checkpointer) -> policies.SavePolicy:
+  """When `maybe_save` saves, from the fields."""
+  return policies.SavePolicy(
+    interval_steps=ckpt.save_interval_steps,
+    on_steps=frozenset(ckpt.save_on_steps or ()),
+    interval_secs=ckpt.save_interval_secs,
+    never_save_step_zero=ckpt.never_save_step_zero,
+  )
+
+
+def retention_policy(ckpt: Checkpointer) -> policies.RetentionPolicy:
+  """Which steps stay, from the fields."""
+  return policies.RetentionPolicy(
+    max_to_keep=ckpt.max_to_keep,
+    keep_period=ckpt.keep_period,
+    keep_time_interval_secs=policies.timedelta_seconds(ckpt.keep_time_interval),
+    best_metric_path=ckpt.best_metric_path,
+    best_fn=ckpt.best_fn,
+    best_mode=ckpt.best_mode,  # type: ignore[arg-type]
+  )

@@ -369,3 +369,40 @@ class Runtime:
     self.last_save_time = time.time()  # for `save_interval_secs`
     self.save_stats: telemetry.TransferStats | None = None
     self.restore_stats: telemetry.TransferStats | None = None
+
+  def time_due(self, policy: policies.SavePolicy, step: Step) -> bool:
+    """Whether `save_interval_secs` says `step` is due, on this process's clock."""
+    return policies.time_due(policy, step, since_last_save=time.time() - self.last_save_time)
+
+  def should_save(self, policy: policies.SavePolicy, step: Step, *, time_due: bool, index: _run.RunIndex) -> bool:
+    """Whether `maybe_save` saves `step`: a rule (or the clock) says so and the step does not exist yet."""
+    if policies.save_reason(policy, step) is None and not time_due:
+      return False
+    session = self.session
+    return not (session.step_exists(step) if session is not None else step in index.finished())
+
+  def close(self, index: _run.RunIndex) -> None:
+    """`Checkpointer.close`: finishes the session, then releases the SIGTERM handler and honours a SIGTERM it held."""
+    with self.lock:
+      session, self.session = self.session, None
+    try:
+      if session is not None:
+        session.close()
+    finally:
+      # Only now: a SIGTERM during the wait above still finds kckpt's handler, not one that kills mid-save.
+      self.preemption.release()
+      index.invalidate()
+    self.preemption.honour_undelivered()
+
+  def vote(self, step: Step, *, time_due: bool, timeout_secs: float) -> multihost.StepVote:
+    """What every process agrees on at `maybe_save(step)`: preemption, the primary's clock, a finished save."""
+    return multihost.vote(
+      multihost.StepVote(
+        preempt=self.preemption.pending,
+        time_due=time_due,
+        save_done=self.session is not None and self.session.background_save_done(),
+        exit_after=self.preemption.will_exit,
+      ),
+      timeout_secs=timeout_secs,
+      what=f"maybe_save(step={step})",
+    )

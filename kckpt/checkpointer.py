@@ -26,7 +26,6 @@ from kckpt import _run
 from kckpt import _session
 from kckpt import _views
 from kckpt import base
-from kckpt import cloud
 from kckpt import multihost
 from kckpt import policies
 from kckpt import storage as storage_lib
@@ -197,34 +196,15 @@ class Checkpointer(base.BaseCheckpointer):
   @property
   def directory(self) -> epath.Path:
     """``<workdir>/checkpoints``; raises ValueError while `workdir` is None."""
-    if self.workdir is None:
-      raise ValueError(
-        "Checkpointer.workdir is None: bind it before saving or restoring, e.g."
-        " `ckpt = dataclasses.replace(ckpt, workdir='/path/to/run')`."
-      )
-    if self.s3_endpoint or self.s3_region:
-      cloud.configure_s3(endpoint=self.s3_endpoint, region=self.s3_region)
-    return _layout.checkpoints_dir(self.workdir)
+    return _config.checkpoints_dir(self)
 
   @property
   def save_policy(self) -> policies.SavePolicy:
-    return policies.SavePolicy(
-      interval_steps=self.save_interval_steps,
-      on_steps=frozenset(self.save_on_steps or ()),
-      interval_secs=self.save_interval_secs,
-      never_save_step_zero=self.never_save_step_zero,
-    )
+    return _config.save_policy(self)
 
   @property
   def retention_policy(self) -> policies.RetentionPolicy:
-    return policies.RetentionPolicy(
-      max_to_keep=self.max_to_keep,
-      keep_period=self.keep_period,
-      keep_time_interval_secs=policies.timedelta_seconds(self.keep_time_interval),
-      best_metric_path=self.best_metric_path,
-      best_fn=self.best_fn,
-      best_mode=self.best_mode,  # type: ignore[arg-type]
-    )
+    return _config.retention_policy(self)
 
   def _session(self) -> _session.WriteSession:
     """The open writer, opened at the first write (and again after `close`)."""
@@ -309,13 +289,10 @@ class Checkpointer(base.BaseCheckpointer):
     return self._should_save(step, time_due=self._time_due(step))
 
   def _time_due(self, step: Step) -> bool:
-    return policies.time_due(self.save_policy, step, since_last_save=time.time() - self._rt.last_save_time)
+    return self._rt.time_due(self.save_policy, step)
 
   def _should_save(self, step: Step, *, time_due: bool) -> bool:
-    if policies.save_reason(self.save_policy, step) is None and not time_due:
-      return False
-    session = self._rt.session
-    return not (session.step_exists(step) if session is not None else step in self._index.finished())
+    return self._rt.should_save(self.save_policy, step, time_due=time_due, index=self._index)
 
   def save(
     self,
@@ -395,17 +372,7 @@ class Checkpointer(base.BaseCheckpointer):
       return False
     if self.handle_sigterm and self.create:
       rt.preemption.handle_sigterm(self)
-    session = rt.session
-    decision = multihost.vote(
-      multihost.StepVote(
-        preempt=rt.preemption.pending,
-        time_due=self._time_due(step),
-        save_done=session is not None and session.background_save_done(),
-        exit_after=rt.preemption.will_exit,
-      ),
-      timeout_secs=self.barrier_timeout_secs,
-      what=f"maybe_save(step={step})",
-    )
+    decision = rt.vote(step, time_due=self._time_due(step), timeout_secs=self.barrier_timeout_secs)
     if decision.save_done:
       self.wait_until_finished()  # raises a background error, on every process
     if decision.preempt:
@@ -488,17 +455,7 @@ class Checkpointer(base.BaseCheckpointer):
     raises ``SystemExit(143)``. (When a save fails, its error is raised
     instead.)
     """
-    rt = self._rt
-    with rt.lock:
-      session, rt.session = rt.session, None
-    try:
-      if session is not None:
-        session.close()
-    finally:
-      # Only now: a SIGTERM during the wait above still finds kckpt's handler, not one that kills mid-save.
-      rt.preemption.release()
-      self._index.invalidate()
-    rt.preemption.honour_undelivered()
+    self._rt.close(self._index)
 
   # -- Restoring --------------------------------------------------------------
 
@@ -522,8 +479,8 @@ class Checkpointer(base.BaseCheckpointer):
         `TopLevelCheckpointItem`. None returns the saved tree as NumPy
         arrays (the ``default`` item, or a `Composite` of all items).
       step: the step: a number, -1 or ``"latest"`` for the newest,
-        ``"best"`` for the best by the configured metric, or a tag given to
-        `save`.
+        ``"best"`` for the best by the configured metric, ``"last_good"``
+        for the newest healthy step, or a tag given to `save`.
       noop_if_missing: when the run has no checkpoint at all, return `state`
         unchanged instead of raising. A named step that is missing always
         raises.
