@@ -8,9 +8,7 @@ middle of a save, the command line; and the cost of polling in requests.
 import base64
 import json
 import os
-import signal
 import subprocess
-import time
 import urllib.request
 
 import boto3
@@ -20,11 +18,9 @@ import pytest
 from etils import epath
 
 import kckpt
-from kckpt import _layout
-from kckpt import _run
 from kckpt import cloud
-from tests.helpers import PYTHON, REPO, subprocess_env
-from tests.programs.save_forever import state_for
+from tests.helpers import PYTHON, subprocess_env
+from tests.integration import object_store
 
 
 def _s3_client(server):
@@ -143,89 +139,12 @@ def test_latest_step_poll_is_one_listing(s3_server, s3_workdir):
     assert r["method"] == "GET" and "list-type=2" in r["url"] and "delimiter=%2F" in r["url"], described
 
 
-EVAL_JOB = """
-import sys, kckpt
-ckpt = kckpt.Checkpointer.open(sys.argv[1])
-print("READY", ckpt.latest_step, flush=True)
-for step in ckpt.iter_new_checkpoints(timeout=1, timeout_fn=lambda: kckpt.trainer_finished(sys.argv[1])):
-  print("EVAL", step, float(ckpt.restore(step=step)["w"][0]), flush=True)
-print("DONE", flush=True)
-"""
-
-
 def test_eval_job_in_another_process_sees_every_step(s3_workdir):
-  job = subprocess.Popen(
-    [PYTHON, "-c", EVAL_JOB, s3_workdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env()
-  )
-  try:
-    ready = ""
-    while not ready.startswith("READY"):  # skip the AWS SDK's log lines
-      ready = job.stdout.readline()
-      assert ready or job.poll() is None, "eval job exited early"
-    assert ready.startswith("READY None"), ready
-    with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None) as ckpt:
-      for step in (10, 20, 30):
-        ckpt.save({"w": np.full(2, float(step))}, step=step)
-        ckpt.wait_until_finished()
-        time.sleep(0.2)
-    kckpt.write_end_marker(s3_workdir, step=30)
-    out, _ = job.communicate(timeout=60)
-  finally:
-    if job.poll() is None:
-      job.kill()
-      job.wait()
-  assert job.returncode == 0, out
-  evals = [line for line in out.splitlines() if line.startswith("EVAL")]
-  assert evals == ["EVAL 10 10.0", "EVAL 20 20.0", "EVAL 30 30.0"], out
-  assert "DONE" in out
+  object_store.eval_job_sees_every_step(s3_workdir, {})
 
 
 def test_kill_during_save_never_exposes_a_partial_step(s3_server, s3_workdir):
-  program = REPO / "tests" / "programs" / "save_forever.py"
-  megabytes = 16
-  proc = subprocess.Popen(
-    [PYTHON, str(program), s3_workdir, str(megabytes), "async"],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-    env=subprocess_env(),
-  )
-  lines = []
-  try:
-    while True:
-      line = proc.stdout.readline()
-      lines.append(line)
-      if line.startswith("SAVING 2"):
-        break
-      assert line or proc.poll() is None, "saving program exited early:\n" + "".join(lines)
-    # Kill once part of step 2 is in the bucket, before its commit marker.
-    deadline = time.monotonic() + 60
-    while not [k for k in _keys(s3_server, s3_workdir) if k.startswith("checkpoints/ckpt_2/")]:
-      assert time.monotonic() < deadline, "step 2 never started writing:\n" + "".join(lines)
-      time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    if proc.poll() is None:
-      os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stdout.close()
-  listing = _run.list_steps(_layout.checkpoints_dir(s3_workdir))
-  reader = kckpt.Checkpointer.open(s3_workdir)
-  steps = reader.all_steps
-  assert steps and steps[0] == 1, (steps, listing)
-  if 2 not in steps:  # the usual case: step 2 was cut short; it is there, unfinished and hidden
-    assert "ckpt_2" in listing.unfinished, listing
-  for step in steps:  # every reported step restores fully and bit-exactly
-    expected = state_for(step, 1 if step == 1 else megabytes)
-    restored = reader.restore({k: np.zeros(v.shape, np.float32) for k, v in expected.items()}, step=step)
-    for key in expected:
-      np.testing.assert_array_equal(restored[key], np.asarray(expected[key]))
-  # A new trainer cleans up what the crash left and saves again.
-  next_step = steps[-1] + 100
-  with kckpt.Checkpointer(workdir=s3_workdir, save_interval_steps=1, max_to_keep=None) as writer:
-    writer.save({"w": jnp.ones(3)}, step=next_step)
-  after = _run.list_steps(_layout.checkpoints_dir(s3_workdir))
-  assert after.finished == (*steps, next_step) and after.unfinished == (), after
+  object_store.kill_during_save_exposes_no_partial_step(s3_workdir, {}, lambda: _keys(s3_server, s3_workdir))
 
 
 def test_cli_ls_on_an_s3_run(s3_workdir):
