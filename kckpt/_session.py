@@ -119,7 +119,9 @@ class WriteSession:
       if self._lock is not None:
         self._lock.release()
       raise
-    self._collector: Any = None  # the statistics of the save in flight
+    # The statistics of saves not yet committed, by step (the one in flight; a failed one until dropped).
+    self._collectors: dict[Step, Any] = {}
+    self._collectors_lock = threading.Lock()
     _install_exit_hook()
     _open_sessions.add(self)
 
@@ -142,16 +144,24 @@ class WriteSession:
     try:
       self._writer.wait()
     except BaseException:
-      self._drop_collector()  # the failed save's statistics (and its commit work) are never used
+      self._drop_collectors()  # the failed save's statistics (and its commit work) are never used
       raise
     finally:
       self._index.invalidate()
 
-  def _drop_collector(self) -> None:
-    collector, self._collector = self._collector, None
-    if collector is not None:
+  def _drop_collectors(self) -> None:
+    """Closes the statistics (and unregisters the commit work) of every save not committed."""
+    with self._collectors_lock:
+      dropped, self._collectors = list(self._collectors.values()), {}
+    for collector in dropped:
       _orbax.close_collector(collector)
       _orbax.before_commit(_layout.step_dir(self.directory, collector.step), None)
+
+  def _done_with(self, collector: Any) -> None:
+    """The statistics of a committed save (or posted to the primary) are not needed any more."""
+    with self._collectors_lock:
+      self._collectors.pop(collector.step, None)
+    _orbax.close_collector(collector)
 
   # -- Saving -------------------------------------------------------------------
 
@@ -185,24 +195,25 @@ class WriteSession:
     metrics_healthy = self._metrics_health(step, metrics)
     now = round(time.time(), 6)  # the step's time, recorded in it; microseconds, as a datetime holds it
     self._index.remember(policies.StepRecord(step=step, time=now, metrics=metrics))
+    nbytes = sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree")
     stats = telemetry.SaveTelemetry(
       self._publish_stats,
       self.directory,
       step=step,
-      nbytes=sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree"),
+      nbytes=nbytes,
       started=started,
       async_save=self._config.async_save,
     )
-    if self._writer.in_flight_step is not None:
-      self.wait()  # as the writer would at its next save; first, so that the previous save's statistics are done
-    self._drop_collector()  # those of a save that failed before its commit
+    if self._writer.in_flight_step is None:
+      self._drop_collectors()  # those of a save that failed before its commit
     collector = _health.start(self.directory, step, writes, primary=self._finishes_steps(), on_complete=self._post_stats)
-    self._collector = collector
+    with self._collectors_lock:
+      self._collectors[step] = collector
     progress = None
     if not self._config.async_save:  # an async save's caller does not wait: it shows nothing
       progress = _progress.Transfer(
         f"save step {step}",
-        total_bytes=sum(trees.tree_nbytes(w.value) for w in writes if w.format == "pytree"),
+        total_bytes=nbytes,
         total_leaves=collector.expected_arrays,
       )
       collector.on_written = progress.advance
@@ -223,7 +234,7 @@ class WriteSession:
       )
     except BaseException:
       self._index.forget(step)
-      self._drop_collector()
+      self._drop_collectors()  # this save's, and a previous one's whose failure the writer raised
       if progress is not None:
         progress.close()
       raise
@@ -259,7 +270,7 @@ class WriteSession:
     """A non-primary process's statistics of the shards it wrote, for the primary (multi-process runs)."""
     if not self._finishes_steps():  # the primary reads them before the commit; this process is done with them
       self._writer.post_stats(collector.partials())
-      _orbax.close_collector(collector)
+      self._done_with(collector)
 
   def _before_commit(self, tmp: epath.Path, step: Step, collector: Any, metrics_healthy: bool | None) -> None:
     """On the primary, just before the commit: the step's health and leaf statistics, written into it."""
@@ -268,7 +279,7 @@ class WriteSession:
       shared = options is None or options.primary_host is not None  # else every process commits its own steps
       record = _health.finish(tmp, collector, self._writer.gathered_stats() if shared else [], metrics_healthy)
     finally:
-      _orbax.close_collector(collector)
+      self._done_with(collector)
     self._index.remember_health(step, record["healthy"])
 
   def _publish_stats(self, stats: telemetry.TransferStats) -> None:
@@ -319,7 +330,7 @@ class WriteSession:
     try:
       self._writer.close()
     finally:
-      self._drop_collector()
+      self._drop_collectors()
       if self._lock is not None:
         self._lock.release()
       self._index.invalidate()

@@ -101,19 +101,25 @@ def s3_server(tmp_path_factory):
     log.close()
 
 
-@pytest.fixture
-def s3_workdir(s3_server, monkeypatch, request):
-  """A fresh ``s3://`` run folder on the session's server, with the AWS environment set."""
+def _fresh_run(scheme: str, server: dict, monkeypatch, request) -> str:
+  """A new run folder in the server's bucket, named after the test, with the server's environment set."""
   import re  # pylint: disable=import-outside-toplevel
   import uuid  # pylint: disable=import-outside-toplevel
 
-  for key, value in s3_server["env"].items():
+  for key, value in server["env"].items():
     monkeypatch.setenv(key, value)
-  monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-  monkeypatch.delenv("AWS_PROFILE", raising=False)
   # fsspec reads [, ], * and ? in a path as glob patterns: keep them out of the key.
   name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
-  return f"s3://{s3_server['bucket']}/{name}-{uuid.uuid4().hex[:8]}"
+  return f"{scheme}://{server['bucket']}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def s3_workdir(s3_server, monkeypatch, request):
+  """A fresh ``s3://`` run folder on the session's server, with the AWS environment set."""
+  run = _fresh_run("s3", s3_server, monkeypatch, request)
+  monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+  monkeypatch.delenv("AWS_PROFILE", raising=False)
+  return run
 
 
 # ---------------------------------------------------------------------------
@@ -209,10 +215,4 @@ def gcs_server(tmp_path_factory):
 @pytest.fixture
 def gcs_workdir(gcs_server, monkeypatch, request):
   """A fresh ``gs://`` run folder on the session's server, with the GCS environment set."""
-  import re  # pylint: disable=import-outside-toplevel
-  import uuid  # pylint: disable=import-outside-toplevel
-
-  for key, value in gcs_server["env"].items():
-    monkeypatch.setenv(key, value)
-  name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
-  return f"gs://{gcs_server['bucket']}/{name}-{uuid.uuid4().hex[:8]}"
+  return _fresh_run("gs", gcs_server, monkeypatch, request)
