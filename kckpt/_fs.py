@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
-
-from etils import epath
+import pathlib
+import shutil
+from typing import TYPE_CHECKING, Any, cast
 
 from kckpt import cloud
+
+if TYPE_CHECKING:
+  from etils import epath
 
 # Object stores whose "rename" is a copy: finished steps carry a commit file instead.
 OBJECT_STORE_SCHEMES = ("gs://", "s3://")
@@ -22,6 +25,47 @@ OBJECT_STORE_SCHEMES = ("gs://", "s3://")
 def is_local(path: Any) -> bool:
   """Whether `path` is on a local or mounted file system (not ``scheme://``)."""
   return "://" not in str(path)
+
+
+class LocalPath(pathlib.PosixPath):
+  """A local path with the `epath.Path` methods kckpt uses beyond pathlib's.
+
+  What `as_path` gives for a local folder: `etils.epath` costs 50 ms to import
+  (most of the start of ``kckpt ls``), and its `/` and `str` are slower than
+  pathlib's, which a listing of thousands of steps calls several times per
+  step. Code that needs more of epath's API builds an `epath.Path` itself.
+
+  >>> import tempfile
+  >>> folder = as_path(tempfile.mkdtemp()) / "a" / "b"
+  >>> folder.mkdir(parents=True)
+  >>> folder.parent.rmtree(); folder.parent.exists()
+  False
+  >>> folder.parent.rmtree(missing_ok=True)
+  """
+
+  def rmtree(self, missing_ok: bool = False) -> None:
+    """Deletes the folder and everything under it (as `epath.Path.rmtree`)."""
+    try:
+      shutil.rmtree(self)
+    except FileNotFoundError:
+      if not missing_ok:
+        raise
+
+
+def as_path(given: Any) -> epath.Path:
+  """`given` (str or path) as a path object: a `LocalPath` when local, else an `epath.Path`.
+
+  Typed as `epath.Path`: a `LocalPath` has every method of it that kckpt calls.
+
+  >>> type(as_path("/tmp/run")).__name__, str(as_path("/tmp/run") / "checkpoints")
+  ('LocalPath', '/tmp/run/checkpoints')
+  """
+  text = os.fspath(given)
+  if is_local(text):
+    return cast("epath.Path", LocalPath(text))
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  return epath.Path(text)
 
 
 def is_object_store(path: Any) -> bool:

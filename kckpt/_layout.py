@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-from etils import epath
+from typing import TYPE_CHECKING, Any
 
 from kckpt import _fs
 from kckpt import cloud
 from kckpt._types import PathLike, Step
+
+if TYPE_CHECKING:
+  from etils import epath
 
 CHECKPOINTS_FOLDER = "checkpoints"
 STEP_PREFIX = "ckpt"
@@ -30,7 +31,7 @@ _STEP_NAME = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
 def checkpoints_dir(workdir: PathLike) -> epath.Path:
   """The folder that holds the step folders of the run at `workdir` (made absolute)."""
   cloud.prepare(workdir)
-  return epath.Path(_fs.absolute(workdir)) / CHECKPOINTS_FOLDER
+  return _fs.as_path(_fs.absolute(workdir)) / CHECKPOINTS_FOLDER
 
 
 def step_dir(checkpoints: epath.Path, step: Step) -> epath.Path:

@@ -18,9 +18,7 @@ import datetime
 import operator
 import threading
 from collections.abc import Mapping
-from typing import Any
-
-from etils import epath
+from typing import TYPE_CHECKING, Any
 
 from kckpt import _fs
 from kckpt import _layout
@@ -28,6 +26,9 @@ from kckpt import _orbax
 from kckpt import policies
 from kckpt._types import Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError
+
+if TYPE_CHECKING:
+  from etils import epath
 
 # Words a step may be named by, besides numbers and tags.
 STEP_WORDS = ("latest", "best", "last_good")
@@ -142,7 +143,7 @@ def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
     step=step,
     path=path,
     time=_orbax.step_time(path, metadata),
-    metrics=_orbax.read_step_metrics(path),
+    metrics=_orbax.read_step_metrics(path, metadata),
     items=_orbax.item_formats(path, metadata),
     tag=_orbax.step_tag(metadata),
     checksums=_orbax.step_checksums(metadata),
@@ -186,7 +187,7 @@ class RunIndex:
   Thread-safe; never writes.
 
   >>> import tempfile
-  >>> index = RunIndex(epath.Path(tempfile.mkdtemp()))
+  >>> index = RunIndex(_fs.as_path(tempfile.mkdtemp()))
   >>> index.finished(), index.resolve("latest")
   ((), None)
   """

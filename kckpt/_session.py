@@ -225,6 +225,7 @@ class WriteSession:
         custom_metadata=_orbax.custom_metadata(
           time=now,
           tag=tag,
+          metrics=metrics,
           escaped_items=[w.name for w in writes if w.escaped],
           checksums=_orbax.CRC32C if self._writer.checksums else None,
           provenance=provenance,

@@ -6,12 +6,10 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
-from etils import epath
-
 PyTree: TypeAlias = Any
 Step: TypeAlias = int
 # A nested mapping of numbers: Python, NumPy or JAX scalars.
 Metrics: TypeAlias = Mapping[str, Any]
 # How a step is named: a number, -1 / "latest" (the newest), "best", or a tag given to `save`.
 StepSpec: TypeAlias = int | str
-PathLike: TypeAlias = str | os.PathLike | epath.Path
+PathLike: TypeAlias = str | os.PathLike  # `etils.epath.Path` is an os.PathLike

@@ -592,7 +592,8 @@ def test_watch_all_with_timeout_stops_and_refuses_a_step_folder(composite_run, c
 
 # -- What each command imports --------------------------------------------------
 
-HEAVY = ("jax", "orbax", "tensorstore")
+# etils: `etils.epath` alone is 50 ms of a start (it imports unittest.mock and asyncio).
+HEAVY = ("jax", "orbax", "tensorstore", "etils")
 # Runs the command in a fresh interpreter, then reports which heavy packages it imported.
 _IMPORTS_PROBE = """
 import json, sys
@@ -614,7 +615,7 @@ def run_probed(*args) -> tuple[subprocess.CompletedProcess, dict]:
   return result, json.loads(reports[0].removeprefix("IMPORTS "))
 
 
-def test_listing_commands_import_no_jax_orbax_or_tensorstore(composite_run, tmp_path):
+def test_listing_commands_import_no_jax_orbax_tensorstore_or_epath(composite_run, tmp_path):
   run = copy_run(composite_run, tmp_path)
   checkpoints = run / "checkpoints"
   result, imported = run_probed("ls", run)

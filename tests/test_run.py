@@ -1,12 +1,14 @@
 """The run index: listing (finished vs temporary folders), step names, per-step details; real folders, no mocks."""
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import kckpt
 from kckpt import _layout
 from kckpt import _run
 from kckpt import policies
+from kckpt._orbax import _format
 
 
 @pytest.fixture
@@ -73,6 +75,32 @@ def test_details_read_small_files_only(run):
   assert details.user_items == ("default",) and details.items["default"] == "pytree"
   assert details.time is not None and details.time.tzinfo is not None
   assert details.record == policies.StepRecord(step=4, time=details.time.timestamp(), metrics={"eval": {"loss": 0.4}})
+
+
+def test_a_listing_reads_two_small_files_of_a_kckpt_step_and_orbax_metrics_of_others(run, tmp_path, monkeypatch):
+  read = []
+  real_read = _format._read_json
+
+  def recording_read(folder, *names):
+    read.append("/".join(names))
+    return real_read(folder, *names)
+
+  monkeypatch.setattr(_format, "_read_json", recording_read)
+  # kckpt keeps a copy of the metrics in its step metadata: metadata and health, no metrics file.
+  assert _run.read_step_details(run, 3).metrics == {"eval": {"loss": 0.1}}
+  assert read == ["_CHECKPOINT_METADATA", "_KCKPT_HEALTH.json"]
+  # Steps written by plain Orbax: the metrics come from Orbax's metrics item.
+  plain = tmp_path / "plain" / "checkpoints"
+  options = ocp.CheckpointManagerOptions(step_prefix="ckpt", best_fn=lambda m: m["loss"])  # Orbax saves metrics only then
+  with ocp.CheckpointManager(plain, options=options) as manager:
+    manager.save(7, args=ocp.args.Composite(default=ocp.args.PyTreeSave({"w": np.ones(2)})), metrics={"loss": 0.25})
+    manager.save(8, args=ocp.args.Composite(default=ocp.args.PyTreeSave({"w": np.ones(2)})))
+  read.clear()
+  assert _run.read_step_details(plain, 7).metrics == {"loss": 0.25}
+  assert "metrics/metrics" in read
+  read.clear()
+  assert _run.read_step_details(plain, 8).metrics is None  # its metadata lists no metrics item: not looked for
+  assert "metrics/metrics" not in read
 
 
 @pytest.mark.parametrize("text, spec", [("10", 10), ("-1", -1), ("latest", "latest"), ("best", "best"), ("my-tag", "my-tag")])

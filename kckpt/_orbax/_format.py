@@ -16,13 +16,14 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-from etils import epath
+from typing import TYPE_CHECKING, Any, Literal
 
 from kckpt import _fs
 from kckpt import _layout
 from kckpt._types import Step
+
+if TYPE_CHECKING:
+  from etils import epath
 
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 CRC32C = "crc32c"  # the step's ``checksums`` entry when each array chunk carries a CRC32C (`_checksums`)
@@ -56,29 +57,47 @@ def is_committed(step_path: epath.Path) -> bool:
   return (step_path / COMMIT_MARKER).exists()
 
 
-def _read_text(path: epath.Path) -> str:
-  """A small file's text; local files through `open` (epath's `read_text` costs 4x more per file)."""
-  if _fs.is_local(path):
-    with open(os.fspath(path), encoding="utf-8") as f:
-      return f.read()
-  return path.read_text()
+def _read_json(folder: epath.Path, *names: str) -> Any:
+  """The JSON value of a small file under `folder`.
+
+  Local files are read as bytes, unbuffered, through `open` on a joined
+  string: a listing reads three files per step, and epath's (or pathlib's)
+  `/` and `read_text`, or a buffered reader, cost more than the read itself.
+  """
+  if _fs.is_local(folder):
+    with open(os.path.join(os.fspath(folder), *names), "rb", buffering=0) as f:
+      return json.loads(f.read())
+  return json.loads(folder.joinpath(*names).read_text())
 
 
 def read_step_metadata(path: epath.Path) -> dict[str, Any]:
   """The step's ``_CHECKPOINT_METADATA`` (empty when absent or unreadable)."""
   try:
-    return json.loads(_read_text(path / STEP_METADATA_FILE))
+    return _read_json(path, STEP_METADATA_FILE)
   except (FileNotFoundError, NotADirectoryError):
     return {}
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     log.warning("Step metadata %s is not valid JSON (%s): its tag and time are unknown.", path / STEP_METADATA_FILE, e)
     return {}
 
 
-def read_step_metrics(path: epath.Path) -> Mapping[str, Any] | None:
-  """The metrics saved with the step at `path`, or None."""
+def read_step_metrics(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> Mapping[str, Any] | None:
+  """The metrics saved with the step at `path`, or None.
+
+  Given the step's `metadata` (`read_step_metadata`), kckpt's copy of the
+  metrics there is used, and a step whose metadata lists no metrics item has
+  none: a listing reads one file less per step. Otherwise (and for steps
+  written by other code) Orbax's ``metrics/metrics`` is read.
+  """
+  if metadata is not None:
+    own = _kckpt_entry(metadata)
+    if "metrics" in own:
+      return own["metrics"] if isinstance(own["metrics"], dict) else None
+    handlers = metadata.get("item_handlers")
+    if isinstance(handlers, dict) and handlers and METRICS_ITEM not in handlers:
+      return None
   try:
-    return json.loads(_read_text(path / METRICS_ITEM / METRICS_ITEM))
+    return _read_json(path, METRICS_ITEM, METRICS_ITEM)
   except (FileNotFoundError, NotADirectoryError):
     return None
 
@@ -100,7 +119,7 @@ def step_time(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> da
   if nsecs:
     return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.UTC)
   try:
-    return datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.UTC)
+    return datetime.datetime.fromtimestamp(_fs.mtime(path), tz=datetime.UTC)
   except (FileNotFoundError, OSError, AttributeError):
     return None
 
@@ -119,7 +138,7 @@ def item_formats(path: epath.Path, metadata: Mapping[str, Any] | None = None) ->
   if metadata is None:
     metadata = read_step_metadata(path)
   handlers = metadata.get("item_handlers")
-  if isinstance(handlers, Mapping) and handlers:
+  if isinstance(handlers, dict) and handlers:
     return {name: item_format(str(handler)) for name, handler in handlers.items()}
   items: dict[str, ItemFormat] = {}
   for child in path.iterdir():
@@ -135,28 +154,33 @@ def step_tag(metadata: Mapping[str, Any]) -> str | None:
 
 
 def _kckpt_entry(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+  # Metadata is parsed JSON: `dict` checks here (an ABC check costs several times more, per step of a listing).
   custom = metadata.get("custom_metadata") or {}
-  own = custom.get(KCKPT_METADATA_KEY) if isinstance(custom, Mapping) else None
-  return own if isinstance(own, Mapping) else {}
+  own = custom.get(KCKPT_METADATA_KEY) if isinstance(custom, dict) else None
+  return own if isinstance(own, dict) else {}
 
 
 def custom_metadata(
   *,
   time: float,
   tag: str | None,
+  metrics: Mapping[str, Any] | None = None,
   escaped_items: Sequence[str] = (),
   checksums: str | None = None,
   provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """kckpt's entry in the step's custom metadata.
 
-  The step's time (`time.time()` at `save`), its tag, the items saved with
+  The step's time (`time.time()` at `save`), its tag, a copy of its metrics
+  (also in Orbax's ``metrics`` item: the copy saves a listing one read per
+  step; None is recorded too, as "no metrics"), the items saved with
   their dict keys escaped (`kckpt.trees.escape_dotted_keys`), the checksum of
   its array chunks (``"crc32c"``; absent: none) and what made it.
   """
   own: dict[str, Any] = {"time": time}
   if tag is not None:
     own["tag"] = tag
+  own["metrics"] = None if metrics is None else dict(metrics)
   if escaped_items:
     own["escaped_items"] = sorted(escaped_items)
   if checksums is not None:
@@ -169,7 +193,7 @@ def custom_metadata(
 def read_step_health(path: epath.Path) -> dict[str, Any] | None:
   """The step's health record (`HEALTH_FILE`), or None: saved without one (other code, older kckpt)."""
   try:
-    value = json.loads(_read_text(path / HEALTH_FILE))
+    value = _read_json(path, HEALTH_FILE)
   except (FileNotFoundError, NotADirectoryError):
     return None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -181,7 +205,7 @@ def read_step_health(path: epath.Path) -> dict[str, Any] | None:
 def read_leaf_stats(path: epath.Path) -> dict[str, dict[str, dict[str, Any]]]:
   """item -> parameter name -> statistics of the step's floating leaves; {} when none were recorded."""
   try:
-    value = json.loads(_read_text(path / LEAF_STATS_FILE))
+    value = _read_json(path, LEAF_STATS_FILE)
   except (FileNotFoundError, NotADirectoryError):
     return {}
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -199,7 +223,7 @@ def step_checksums(metadata: Mapping[str, Any]) -> str | None:
 def step_provenance(metadata: Mapping[str, Any]) -> dict[str, Any]:
   """What made the step (versions, processes, devices, host, code), as recorded at save; {} when not recorded."""
   value = _kckpt_entry(metadata).get("provenance")
-  return dict(value) if isinstance(value, Mapping) else {}
+  return dict(value) if isinstance(value, dict) else {}
 
 
 def escaped_items(metadata: Mapping[str, Any]) -> frozenset[str]:

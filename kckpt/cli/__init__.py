@@ -26,6 +26,7 @@ dependency to a library that training jobs install.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -33,13 +34,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from kckpt import inspect
-from kckpt.cli import diff
-from kckpt.cli import export
-from kckpt.cli import gc
-from kckpt.cli import ls
-from kckpt.cli import tree
-from kckpt.cli import verify
-from kckpt.cli import watch
 from kckpt.cli._common import EXIT_ERROR
 from kckpt.cli._common import EXIT_FOUND
 from kckpt.cli._common import EXIT_INTERRUPTED
@@ -50,12 +44,16 @@ from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, CliError,
 
 __all__ = ["EXIT_ERROR", "EXIT_FOUND", "EXIT_INTERRUPTED", "EXIT_OK", "PROG", "build_parser", "main"]
 
-# Each command module has SUMMARY, EPILOG, add_arguments(parser) and run(args) -> exit status.
-COMMANDS = {"ls": ls, "tree": tree, "diff": diff, "verify": verify, "gc": gc, "watch": watch, "export": export}
+# Command -> its module (in this package), which has SUMMARY, EPILOG, add_arguments(parser) and run(args) -> exit status.
+COMMANDS = ("ls", "tree", "diff", "verify", "gc", "watch", "export")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The `kckpt` argument parser: one sub-command per module of `COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+  """The `kckpt` argument parser: one sub-command per module of `COMMANDS`.
+
+  With `only` (a command), that command's alone: its module is the only one
+  imported (``kckpt ls`` starts without the others).
+  """
   parser = argparse.ArgumentParser(
     prog=PROG,
     description="See, compare, check and clean kckpt / Orbax checkpoints from a shell.",
@@ -64,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-  for name, module in COMMANDS.items():
+  for name in COMMANDS:
+    if only is not None and name != only:
+      continue
+    module = importlib.import_module(f"kckpt.cli.{name}")
     sub = commands.add_parser(
       name,
       help=module.SUMMARY,
@@ -86,6 +87,9 @@ def _quiet_libraries() -> None:
   """
   logging.getLogger("absl").setLevel(logging.ERROR)
   logging.getLogger("kckpt").setLevel(logging.WARNING)
+  asyncio_log = logging.getLogger("asyncio")
+  if _drop_unretrieved_task_errors not in asyncio_log.filters:
+    asyncio_log.addFilter(_drop_unretrieved_task_errors)
   jax = sys.modules.get("jax")
   if jax is None:
     # Read by JAX when it is imported (later, if a command reads arrays).
@@ -95,6 +99,17 @@ def _quiet_libraries() -> None:
     jax.config.update("jax_platforms", "cpu")
   except Exception:  # pylint: disable=broad-exception-caught
     pass  # a backend is already up (main() called from Python): use it
+
+
+def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:
+  """Drops asyncio's "Task exception was never retrieved" lines.
+
+  When one of the arrays of a batch cannot be read, the read fails with that
+  array's error, which the command reports; the reads of the same batch that
+  failed too are never awaited, and asyncio logs each of them when it is
+  collected, at a moment that depends on the garbage collector.
+  """
+  return not str(record.msg).startswith("Task exception was never retrieved")
 
 
 def _drop_closed_loop_noise(unraisable: Any) -> None:
@@ -112,7 +127,8 @@ def _drop_closed_loop_noise(unraisable: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the `kckpt` command; returns its exit status."""
-  parser = build_parser()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
   args = parser.parse_args(argv)
   _quiet_libraries()
   # Left installed: the callbacks may come late, even while the process exits.

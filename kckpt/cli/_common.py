@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import Any
-
-from etils import epath
+from typing import TYPE_CHECKING, Any
 
 from kckpt import _fs
 from kckpt import _layout
@@ -17,6 +15,9 @@ from kckpt import inspect
 from kckpt import policies
 from kckpt._types import Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError, CliError
+
+if TYPE_CHECKING:
+  from etils import epath
 
 PROG = "kckpt"
 EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -55,7 +56,7 @@ class RunLocation:
 
 def locate(given: str) -> RunLocation:
   """Finds the checkpoints folder (and step) that `given` names (made absolute: Orbax reads only those); CliError if none."""
-  path = epath.Path(_fs.absolute(given))
+  path = _fs.as_path(_fs.absolute(given))
   try:
     exists, is_dir = path.exists(), path.is_dir()
   except OSError as e:
@@ -125,7 +126,7 @@ def split_run_at_step(text: str, other: str = "") -> tuple[str, StepSpec | None]
 
 def _is_folder(text: str) -> bool:
   try:
-    return epath.Path(text).is_dir()
+    return _fs.as_path(text).is_dir()
   except OSError:
     return False
 

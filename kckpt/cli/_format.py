@@ -9,8 +9,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from etils import epath
-
 from kckpt import _progress
 
 
@@ -84,7 +82,7 @@ def _json_default(value: Any) -> Any:
   np = sys.modules.get("numpy")  # not imported by the listing commands: then no value is a NumPy one
   if np is not None and isinstance(value, np.generic):
     return value.item()
-  if isinstance(value, (epath.Path, os.PathLike)):
+  if isinstance(value, os.PathLike):  # epath.Path is one
     return os.fspath(value)
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-
-from etils import epath
+from typing import TYPE_CHECKING
 
 from kckpt import inspect
 from kckpt._types import Step
 from kckpt.cli import _common
 from kckpt.cli import _format
+
+if TYPE_CHECKING:
+  from etils import epath
 
 SUMMARY = "compare two steps, leaf by leaf: only in A, only in B, shape/dtype and value changes"
 EPILOG = """\

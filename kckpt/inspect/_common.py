@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
-
-from etils import epath
+from typing import TYPE_CHECKING, Any
 
 from kckpt import _fs
 from kckpt import _layout
@@ -14,6 +12,9 @@ from kckpt import _orbax
 from kckpt import errors
 from kckpt._types import PyTree, Step
 from kckpt.errors import CheckpointReadError
+
+if TYPE_CHECKING:
+  from etils import epath
 
 # Called now and then with one short line of status.
 ProgressFn = Callable[[str], None]

@@ -7,14 +7,13 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from etils import epath
-
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt.inspect._common import ProgressFn, leaf_batches, leaf_label, open_reader, read_json_item, spec_str, user_items
 
 if TYPE_CHECKING:
   import numpy as np
+  from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,14 +6,16 @@ import dataclasses
 import html
 import math
 from collections.abc import Sequence
-
-from etils import epath
+from typing import TYPE_CHECKING
 
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _run
 from kckpt._types import Step
 from kckpt.inspect._common import flatten_metrics
+
+if TYPE_CHECKING:
+  from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
-
-from etils import epath
+from typing import TYPE_CHECKING, Any
 
 from kckpt import _orbax
 from kckpt import _run
 from kckpt import policies
 from kckpt._types import Step
 from kckpt.inspect._common import ProgressFn, disk_bytes, flatten_metrics, open_reader
+
+if TYPE_CHECKING:
+  from etils import epath
 
 
 def read_details(checkpoints: epath.Path, steps: Sequence[Step]) -> list[_run.StepDetails]:

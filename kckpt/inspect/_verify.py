@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
-
-from etils import epath
+from typing import TYPE_CHECKING, Any
 
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt._types import Step
 from kckpt.inspect._common import ProgressFn, leaf_batches, read_json_item, short_error, spec_str
+
+if TYPE_CHECKING:
+  from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)
