@@ -99,7 +99,8 @@ def checkpoints_dir(ckpt: Checkpointer) -> epath.Path:
     )
   if ckpt.s3_endpoint or ckpt.s3_region:
     cloud.configure_s3(endpoint=ckpt.s3_endpoint, region=ckpt.s3_region)
-  return _layout.checkpoints_dir(ckpt.workdir)
+  # An `epath.Path`, as before: users call its methods (`copy`, `stat().mtime`...) on `directory` and `step_details().path`.
+  return epath.Path(_layout.checkpoints_dir(ckpt.workdir))
 
 
 def save_policy(ckpt: Checkpointer) -> policies.SavePolicy:

@@ -11,12 +11,10 @@ import datetime
 import os
 import pathlib
 import shutil
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from kckpt import cloud
-
-if TYPE_CHECKING:
-  from etils import epath
+from kckpt._types import EPath
 
 # Object stores whose "rename" is a copy: finished steps carry a commit file instead.
 OBJECT_STORE_SCHEMES = ("gs://", "s3://")
@@ -44,15 +42,18 @@ class LocalPath(pathlib.PosixPath):
   """
 
   def rmtree(self, missing_ok: bool = False) -> None:
-    """Deletes the folder and everything under it (as `epath.Path.rmtree`)."""
+    """Deletes the folder and everything under it, or the file (as `epath.Path.rmtree`)."""
     try:
-      shutil.rmtree(self)
+      if self.is_dir() and not self.is_symlink():
+        shutil.rmtree(self)
+      else:
+        self.unlink()  # a file, or a link: deleted itself, as epath does
     except FileNotFoundError:
       if not missing_ok:
         raise
 
 
-def as_path(given: Any) -> epath.Path:
+def as_path(given: Any) -> EPath:
   """`given` (str or path) as a path object: a `LocalPath` when local, else an `epath.Path`.
 
   Typed as `epath.Path`: a `LocalPath` has every method of it that kckpt calls.
@@ -62,7 +63,7 @@ def as_path(given: Any) -> epath.Path:
   """
   text = os.fspath(given)
   if is_local(text):
-    return cast("epath.Path", LocalPath(text))
+    return cast("EPath", LocalPath(text))
   from etils import epath  # pylint: disable=import-outside-toplevel
 
   return epath.Path(text)
@@ -80,7 +81,7 @@ def absolute(path: Any) -> Any:
   return path
 
 
-def list_names(directory: epath.Path) -> list[str]:
+def list_names(directory: EPath) -> list[str]:
   """The names in `directory`: one listing (raises FileNotFoundError / NotADirectoryError)."""
   if is_local(directory):
     return os.listdir(directory)  # 10x faster than building a Path per entry
@@ -88,7 +89,7 @@ def list_names(directory: epath.Path) -> list[str]:
   return [p.name for p in directory.iterdir()]
 
 
-def write_text_atomic(path: epath.Path, text: str, *, tmp_name: str | None = None) -> None:
+def write_text_atomic(path: EPath, text: str, *, tmp_name: str | None = None) -> None:
   """Writes `path` so that a reader sees the old or the new content, never half of it.
 
   Locally: a temporary file beside it, then `os.replace` (atomic, overwrites).
@@ -103,7 +104,7 @@ def write_text_atomic(path: epath.Path, text: str, *, tmp_name: str | None = Non
   os.replace(tmp, path)
 
 
-def mtime(path: epath.Path) -> float:
+def mtime(path: EPath) -> float:
   """Modification time in seconds since the epoch (sub-second locally; whole seconds on S3).
 
   On object stores it is the store's own time of the last write (S3's
@@ -127,7 +128,7 @@ def mtime(path: epath.Path) -> float:
   raise OSError(f"{path}: the store reports no modification time ({sorted(info)})")
 
 
-def folder_size(path: epath.Path) -> int:
+def folder_size(path: EPath) -> int:
   """Bytes under `path` (walks the folder: call only when asked for a size)."""
   if not is_local(path):
     # One recursive listing through fsspec (etils' walk passes s3fs an

@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kckpt import _fs
 from kckpt import cloud
-from kckpt._types import PathLike, Step
-
-if TYPE_CHECKING:
-  from etils import epath
+from kckpt._types import EPath, PathLike, Step
 
 CHECKPOINTS_FOLDER = "checkpoints"
 STEP_PREFIX = "ckpt"
@@ -28,13 +25,13 @@ RESERVED_ITEMS = frozenset({"metrics", "descriptor", "metadata_internal"})
 _STEP_NAME = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
 
 
-def checkpoints_dir(workdir: PathLike) -> epath.Path:
+def checkpoints_dir(workdir: PathLike) -> EPath:
   """The folder that holds the step folders of the run at `workdir` (made absolute)."""
   cloud.prepare(workdir)
   return _fs.as_path(_fs.absolute(workdir)) / CHECKPOINTS_FOLDER
 
 
-def step_dir(checkpoints: epath.Path, step: Step) -> epath.Path:
+def step_dir(checkpoints: EPath, step: Step) -> EPath:
   """The folder of `step` (whether or not it exists)."""
   return checkpoints / f"{STEP_PREFIX}_{step}"
 
@@ -62,12 +59,12 @@ def steps_repr(steps: Sequence[Step], limit: int = 8) -> str:
 RETENTION_FILE = "RETENTION.json"  # the writer's retention rules, for tools such as `kckpt gc`
 
 
-def write_retention_rules(checkpoints: epath.Path, rules: Mapping[str, Any]) -> None:
+def write_retention_rules(checkpoints: EPath, rules: Mapping[str, Any]) -> None:
   """Records the retention rules a writer applies (replacing those of an earlier writer)."""
   _fs.write_text_atomic(checkpoints / RETENTION_FILE, json.dumps(dict(rules), indent=1, sort_keys=True))
 
 
-def read_retention_rules(checkpoints: epath.Path) -> dict[str, Any] | None:
+def read_retention_rules(checkpoints: EPath) -> dict[str, Any] | None:
   """The rules recorded by the run's writer, or None."""
   try:
     return json.loads((checkpoints / RETENTION_FILE).read_text())

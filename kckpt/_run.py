@@ -6,7 +6,7 @@ local to this process (a listing and small files, never a collective);
 processes agree only inside calls every process makes (`Checkpointer.restore`
 shares the primary's answer through `agreed_resolution`).
 
-Listing and naming need only the standard library and `etils.epath`: the
+Listing and naming need only the standard library: the
 ``kckpt`` command's ``ls``, ``watch`` and ``gc`` import no JAX through here
 (`kckpt.multihost` is imported by `agreed_resolution` alone).
 """
@@ -18,17 +18,14 @@ import datetime
 import operator
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kckpt import _fs
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import policies
-from kckpt._types import Step, StepSpec
+from kckpt._types import EPath, Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError
-
-if TYPE_CHECKING:
-  from etils import epath
 
 # Words a step may be named by, besides numbers and tags.
 STEP_WORDS = ("latest", "best", "last_good")
@@ -47,7 +44,7 @@ class StepListing:
   unfinished: tuple[str, ...] = ()
 
 
-def list_steps(checkpoints: epath.Path, *, known_finished: frozenset[Step] = frozenset()) -> StepListing:
+def list_steps(checkpoints: EPath, *, known_finished: frozenset[Step] = frozenset()) -> StepListing:
   """Lists the finished and unfinished step folders of `checkpoints`.
 
   One directory listing. On object stores, steps not in `known_finished` are
@@ -105,7 +102,7 @@ class StepDetails:
   """
 
   step: Step
-  path: epath.Path
+  path: EPath
   time: datetime.datetime | None
   metrics: Mapping[str, Any] | None
   items: Mapping[str, str]
@@ -135,7 +132,7 @@ def health_says_healthy(health: Mapping[str, Any] | None) -> bool:
   return health is None or health.get("healthy") is not False
 
 
-def read_step_details(checkpoints: epath.Path, step: Step) -> StepDetails:
+def read_step_details(checkpoints: EPath, step: Step) -> StepDetails:
   """Time, metrics, items and tag of one step (its small files only)."""
   path = _layout.step_dir(checkpoints, step)
   metadata = _orbax.read_step_metadata(path)
@@ -192,7 +189,7 @@ class RunIndex:
   ((), None)
   """
 
-  def __init__(self, checkpoints: epath.Path, *, retention: policies.RetentionPolicy | None = None):
+  def __init__(self, checkpoints: EPath, *, retention: policies.RetentionPolicy | None = None):
     self.checkpoints = checkpoints
     self.retention = retention or policies.RetentionPolicy()
     self._lock = threading.RLock()
@@ -235,8 +232,10 @@ class RunIndex:
       record = self._records.get(step)
     if record is None:
       path = _layout.step_dir(self.checkpoints, step)
-      metrics = _orbax.read_step_metrics(path) if self.retention.ranks_by_metric else None
-      when = _orbax.step_time(path) if self.retention.keep_time_interval_secs else None
+      ranks, spaces = self.retention.ranks_by_metric, bool(self.retention.keep_time_interval_secs)
+      metadata = _orbax.read_step_metadata(path) if ranks or spaces else None  # holds kckpt's copy of the metrics
+      metrics = _orbax.read_step_metrics(path, metadata) if ranks else None
+      when = _orbax.step_time(path, metadata) if spaces else None
       record = policies.StepRecord(step=step, time=when.timestamp() if when else None, metrics=metrics)
       with self._lock:
         self._records[step] = record

@@ -83,6 +83,14 @@ class BaseCheckpointer(abc.ABC):
     """Shapes and dtypes of the saved leaves, read without loading arrays."""
 
   @abc.abstractmethod
+  def tree(self, step: StepSpec = -1) -> Any:
+    """The saved trees of one step, leaf by leaf, from metadata (a notebook shows a collapsible tree)."""
+
+  @abc.abstractmethod
+  def diff(self, a: StepSpec, b: StepSpec = -1, *, other: Any = None) -> Any:
+    """Two steps compared leaf by leaf (a notebook shows a table)."""
+
+  @abc.abstractmethod
   def retention(self) -> list[policies.KeepDecision]:
     """For each finished step, whether the retention rules keep it, and why."""
 
@@ -252,6 +260,13 @@ class NoopCheckpointer(BaseCheckpointer):
 
   def item_metadata(self, step: StepSpec = -1) -> Any:
     raise self._no_step(step)
+
+  def tree(self, step: StepSpec = -1) -> Any:
+    raise self._no_step(step)
+
+  def diff(self, a: StepSpec, b: StepSpec = -1, *, other: Any = None) -> Any:
+    del b, other
+    raise self._no_step(a)
 
   def retention(self) -> list[policies.KeepDecision]:
     return []

@@ -26,6 +26,7 @@ from kckpt import _run
 from kckpt import _session
 from kckpt import _views
 from kckpt import base
+from kckpt import inspect
 from kckpt import multihost
 from kckpt import policies
 from kckpt import storage as storage_lib
@@ -259,6 +260,26 @@ class Checkpointer(base.BaseCheckpointer):
     with one tree per pytree item.
     """
     return _restore.saved_shapes(self._index.details(step))
+
+  def tree(self, step: StepSpec = -1) -> inspect.TreeView:
+    """The saved trees of `step`: each leaf's path, shape, dtype, bytes, sharding and statistics; no array read.
+
+    ``print`` it in a shell; a notebook shows a collapsible tree (through
+    treescope when it is installed, ``pip install kckpt[notebook]``).
+    """
+    return _views.step_tree(self._index.details(step))
+
+  def diff(self, a: StepSpec, b: StepSpec = -1, *, other: PathLike | Checkpointer | None = None) -> inspect.Diff:
+    """Steps `a` and `b` (of the run `other` when given) compared leaf by leaf, as ``kckpt diff`` does.
+
+    Reads both steps' arrays a batch at a time; a notebook shows the result as
+    a table (changed leaves with their largest differences, leaves on one side
+    only, what differs in how the steps were made).
+    """
+    other_index = (
+      self._index if other is None else (other if isinstance(other, Checkpointer) else Checkpointer.open(other))._index
+    )
+    return _views.diff(self._index.details(a), other_index.details(b))
 
   def retention(self) -> list[policies.KeepDecision]:
     """For each finished step, whether the retention rules keep it, and why.
@@ -539,7 +560,7 @@ class Checkpointer(base.BaseCheckpointer):
 
     Reads one listing and the small files of at most `max_rows` steps; no array.
     """
-    return _views.run_summary(self._index, max_rows=max_rows).as_text()
+    return _views.run_summary(self._index, max_rows=max_rows, recorded_rules=not self.create).as_text()
 
   def _repr_html_(self) -> str:
     """Notebook view: the steps, and the newest ones with time and metrics (no array read)."""
@@ -547,7 +568,7 @@ class Checkpointer(base.BaseCheckpointer):
       import html  # pylint: disable=import-outside-toplevel
 
       return f"<pre>{html.escape(repr(self))}</pre>"
-    return _views.run_summary(self._index, max_rows=10).as_html()
+    return _views.run_summary(self._index, max_rows=10, recorded_rules=not self.create).as_html()
 
   # -- Watching ---------------------------------------------------------------
 

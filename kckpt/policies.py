@@ -314,6 +314,22 @@ def decide_retention(
   ]
 
 
+def describe(policy: RetentionPolicy) -> str:
+  """The rules in one line, as ``kckpt ls`` and the notebook view show them.
+
+  >>> describe(RetentionPolicy(max_to_keep=2, best_metric_path="eval.loss", best_mode="min"))
+  'max_to_keep=2, best_metric=eval.loss (min)'
+  """
+  parts = [f"max_to_keep={'all' if policy.max_to_keep is None else policy.max_to_keep}"]
+  if policy.keep_period:
+    parts.append(f"keep_period={policy.keep_period}")
+  if policy.keep_time_interval_secs:
+    parts.append(f"keep_time_interval={policy.keep_time_interval_secs:g}s")
+  if policy.best_metric_path:
+    parts.append(f"best_metric={policy.best_metric_path} ({policy.best_mode})")
+  return ", ".join(parts)
+
+
 def retention_rules(policy: RetentionPolicy) -> dict[str, Any]:
   """The policy as plain JSON data (a `best_fn` is recorded by name only)."""
   return {

@@ -65,3 +65,58 @@ class Output:
   def join(self, timeout=30):
     self._thread.join(timeout)
     assert not self._thread.is_alive(), "the program's output never ended"
+
+
+class HtmlTable:
+  """The first ``<table class="CLASS">`` of an HTML page, as text: its header cells and its rows.
+
+  Each row is ``(attributes of its <tr>, [text of each cell])``; the text of a
+  cell joins the text of everything inside it (markers included).
+  """
+
+  def __init__(self, page: str, css_class: str):
+    from html.parser import HTMLParser  # pylint: disable=import-outside-toplevel
+
+    table = self
+    table.header, table.rows = [], []
+
+    class Parser(HTMLParser):
+      depth = 0  # inside the wanted table (tables nested in it counted)
+      done = False
+      cell = None
+      row = None
+
+      def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and not self.done and (self.depth or css_class in (attrs.get("class") or "").split()):
+          self.depth += 1
+        elif self.depth == 1 and tag == "tr":
+          self.row = (attrs, [])
+        elif self.depth == 1 and tag in ("td", "th") and self.row is not None:
+          self.cell = []
+
+      def handle_endtag(self, tag):
+        if tag == "table" and self.depth:
+          self.depth -= 1
+          self.done = self.depth == 0
+        elif self.depth == 1 and tag in ("td", "th") and self.cell is not None:
+          self.row[1].append(" ".join("".join(self.cell).split()))
+          self.cell = None
+        elif self.depth == 1 and tag == "tr" and self.row is not None:
+          attrs, cells = self.row
+          if not table.header and not table.rows and "data-step" not in attrs:
+            table.header = cells
+          else:
+            table.rows.append((attrs, cells))
+          self.row = None
+
+      def handle_data(self, data):
+        if self.cell is not None:
+          self.cell.append(data)
+
+    Parser().feed(page)
+
+  def column(self, name: str) -> list[str]:
+    """The cells of the column whose header is `name` (or `name` and a marker: ``eval.loss ★ min``)."""
+    index = next(i for i, h in enumerate(self.header) if h == name or h.startswith(name + " "))
+    return [cells[index] for _, cells in self.rows]

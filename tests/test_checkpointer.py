@@ -12,6 +12,7 @@ import pytest
 import kckpt
 from kckpt import items
 from tests.conftest import snapshot
+from tests.helpers import HtmlTable
 
 
 def make_state(scale=1.0):
@@ -577,8 +578,12 @@ def test_summary_and_html_show_steps_time_and_metrics(workdir):
   assert "step        3" in text and "eval.loss=0.3333" in text and "items: default" in text
   assert "step        1" not in text  # only the newest max_rows
   assert "ckpt_4.orbax-checkpoint-tmp" in text
-  html = reader._repr_html_()
-  assert "<table>" in html and "<th>eval.loss</th>" in html and "<td>0.5</td>" in html and "[1, 2, 3]" in html
+  page = reader._repr_html_()
+  table = HtmlTable(page, "kckpt-steps")
+  assert table.header[:4] == ["step", "saved", "size", "items"] and "eval.loss" in table.header
+  assert table.column("step") == ["3", "2", "1"]  # newest first
+  assert table.column("eval.loss") == ["0.3333", "0.5", "1"] and table.column("items") == ["default"] * 3
+  assert "3 steps (1..3)" in page and "ckpt_4.orbax-checkpoint-tmp" in page
   assert "Checkpointer(" in repr(reader) and "ckpt_" not in repr(reader)  # repr stays the config: no I/O
 
 

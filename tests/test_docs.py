@@ -5,8 +5,10 @@ import doctest
 import pytest
 
 import kckpt
+from kckpt import _fs
 from kckpt import _provenance
 from kckpt import _run
+from kckpt import _views
 from kckpt import base
 from kckpt import checkpointer
 from kckpt import errors
@@ -19,17 +21,22 @@ from kckpt import storage
 from kckpt import telemetry
 from kckpt import trees
 from kckpt import watch
-from kckpt._orbax import _checksums, _leafstats
+from kckpt._orbax import _checksums, _leafstats, _metadata
 from kckpt.cli import _format
 from kckpt.inspect import _common
 from kckpt.inspect import _diff
 from kckpt.inspect import _plot
 from kckpt.inspect import _rows
+from kckpt.inspect import _treeview
 from kckpt.inspect import _verify
 
 MODULES = [
   kckpt,
+  _fs,
   _run,
+  _views,
+  _treeview,
+  _metadata,
   base,
   checkpointer,
   inspect,

@@ -16,6 +16,7 @@ import tensorstore as ts
 import kckpt
 from kckpt import cli
 from kckpt import errors
+from tests.helpers import HtmlTable
 
 
 def train_state(seed: int) -> dict:
@@ -104,6 +105,27 @@ def test_every_array_chunk_carries_a_crc32c_and_plain_orbax_reads_it(workdir):
   assert codecs_of(item, "opt.count") == ["bytes", "crc32c"]  # NumPy leaves too
   restored = ocp.PyTreeCheckpointer().restore(item)
   np.testing.assert_array_equal(restored["params"]["dense"]["w"], state["params"]["dense"]["w"])
+
+
+def test_a_large_array_is_checked_in_sub_chunks_and_a_flip_in_one_is_found(workdir):
+  """Arrays over 8 MiB: Zarr sharding with ~4 MiB sub-chunks, each with a CRC32C (read and checked in parallel)."""
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  saved = np.random.default_rng(3).standard_normal((1024, 4096), np.float32)  # 16 MiB
+  ckpt.save({"big": jnp.asarray(saved), "small": jnp.ones(8)}, step=1)
+  ckpt.wait_until_finished()
+  item = ckpt.step_details(1).path / "default"
+  array = ts.open({"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{item}/"}, "path": "big"}).result()
+  (sharding,) = array.spec().to_json()["metadata"]["codecs"]
+  assert sharding["name"] == "sharding_indexed"
+  assert [c["name"] for c in sharding["configuration"]["codecs"]] == ["bytes", "crc32c"]
+  assert sharding["configuration"]["chunk_shape"] == [256, 4096]  # 4 MiB pieces
+  assert codecs_of(item, "small") == ["bytes", "crc32c"]
+  plain = ocp.PyTreeCheckpointer().restore(item)  # plain Orbax reads (and checks) the layout
+  np.testing.assert_array_equal(plain["big"], saved)
+  flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(1).path)
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*\['big'\]: checksum mismatch"):
+    ckpt.restore({"big": jnp.zeros((1024, 4096)), "small": jnp.zeros(8)}, step=1)
+  ckpt.close()
 
 
 def test_plain_orbax_in_the_same_process_writes_its_own_format(workdir, tmp_path):
@@ -322,8 +344,10 @@ def test_diff_lists_provenance_differences_without_changing_the_status(workdir, 
 def test_the_notebook_view_shows_health_metric_columns_and_plots(workdir):
   ckpt = run_with_health_and_provenance(workdir)
   page = ckpt._repr_html_()
-  assert "<th>health</th>" in page and "<th>loss</th>" in page
-  assert page.count("<td>unhealthy</td>") == 2 and page.count("<td>ok</td>") == 1
+  table = HtmlTable(page, "kckpt-steps")
+  assert "health" in table.header and "loss" in table.header
+  health = table.column("health")
+  assert health == ["ok", "unhealthy: health_fn", "unhealthy: nan/inf in 1 leaf"]  # steps 3, 2, 1
   assert page.count("<polyline") == 1 and "step 1..3: 0.5 -&gt; 0.1" in page
   assert "UNHEALTHY" in ckpt.summary()
   norms = kckpt.inspect.leaf_history(ckpt.directory, "params.w")

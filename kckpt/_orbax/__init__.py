@@ -73,6 +73,7 @@ _LAZY = {
   "metadata_as_shape_dtype": "_metadata",
   "pytree_metadata": "_metadata",
   "saved_leaf_specs": "_metadata",
+  "read_shardings": "_metadata",
   "install_s3_support": "_patches",
   "RESTORE_BATCH_BYTES": "_reader",
   "ItemRead": "_reader",
@@ -123,7 +124,7 @@ if TYPE_CHECKING:
   from kckpt._orbax._leafstats import merge_partials
   from kckpt._orbax._leafstats import open_collector
   from kckpt._orbax._leafstats import reduce_shards
-  from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, saved_leaf_specs
+  from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, read_shardings, saved_leaf_specs
   from kckpt._orbax._patches import install_s3_support
   from kckpt._orbax._reader import (
     RESTORE_BATCH_BYTES,
@@ -189,6 +190,7 @@ __all__ = [
   "release",
   "remove_step_folder",
   "saved_leaf_specs",
+  "read_shardings",
   "step_checksums",
   "step_provenance",
   "step_tag",

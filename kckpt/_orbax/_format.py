@@ -16,14 +16,11 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from kckpt import _fs
 from kckpt import _layout
-from kckpt._types import Step
-
-if TYPE_CHECKING:
-  from etils import epath
+from kckpt._types import EPath, Step
 
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 CRC32C = "crc32c"  # the step's ``checksums`` entry when each array chunk carries a CRC32C (`_checksums`)
@@ -52,12 +49,12 @@ def needs_commit_marker(path: Any) -> bool:
   return _fs.is_object_store(path)
 
 
-def is_committed(step_path: epath.Path) -> bool:
+def is_committed(step_path: EPath) -> bool:
   """On object stores: whether the step's commit file is there."""
   return (step_path / COMMIT_MARKER).exists()
 
 
-def _read_json(folder: epath.Path, *names: str) -> Any:
+def _read_json(folder: EPath, *names: str) -> Any:
   """The JSON value of a small file under `folder`.
 
   Local files are read as bytes, unbuffered, through `open` on a joined
@@ -70,39 +67,37 @@ def _read_json(folder: epath.Path, *names: str) -> Any:
   return json.loads(folder.joinpath(*names).read_text())
 
 
-def read_step_metadata(path: epath.Path) -> dict[str, Any]:
+def read_step_metadata(path: EPath) -> dict[str, Any]:
   """The step's ``_CHECKPOINT_METADATA`` (empty when absent or unreadable)."""
   try:
-    return _read_json(path, STEP_METADATA_FILE)
+    value = _read_json(path, STEP_METADATA_FILE)
   except (FileNotFoundError, NotADirectoryError):
     return {}
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     log.warning("Step metadata %s is not valid JSON (%s): its tag and time are unknown.", path / STEP_METADATA_FILE, e)
     return {}
+  return value if isinstance(value, dict) else {}
 
 
-def read_step_metrics(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> Mapping[str, Any] | None:
+def read_step_metrics(path: EPath, metadata: Mapping[str, Any] | None = None) -> Mapping[str, Any] | None:
   """The metrics saved with the step at `path`, or None.
 
-  Given the step's `metadata` (`read_step_metadata`), kckpt's copy of the
-  metrics there is used, and a step whose metadata lists no metrics item has
-  none: a listing reads one file less per step. Otherwise (and for steps
-  written by other code) Orbax's ``metrics/metrics`` is read.
+  Given the step's `metadata` (`read_step_metadata`) of a step kckpt wrote,
+  kckpt's copy of the metrics there is used: a listing reads one file less
+  per step. Otherwise (and for steps written by other code) Orbax's
+  ``metrics/metrics`` is read.
   """
   if metadata is not None:
     own = _kckpt_entry(metadata)
     if "metrics" in own:
       return own["metrics"] if isinstance(own["metrics"], dict) else None
-    handlers = metadata.get("item_handlers")
-    if isinstance(handlers, dict) and handlers and METRICS_ITEM not in handlers:
-      return None
   try:
     return _read_json(path, METRICS_ITEM, METRICS_ITEM)
   except (FileNotFoundError, NotADirectoryError):
     return None
 
 
-def step_time(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> datetime.datetime | None:
+def step_time(path: EPath, metadata: Mapping[str, Any] | None = None) -> datetime.datetime | None:
   """The step's time, UTC: when its `save` was called, as kckpt recorded it in the step.
 
   The one definition every reader uses (retention's time rule in the live
@@ -120,7 +115,7 @@ def step_time(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> da
     return datetime.datetime.fromtimestamp(nsecs / 1e9, tz=datetime.UTC)
   try:
     return datetime.datetime.fromtimestamp(_fs.mtime(path), tz=datetime.UTC)
-  except (FileNotFoundError, OSError, AttributeError):
+  except (FileNotFoundError, OSError):
     return None
 
 
@@ -129,7 +124,7 @@ def item_format(handler_name: str) -> ItemFormat:
   return "json" if "Json" in handler_name else "pytree"
 
 
-def item_formats(path: epath.Path, metadata: Mapping[str, Any] | None = None) -> dict[str, ItemFormat]:
+def item_formats(path: EPath, metadata: Mapping[str, Any] | None = None) -> dict[str, ItemFormat]:
   """Item name -> format for the step at `path`, bookkeeping folders included.
 
   Taken from the step metadata; steps written without it (older Orbax) fall
@@ -164,7 +159,7 @@ def custom_metadata(
   *,
   time: float,
   tag: str | None,
-  metrics: Mapping[str, Any] | None = None,
+  metrics: Mapping[str, Any] | None,
   escaped_items: Sequence[str] = (),
   checksums: str | None = None,
   provenance: Mapping[str, Any] | None = None,
@@ -190,7 +185,7 @@ def custom_metadata(
   return {KCKPT_METADATA_KEY: own}
 
 
-def read_step_health(path: epath.Path) -> dict[str, Any] | None:
+def read_step_health(path: EPath) -> dict[str, Any] | None:
   """The step's health record (`HEALTH_FILE`), or None: saved without one (other code, older kckpt)."""
   try:
     value = _read_json(path, HEALTH_FILE)
@@ -202,7 +197,7 @@ def read_step_health(path: epath.Path) -> dict[str, Any] | None:
   return value if isinstance(value, dict) else None
 
 
-def read_leaf_stats(path: epath.Path) -> dict[str, dict[str, dict[str, Any]]]:
+def read_leaf_stats(path: EPath) -> dict[str, dict[str, dict[str, Any]]]:
   """item -> parameter name -> statistics of the step's floating leaves; {} when none were recorded."""
   try:
     value = _read_json(path, LEAF_STATS_FILE)
@@ -232,14 +227,14 @@ def escaped_items(metadata: Mapping[str, Any]) -> frozenset[str]:
   return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
 
 
-def is_step_folder(path: epath.Path) -> bool:
+def is_step_folder(path: EPath) -> bool:
   """Whether `path` looks like one step folder (named ``ckpt_<n>``, with metadata or items)."""
   if _layout.parse_step(path.name) is None:
     return False
   return (path / STEP_METADATA_FILE).exists() or any(child.is_dir() for child in path.iterdir())
 
 
-def remove_step_folder(checkpoints: epath.Path, step: Step) -> bool:
+def remove_step_folder(checkpoints: EPath, step: Step) -> bool:
   """Deletes one finished step folder so that no reader ever sees half of it.
 
   On a local or POSIX file system the folder is first renamed to

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,7 +20,7 @@ from kckpt._types import PyTree
 
 def pytree_metadata(item_dir: epath.Path) -> PyTree:
   """The saved tree of an item, with Orbax metadata objects as leaves."""
-  return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
 
 
 def saved_leaf_specs(item_dir: epath.Path) -> dict[str, trees.LeafSpec]:
@@ -162,3 +164,45 @@ def saved_leaf(path: str, meta: Any) -> SavedLeaf:
     shape=tuple(shape) if shape is not None else None,
     dtype=np.dtype(dtype) if dtype is not None else None,
   )
+
+
+SHARDING_FILE = "_sharding"  # in a pytree item's folder: base64(leaf name) -> JSON of its sharding (JAX arrays only)
+
+
+def read_shardings(item_dir: epath.Path) -> dict[str, str]:
+  """Leaf name -> a short description of the sharding it was saved with; {} without Orbax's ``_sharding`` file.
+
+  ``"cpu:0"`` for one device; ``"mesh(data=2, model=4) P('data', None)"`` for a
+  `NamedSharding`; the type's name otherwise. NumPy leaves have none.
+  """
+  try:
+    raw = json.loads((item_dir / SHARDING_FILE).read_text())
+  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+    return {}
+  out: dict[str, str] = {}
+  for key, value in raw.items() if isinstance(raw, dict) else ():
+    try:
+      name = base64.urlsafe_b64decode(key.encode()).decode()
+      out[name] = describe_sharding(json.loads(value) if isinstance(value, str) else value)
+    except (ValueError, TypeError):
+      continue
+  return out
+
+
+def describe_sharding(saved: Mapping[str, Any]) -> str:
+  """A short description of one sharding as Orbax records it.
+
+  >>> describe_sharding({"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
+  'cpu:0'
+  >>> describe_sharding({"sharding_type": "NamedSharding", "shape": [2, 4], "axis_names": ["data", "model"],
+  ...                    "partition_spec": ["data", None]})
+  "mesh(data=2, model=4) P('data', None)"
+  """
+  kind = str(saved.get("sharding_type", "?"))
+  if kind == "SingleDeviceSharding":
+    return str(saved.get("device_str", "one device"))
+  if kind == "NamedSharding":
+    mesh = ", ".join(f"{n}={s}" for n, s in zip(saved.get("axis_names", []), saved.get("shape", []), strict=False))
+    spec = ", ".join(repr(tuple(p)) if isinstance(p, list) else repr(p) for p in saved.get("partition_spec", []))
+    return f"mesh({mesh}) P({spec})"
+  return kind

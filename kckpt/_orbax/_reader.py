@@ -169,7 +169,7 @@ def read_tree_into(
       )
       try:
         out = handler.restore(
-          item_dir,
+          epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
           args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
         )
       except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error

@@ -61,6 +61,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     "examples:\n  kckpt ls /tmp/run\n  kckpt tree /tmp/run --step 1000\n  kckpt verify /tmp/run",
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
+  if only is not None and only not in COMMANDS:
+    raise ValueError(f"no kckpt command {only!r}; the commands: {', '.join(COMMANDS)}")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for name in COMMANDS:
     if only is not None and name != only:
@@ -87,9 +89,6 @@ def _quiet_libraries() -> None:
   """
   logging.getLogger("absl").setLevel(logging.ERROR)
   logging.getLogger("kckpt").setLevel(logging.WARNING)
-  asyncio_log = logging.getLogger("asyncio")
-  if _drop_unretrieved_task_errors not in asyncio_log.filters:
-    asyncio_log.addFilter(_drop_unretrieved_task_errors)
   jax = sys.modules.get("jax")
   if jax is None:
     # Read by JAX when it is imported (later, if a command reads arrays).
@@ -133,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   _quiet_libraries()
   # Left installed: the callbacks may come late, even while the process exits.
   sys.unraisablehook = _drop_closed_loop_noise
+  # Left installed too (asyncio logs when the tasks are collected, as late as the process's exit); not under KCKPT_DEBUG.
+  if not os.environ.get("KCKPT_DEBUG"):
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)  # a filter is added once
   try:
     return args.func(args)
   except (CliError, CheckpointNotFoundError, CheckpointReadError, StepAlreadyExistsError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kckpt import _fs
 from kckpt import _layout
@@ -13,11 +13,8 @@ from kckpt import _orbax
 from kckpt import _run
 from kckpt import inspect
 from kckpt import policies
-from kckpt._types import Step, StepSpec
+from kckpt._types import EPath, Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError, CliError
-
-if TYPE_CHECKING:
-  from etils import epath
 
 PROG = "kckpt"
 EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -43,14 +40,14 @@ class RunLocation:
     given: RUN as typed.
   """
 
-  checkpoints: epath.Path
+  checkpoints: EPath
   step: Step | None
   given: str
 
   def listing(self) -> _run.StepListing:
     return _run.list_steps(self.checkpoints)
 
-  def step_path(self, step: Step) -> epath.Path:
+  def step_path(self, step: Step) -> EPath:
     return _layout.step_dir(self.checkpoints, step)
 
 
@@ -180,7 +177,7 @@ def steps_to_visit(location: RunLocation, step: StepSpec | None, args: argparse.
   return finished
 
 
-def step_items(step_path: epath.Path) -> dict[str, str]:
+def step_items(step_path: EPath) -> dict[str, str]:
   """`inspect.user_items`, with a CliError when the step folder went away."""
   try:
     return inspect.user_items(step_path)
@@ -279,17 +276,6 @@ def retention_policy(args: argparse.Namespace | None, location: RunLocation | No
     best_metric_path=flags["best_metric"],
     best_mode=flags["best_mode"] or "max",
   )
-
-
-def describe_policy(policy: policies.RetentionPolicy) -> str:
-  parts = [f"max_to_keep={'all' if policy.max_to_keep is None else policy.max_to_keep}"]
-  if policy.keep_period:
-    parts.append(f"keep_period={policy.keep_period}")
-  if policy.keep_time_interval_secs:
-    parts.append(f"keep_time_interval={policy.keep_time_interval_secs:g}s")
-  if policy.best_metric_path:
-    parts.append(f"best_metric={policy.best_metric_path} ({policy.best_mode})")
-  return ", ".join(parts)
 
 
 def policy_source(args: argparse.Namespace, location: RunLocation) -> str:

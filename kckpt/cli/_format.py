@@ -10,20 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from kckpt import _progress
-
-
-def human_bytes(n: int | None) -> str:
-  """``1536 -> '1.5 KiB'``; None -> ``'-'``."""
-  if n is None:
-    return "-"
-  if n < 1024:
-    return f"{n} B"
-  value = float(n)
-  for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-    value /= 1024
-    if value < 1024 or unit == "PiB":
-      return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
-  raise AssertionError("unreachable")
+from kckpt.inspect._common import human_bytes  # noqa: F401  (the command's tables use it as _format.human_bytes)
 
 
 def format_number(value: Any) -> str:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import TYPE_CHECKING
 
 from kckpt import inspect
-from kckpt._types import Step
+from kckpt._types import EPath, Step
 from kckpt.cli import _common
 from kckpt.cli import _format
-
-if TYPE_CHECKING:
-  from etils import epath
 
 SUMMARY = "compare two steps, leaf by leaf: only in A, only in B, shape/dtype and value changes"
 EPILOG = """\
@@ -45,7 +41,7 @@ class StepRef:
   step: Step
 
   @property
-  def path(self) -> epath.Path:
+  def path(self) -> EPath:
     return self.location.step_path(self.step)
 
 

@@ -6,9 +6,10 @@ import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kckpt import _fs
+from etils import epath
+
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import inspect
@@ -16,9 +17,6 @@ from kckpt import items as items_lib
 from kckpt.cli import _common
 from kckpt.cli import _format
 from kckpt.errors import CliError
-
-if TYPE_CHECKING:
-  from etils import epath
 
 SUMMARY = "write a weights-only checkpoint of some items of a step to a new run folder OUT (or a safetensors file)"
 EPILOG = """\
@@ -88,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     raise CliError("--items names at least one item (e.g. --items params)")
   if args.format == "safetensors":
     return _export_safetensors(args, location, step, step_path, names)
-  out = _fs.as_path(args.out)
+  out = epath.Path(args.out)  # epath's rename refuses to replace an OUT that appeared meanwhile
   if out.exists() and not out.is_dir():
     raise CliError(f"OUT exists and is not a folder: {args.out}")
   out_step = _layout.step_dir(_layout.checkpoints_dir(out), step)
@@ -154,7 +152,7 @@ def _export_safetensors(
 
   from kckpt import _safetensors  # pylint: disable=import-outside-toplevel  (JAX's dtypes)
 
-  out = _fs.as_path(args.out)
+  out = epath.Path(args.out)  # epath's rename refuses to replace an OUT that appeared meanwhile
   if out.exists():
     raise CliError(f"{out} exists already; kckpt never overwrites it")
   items = _common.step_items(step_path)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
   freed = sum(s or 0 for s in sizes.values())
   deleted: list[Step] = []
   if not args.json:
-    print(f"{location.checkpoints}: retention {_common.describe_policy(policy)} ({_common.policy_source(args, location)})")
+    print(f"{location.checkpoints}: retention {policies.describe(policy)} ({_common.policy_source(args, location)})")
     table = [
       [
         str(d.step),

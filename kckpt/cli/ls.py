@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
   if unfinished:
     print(f"unfinished (being written, or left by a crash): {', '.join(unfinished)}")
   print(
-    f"kept by: retention {_common.describe_policy(policy)} ({_common.policy_source(args, location)});"
-    " -: not kept, gc would delete it"
+    f"kept by: retention {policies.describe(policy)} ({_common.policy_source(args, location)}); -: not kept, gc would delete it"
   )
   if policy.best_metric_path:
     print(f"*: the best metric ({policy.best_mode})")

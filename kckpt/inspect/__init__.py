@@ -28,6 +28,7 @@ _PUBLIC = {
   "disk_bytes": "_common",
   "flatten_metrics": "_common",
   "format_time": "_common",
+  "human_bytes": "_common",
   "leaf_batches": "_common",
   "leaf_label": "_common",
   "leaf_stats": "_common",
@@ -52,6 +53,9 @@ _PUBLIC = {
   "item_tree": "_rows",
   "read_details": "_rows",
   "summary_rows": "_rows",
+  "LeafInfo": "_treeview",
+  "TreeView": "_treeview",
+  "step_tree": "_treeview",
   "Problem": "_verify",
   "StepCheck": "_verify",
   "check_leaf_value": "_verify",
@@ -103,4 +107,7 @@ if TYPE_CHECKING:
   from kckpt.inspect._plot import leaf_history
   from kckpt.inspect._plot import metric_history
   from kckpt.inspect._rows import ItemTree, StepRow, item_tree, read_details, summary_rows
+  from kckpt.inspect._treeview import LeafInfo
+  from kckpt.inspect._treeview import TreeView
+  from kckpt.inspect._treeview import step_tree
   from kckpt.inspect._verify import Problem, StepCheck, check_leaf_value, verify_pytree_item, verify_step

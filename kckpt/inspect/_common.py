@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kckpt import _fs
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import errors
-from kckpt._types import PyTree, Step
+from kckpt._types import EPath, PyTree, Step
 from kckpt.errors import CheckpointReadError
-
-if TYPE_CHECKING:
-  from etils import epath
 
 # Called now and then with one short line of status.
 ProgressFn = Callable[[str], None]
@@ -33,6 +30,24 @@ def format_time(when: datetime.datetime | None) -> str:
   if when.tzinfo is not None:
     when = when.astimezone(datetime.UTC)
   return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def human_bytes(n: int | None) -> str:
+  """A size for people: ``'1.5 KiB'``; None (unknown) -> ``'-'``.
+
+  >>> human_bytes(1536), human_bytes(3 * 2**30), human_bytes(None)
+  ('1.5 KiB', '3.0 GiB', '-')
+  """
+  if n is None:
+    return "-"
+  if n < 1024:
+    return f"{n} B"
+  value = float(n)
+  for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+    value /= 1024
+    if value < 1024 or unit == "PiB":
+      return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+  raise AssertionError("unreachable")
 
 
 def flatten_metrics(metrics: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -86,7 +101,7 @@ def spec_str(leaf: _orbax.SavedLeaf) -> str:
   return leaf.kind
 
 
-def disk_bytes(path: epath.Path) -> int | None:
+def disk_bytes(path: EPath) -> int | None:
   """Bytes under `path` on disk; None when it cannot be read (deleted meanwhile)."""
   try:
     return _fs.folder_size(path)
@@ -120,7 +135,7 @@ def leaf_batches(leaves: Sequence[_orbax.SavedLeaf], max_bytes: int | None = Non
     yield batch
 
 
-def user_items(step_path: epath.Path) -> dict[str, str]:
+def user_items(step_path: EPath) -> dict[str, str]:
   """Item name -> ``"pytree"`` or ``"json"`` for the step at `step_path`, user items only.
 
   Raises:
@@ -129,7 +144,7 @@ def user_items(step_path: epath.Path) -> dict[str, str]:
   return {n: f for n, f in _orbax.item_formats(step_path).items() if n not in _layout.RESERVED_ITEMS}
 
 
-def open_reader(item_dir: epath.Path) -> _orbax.LeafReader:
+def open_reader(item_dir: EPath) -> _orbax.LeafReader:
   """A `LeafReader` on the pytree item at `item_dir` (`CheckpointReadError` when it has no metadata)."""
   try:
     return _orbax.LeafReader(item_dir)
@@ -137,13 +152,13 @@ def open_reader(item_dir: epath.Path) -> _orbax.LeafReader:
     raise CheckpointReadError(f"{item_dir} has no readable pytree metadata", item=item_dir.name) from None
 
 
-def read_json_item(step_path: epath.Path, name: str) -> Any:
+def read_json_item(step_path: EPath, name: str) -> Any:
   """The value of the JSON item `name` of the step at `step_path`."""
   return _orbax.read_items(step_path, [_orbax.ItemRead(name=name, format="json")])[name]
 
 
 def read_pytree(
-  item_dir: epath.Path, *, top_level_key: str | None = None, progress: ProgressFn | None = None
+  item_dir: EPath, *, top_level_key: str | None = None, progress: ProgressFn | None = None
 ) -> tuple[PyTree, list[_orbax.SavedLeaf]]:
   """Reads the pytree item at `item_dir` as saved (NumPy arrays), or its `top_level_key` field.
 
@@ -161,7 +176,7 @@ def read_pytree(
   return reader.rebuild(values, top_level_key=top_level_key), leaves
 
 
-def leaf_stats(checkpoints: epath.Path, step: Step) -> dict[str, dict[str, dict[str, float | int]]]:
+def leaf_stats(checkpoints: EPath, step: Step) -> dict[str, dict[str, dict[str, float | int]]]:
   """item -> leaf (its Orbax name) -> ``norm``, ``min``, ``max``, ``mean``, ``nonfinite``, ``size``, as saved.
 
   Recorded at save for every floating leaf; read from one small file, no

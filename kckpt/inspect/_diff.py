@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kckpt import _layout
 from kckpt import _orbax
+from kckpt._types import EPath
 from kckpt.inspect._common import ProgressFn, leaf_batches, leaf_label, open_reader, read_json_item, spec_str, user_items
 
 if TYPE_CHECKING:
   import numpy as np
-  from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +48,28 @@ class LeafDiff:
 class Diff:
   """The differences between two steps (or two items).
 
+  Shown in a notebook as a table (`_repr_html_`): the changed leaves with
+  their largest differences, the leaves on one side only, and what differs in
+  how the steps were made.
+
   Attributes:
     only_in_a: (label, spec) of each leaf or item only in A.
     only_in_b: the same for B.
     changed: the leaves whose values, shape or dtype differ.
     identical: how many leaves are equal.
+    a: what A is (``"/runs/exp1/checkpoints/ckpt_100"``); B's the same in `b`.
+    b: what B is.
+    provenance: ``(key, A's value, B's value)`` where what made the steps
+      differs (`provenance_differences`); not counted in `equal`.
   """
 
   only_in_a: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   only_in_b: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   changed: list[LeafDiff] = dataclasses.field(default_factory=list)
   identical: int = 0
+  a: str = "A"
+  b: str = "B"
+  provenance: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)
 
   @property
   def equal(self) -> bool:
@@ -70,6 +83,73 @@ class Diff:
       "identical": self.identical,
       "equal": self.equal,
     }
+
+  def summary(self) -> str:
+    """``"2 changed, 1 only in A, 0 only in B, 12 identical"``."""
+    return (
+      f"{len(self.changed)} changed, {len(self.only_in_a)} only in A, {len(self.only_in_b)} only in B, {self.identical} identical"
+    )
+
+  def _repr_html_(self) -> str:
+    esc = html.escape
+    rows = [
+      f'<tr class="kckpt-changed"><td><code>{esc(d.leaf)}</code></td><td>changed</td><td>{esc(d.a)}</td><td>{esc(d.b)}</td>'
+      f'<td class="kckpt-num">{_fmt(d.max_abs_diff)}</td><td class="kckpt-num">{_fmt(d.max_rel_diff)}</td></tr>'
+      for d in sorted(self.changed, key=_severity)
+    ]
+    rows += [
+      f'<tr class="kckpt-only-a"><td><code>{esc(label)}</code></td><td>only in A</td><td>{esc(spec)}</td>'
+      + "<td></td>" * 3
+      + "</tr>"
+      for label, spec in self.only_in_a
+    ]
+    rows += [
+      f'<tr class="kckpt-only-b"><td><code>{esc(label)}</code></td><td>only in B</td><td></td><td>{esc(spec)}</td>'
+      + "<td></td>" * 2
+      + "</tr>"
+      for label, spec in self.only_in_b
+    ]
+    table = (
+      '<table class="kckpt-diff"><thead><tr><th>leaf</th><th>change</th><th>A</th><th>B</th><th>max |A-B|</th>'
+      f"<th>max |A-B| / max |A|</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+      if rows
+      else "<div>The arrays are equal.</div>"
+    )
+    provenance = (
+      '<table class="kckpt-provenance"><thead><tr><th>made with</th><th>A</th><th>B</th></tr></thead><tbody>'
+      + "".join(
+        f"<tr><td>{esc(key)}</td><td>{esc(json.dumps(x, default=str))}</td><td>{esc(json.dumps(y, default=str))}</td></tr>"
+        for key, x, y in self.provenance
+      )
+      + "</tbody></table>"
+      if self.provenance
+      else ""
+    )
+    return (
+      _STYLE + '<div class="kckpt-diff-view">'
+      f"<div>A: <code>{esc(self.a)}</code><br>B: <code>{esc(self.b)}</code></div>"
+      f'<div class="kckpt-summary">{esc(self.summary())}</div>{table}{provenance}</div>'
+    )
+
+
+_STYLE = """<style>
+.kckpt-diff-view {font-family: system-ui, sans-serif; font-size: 13px}
+.kckpt-diff-view table {border-collapse: collapse; margin: 4px 0}
+.kckpt-diff-view th, .kckpt-diff-view td {padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: left}
+.kckpt-diff-view td.kckpt-num {text-align: right; font-variant-numeric: tabular-nums}
+.kckpt-diff-view tr.kckpt-only-a td:nth-child(2) {color: #b22222}
+.kckpt-diff-view tr.kckpt-only-b td:nth-child(2) {color: #2e8b57}
+</style>"""
+
+
+def _severity(d: LeafDiff) -> float:
+  """Sort key, largest relative change first; NaN or not comparable (None) counts as the largest."""
+  rel = d.max_rel_diff
+  return -math.inf if rel is None or math.isnan(rel) else -rel
+
+
+def _fmt(value: float | None) -> str:
+  return "" if value is None else f"{value:.3g}"
 
 
 def compare_values(a: Any, b: Any) -> tuple[bool, float | None, float | None]:
@@ -162,7 +242,7 @@ def _diff_pytree(reader_a: _orbax.LeafReader, reader_b: _orbax.LeafReader, item:
   return dataclasses.replace(diff, identical=identical)
 
 
-def diff_steps(path_a: epath.Path, path_b: epath.Path, *, progress: ProgressFn | None = None) -> Diff:
+def diff_steps(path_a: EPath, path_b: EPath, *, progress: ProgressFn | None = None) -> Diff:
   """Compares the steps at `path_a` and `path_b`: items, then leaves (a batch at a time).
 
   An item only on one side is labelled ``<default item>`` or ``NAME/<item>``;
@@ -196,7 +276,9 @@ def diff_steps(path_a: epath.Path, path_b: epath.Path, *, progress: ProgressFn |
       total.only_in_b.extend(part.only_in_b)
       total.changed.extend(part.changed)
       identical += part.identical
-  return dataclasses.replace(total, identical=identical)
+  return dataclasses.replace(
+    total, identical=identical, a=str(path_a), b=str(path_b), provenance=step_provenance_differences(path_a, path_b)
+  )
 
 
 def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -215,7 +297,7 @@ def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: s
   return out
 
 
-def step_provenance_differences(step_a: epath.Path, step_b: epath.Path) -> list[tuple[str, Any, Any]]:
+def step_provenance_differences(step_a: EPath, step_b: EPath) -> list[tuple[str, Any, Any]]:
   """`provenance_differences` of the steps at two folders (empty when neither recorded any)."""
   read = lambda path: _orbax.step_provenance(_orbax.read_step_metadata(path))
   return provenance_differences(read(step_a), read(step_b))

@@ -6,16 +6,12 @@ import dataclasses
 import html
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _run
-from kckpt._types import Step
+from kckpt._types import EPath, Step
 from kckpt.inspect._common import flatten_metrics
-
-if TYPE_CHECKING:
-  from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +61,7 @@ class Plot:
     return self.svg()
 
 
-def metric_history(checkpoints: epath.Path, name: str, steps: Sequence[Step] | None = None) -> Plot:
+def metric_history(checkpoints: EPath, name: str, steps: Sequence[Step] | None = None) -> Plot:
   """The metric `name` (a dotted path, ``"eval.loss"``) over the run's steps (or `steps`), from their metrics files.
 
   >>> import tempfile, numpy as np, kckpt
@@ -85,7 +81,7 @@ def metric_history(checkpoints: epath.Path, name: str, steps: Sequence[Step] | N
 
 
 def leaf_history(
-  checkpoints: epath.Path, leaf: str, *, item: str = _layout.DEFAULT_ITEM, stat: str = "norm", steps: Sequence[Step] | None = None
+  checkpoints: EPath, leaf: str, *, item: str = _layout.DEFAULT_ITEM, stat: str = "norm", steps: Sequence[Step] | None = None
 ) -> Plot:
   """A statistic recorded at save (``norm``, ``min``, ``max``, ``mean``, ``nonfinite``) of one leaf over the steps.
 

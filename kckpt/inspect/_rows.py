@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kckpt import _orbax
 from kckpt import _run
 from kckpt import policies
-from kckpt._types import Step
+from kckpt._types import EPath, Step
 from kckpt.inspect._common import ProgressFn, disk_bytes, flatten_metrics, open_reader
 
-if TYPE_CHECKING:
-  from etils import epath
 
-
-def read_details(checkpoints: epath.Path, steps: Sequence[Step]) -> list[_run.StepDetails]:
+def read_details(checkpoints: EPath, steps: Sequence[Step]) -> list[_run.StepDetails]:
   """Time, metrics, items and tag of each step (small files only); steps deleted meanwhile are left out."""
   details = []
   for step in steps:
@@ -88,7 +85,7 @@ class StepRow:
 
 
 def summary_rows(
-  checkpoints: epath.Path,
+  checkpoints: EPath,
   steps: Sequence[Step] | None = None,
   *,
   retention: policies.RetentionPolicy | None = None,
@@ -171,7 +168,7 @@ class ItemTree:
     return entry
 
 
-def item_tree(step_path: epath.Path, item: str, fmt: str) -> ItemTree:
+def item_tree(step_path: EPath, item: str, fmt: str) -> ItemTree:
   """The saved leaves of `item` (of format `fmt`, see `user_items`) of the step at `step_path`; no array read."""
   item_dir = step_path / item
   leaves = tuple(open_reader(item_dir).leaves.values()) if fmt == "pytree" else ()

@@ -5,15 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kckpt import _layout
 from kckpt import _orbax
-from kckpt._types import Step
+from kckpt._types import EPath, Step
 from kckpt.inspect._common import ProgressFn, leaf_batches, read_json_item, short_error, spec_str
-
-if TYPE_CHECKING:
-  from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +99,7 @@ def check_leaf_value(leaf: _orbax.SavedLeaf, value: Any, *, check_finite: bool =
 
 
 def verify_pytree_item(
-  step: Step, name: str, item_dir: epath.Path, *, check_finite: bool = False, progress: ProgressFn | None = None
+  step: Step, name: str, item_dir: EPath, *, check_finite: bool = False, progress: ProgressFn | None = None
 ) -> tuple[list[Problem], int, int]:
   """Reads every leaf of one item, a batch at a time; (problems, leaves read, bytes read)."""
   try:
@@ -130,9 +127,7 @@ def verify_pytree_item(
   return problems, leaves_read, bytes_read
 
 
-def verify_step(
-  checkpoints: epath.Path, step: Step, *, check_finite: bool = False, progress: ProgressFn | None = None
-) -> StepCheck:
+def verify_step(checkpoints: EPath, step: Step, *, check_finite: bool = False, progress: ProgressFn | None = None) -> StepCheck:
   """Checks one step of the run at `checkpoints`: its metadata, every item, every leaf.
 
   Every leaf is read: in a step saved with checksums (kckpt's default) each

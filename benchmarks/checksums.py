@@ -1,0 +1,172 @@
+"""What checksums cost: restores and saves of realistic train states, `StorageOptions()` against `checksums=False`.
+
+Two states, values drawn as in a trained model (weights ~ N(0, 0.02), Adam's
+first moment ~ N(0, 1e-3), second moment |N(0, 1e-6)|, LayerNorm scales
+near 1), float32 arrays on the CPU device:
+
+- **gpt2**: a GPT-2-small-shaped train state: token and position
+  embeddings, 12 blocks (attention, MLP, two LayerNorms), the final
+  LayerNorm, and Adam's two moments of each (about 1.49 GB, 444 leaves);
+- **deep**: a deep model of many small parameter leaves (4 to 256 KB each)
+  with Adam's moments (``--deep-leaves`` parameter leaves, times 3).
+
+Each state is saved once with each `StorageOptions`, then restored into zero
+targets again and again, alternating the two (and which goes first), from the
+page cache (warm) and after its files were dropped from it (cold, ``posix_fadvise
+DONTNEED``). Reported: medians and the on/off ratio of the same run. Saves
+are timed too (sync, until durable; and how long an async save blocks).
+
+    python -m benchmarks.checksums [--states gpt2 deep] [--repeats 5] [--cold-repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kckpt
+from benchmarks.run import evict
+
+OPTIONS = {"checksums": kckpt.StorageOptions(), "no checksums": kckpt.StorageOptions(checksums=False)}
+
+
+def gpt2_shapes(vocab: int = 50257, context: int = 1024, width: int = 768, blocks: int = 12) -> dict[str, tuple[int, ...]]:
+  shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, width), "wpe": (context, width)}
+  for b in range(blocks):
+    p = f"h{b:02d}"
+    shapes |= {
+      f"{p}.ln_1.scale": (width,),
+      f"{p}.ln_1.bias": (width,),
+      f"{p}.attn.c_attn.kernel": (width, 3 * width),
+      f"{p}.attn.c_attn.bias": (3 * width,),
+      f"{p}.attn.c_proj.kernel": (width, width),
+      f"{p}.attn.c_proj.bias": (width,),
+      f"{p}.ln_2.scale": (width,),
+      f"{p}.ln_2.bias": (width,),
+      f"{p}.mlp.c_fc.kernel": (width, 4 * width),
+      f"{p}.mlp.c_fc.bias": (4 * width,),
+      f"{p}.mlp.c_proj.kernel": (4 * width, width),
+      f"{p}.mlp.c_proj.bias": (width,),
+    }
+  shapes |= {"ln_f.scale": (width,), "ln_f.bias": (width,)}
+  return shapes
+
+
+def deep_shapes(leaves: int, seed: int = 1) -> dict[str, tuple[int, ...]]:
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(1024, 64 * 1024, leaves)  # float32 elements: 4 to 256 KB
+  return {f"layer_{i:05d}.w": (int(n),) for i, n in enumerate(sizes)}
+
+
+def train_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, Any]:
+  """params, and Adam's mu and nu, as nested dicts of arrays on the CPU device."""
+  rng = np.random.default_rng(seed)
+
+  def tree(draw):
+    out: dict[str, Any] = {}
+    for name, shape in shapes.items():
+      node = out
+      *parents, leaf = name.split(".")
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[leaf] = jax.device_put(draw(name, shape))
+    return out
+
+  def param(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name.endswith(".scale"):
+      return (1 + 0.05 * rng.standard_normal(shape, np.float32)).astype(np.float32)
+    return (0.02 * rng.standard_normal(shape, np.float32)).astype(np.float32)
+
+  return {
+    "params": tree(param),
+    "opt_state": {
+      "mu": tree(lambda _, shape: (1e-3 * rng.standard_normal(shape, np.float32)).astype(np.float32)),
+      "nu": tree(lambda _, shape: np.abs(1e-6 * rng.standard_normal(shape, np.float32)).astype(np.float32)),
+      "count": jnp.asarray(1000, jnp.int32),
+    },
+  }
+
+
+def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: int) -> dict[str, Any]:
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  leaves = len(jax.tree.leaves(state))
+  target = jax.tree.map(jnp.zeros_like, state)
+  got: dict[str, dict[str, list[float]]] = {k: {"save": [], "async_blocked": [], "warm": [], "cold": []} for k in OPTIONS}
+  ckpts = {}
+  for label, storage in OPTIONS.items():
+    workdir = root / f"{name}_{label.replace(' ', '_')}"
+    ckpts[label] = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None, async_save=False, storage=storage)
+    start = time.perf_counter()
+    ckpts[label].save(state, step=1)
+    got[label]["save"].append(time.perf_counter() - start)
+    async_workdir = root / f"{name}_{label.replace(' ', '_')}_async"
+    with kckpt.Checkpointer(workdir=async_workdir, save_interval_steps=1, max_to_keep=None, storage=storage) as async_ckpt:
+      start = time.perf_counter()
+      async_ckpt.save(state, step=1)
+      got[label]["async_blocked"].append(time.perf_counter() - start)
+  for kind, count in (("warm", repeats), ("cold", cold_repeats)):
+    for i in range(count + 1):  # the first round warms up (compilation, page cache), untimed
+      order = list(OPTIONS) if i % 2 == 0 else list(OPTIONS)[::-1]
+      for label in order:
+        if kind == "cold":
+          evict(Path(ckpts[label].directory))
+        start = time.perf_counter()
+        restored = ckpts[label].restore(target, step=1)
+        jax.block_until_ready(restored)
+        if i:
+          got[label][kind].append(time.perf_counter() - start)
+        del restored
+  for c in ckpts.values():
+    c.close()
+  out: dict[str, Any] = {"state": name, "bytes": nbytes, "leaves": leaves}
+  for label in OPTIONS:
+    out[label] = {k: statistics.median(v) for k, v in got[label].items() if v}
+  out["ratio"] = {k: out["checksums"][k] / out["no checksums"][k] for k in out["checksums"]}
+  return out
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--states", nargs="+", choices=["gpt2", "deep"], default=["gpt2", "deep"])
+  parser.add_argument("--deep-leaves", type=int, default=1500)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--cold-repeats", type=int, default=3)
+  parser.add_argument("--json", type=Path, default=None)
+  args = parser.parse_args(argv)
+  root = Path(tempfile.mkdtemp(prefix="kckpt_bench_checksums_"))
+  results = []
+  try:
+    for name in args.states:
+      shapes = gpt2_shapes() if name == "gpt2" else deep_shapes(args.deep_leaves)
+      state = train_state(shapes)
+      results.append(measure(name, state, root, repeats=args.repeats, cold_repeats=args.cold_repeats))
+      del state
+      r = results[-1]
+      print(f"{name}: {r['leaves']} leaves, {r['bytes'] / 1e9:.2f} GB")
+      print(f"  {'':14s} {'checksums':>10s} {'none':>10s} {'on/off':>7s}")
+      for key, what in (
+        ("warm", "restore warm"),
+        ("cold", "restore cold"),
+        ("save", "save (sync)"),
+        ("async_blocked", "async blocks"),
+      ):
+        print(f"  {what:14s} {r['checksums'][key]:9.3f}s {r['no checksums'][key]:9.3f}s {r['ratio'][key]:6.2f}x")
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  if args.json:
+    args.json.write_text(json.dumps(results, indent=2))
+  return results
+
+
+if __name__ == "__main__":
+  main()
