@@ -21,8 +21,8 @@ talks to one S3 endpoint.
 fsspec's listing cache is turned off for ``s3://`` and ``gs://`` (s3fs,
 gcsfs): a poller (an eval job) must see steps written by another process, so
 every listing asks the store. ``gs://`` needs nothing else here: gcsfs,
-google-cloud-storage and TensorStore read Google's own settings (see the
-README, "Cloud storage").
+google-cloud-storage and TensorStore read Google's own settings (see
+docs/guides/cloud-storage.md).
 """
 
 from __future__ import annotations

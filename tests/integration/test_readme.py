@@ -1,4 +1,4 @@
-"""Every ```python block of the README runs, as a newcomer would paste it, with the sizes made small.
+"""Every ```python block of the README and the docs pages runs, as a newcomer would paste it, with sizes made small.
 
 Each block runs in a fresh namespace that defines the names the README leaves
 to the reader (``init_train_state``, ``train_step``, ``workdir``...), over a
@@ -20,6 +20,7 @@ import pytest
 from tests.helpers import PYTHON, REPO, subprocess_env
 
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
 
 PRELUDE = textwrap.dedent("""
   import dataclasses, datetime, logging, os, tempfile
@@ -79,7 +80,8 @@ PATHS = {'"/tmp/my_run"': "workdir", '"/runs/pretrained"': "pretrained"}
 
 
 def python_blocks():
-  return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+  """The ```python blocks of the README, then of each page under docs/."""
+  return [block for page in PAGES for block in re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)]
 
 
 def _free_port():
@@ -99,7 +101,7 @@ def program(blocks):
       block = block.replace("jax.distributed.initialize()", "pass  # initialized before the prelude")
       code = f'import jax\njax.distributed.initialize("127.0.0.1:{_free_port()}", num_processes=1, process_id=0)\n' + code
     lines.append(
-      f"try:\n  exec(compile({code + block!r}, 'README block {i + 1}', 'exec'), {{}})\n"
+      f"try:\n  exec(compile({code + block!r}, 'docs block {i + 1}', 'exec'), {{}})\n"
       f"  print('RESULT', json.dumps([{i}, None]), flush=True)\n"
       f"except BaseException:\n  print('RESULT', json.dumps([{i}, traceback.format_exc()]), flush=True)"
     )
@@ -130,4 +132,4 @@ def test_the_readme_has_the_blocks_this_test_knows():
 
 @pytest.mark.parametrize("index", range(len(python_blocks())), ids=lambda i: f"block{i + 1}")
 def test_readme_block_runs(results, index):
-  assert results[index] is None, f"README python block {index + 1} failed:\n{results[index]}"
+  assert results[index] is None, f"python block {index + 1} (README, then docs/) failed:\n{results[index]}"

@@ -89,7 +89,7 @@ def _data_file(item_dir):
   [
     ("truncate", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
     # Orbax stores no checksums: overwritten data is caught when chunks are compressed (zstd
-    # checks its frames), not in kckpt's default uncompressed format (see the README).
+    # checks its frames), not in kckpt's default uncompressed format (see docs/guides/integrity.md).
     ("overwrite compressed", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
     ("delete _METADATA", r"Cannot read step 2, item 'default' .*_METADATA"),
     ("garbage folder", r"Cannot read step 2 .*ckpt_2 holds no checkpoint item"),
