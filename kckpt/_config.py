@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from kckpt import storage as storage_lib
 
 if TYPE_CHECKING:
   from kckpt.checkpointer import Checkpointer
+
+log = logging.getLogger("kckpt")
 
 
 def _check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> None:
@@ -111,6 +114,33 @@ def save_policy(ckpt: Checkpointer) -> policies.SavePolicy:
     interval_secs=ckpt.save_interval_secs,
     never_save_step_zero=ckpt.never_save_step_zero,
   )
+
+
+# The fields that make the retention policy (`retention_policy`).
+RETENTION_FIELDS = frozenset({"max_to_keep", "keep_period", "keep_time_interval", "best_metric_path", "best_fn", "best_mode"})
+
+
+def recorded_retention_fields(workdir: Any) -> dict[str, Any]:
+  """The retention fields the writer of the run at `workdir` recorded; {} when none can be read back.
+
+  Runs of plain Orbax or older kckpt record none; a `best_fn` (a Python
+  function) cannot be read back; a file that does not parse is ignored.
+  """
+  try:
+    rules = _layout.read_retention_rules(_layout.checkpoints_dir(workdir))
+    if not isinstance(rules, dict):
+      return {}
+    policy = policies.policy_from_rules(rules)
+  except (ValueError, TypeError, AttributeError, OSError) as e:
+    log.info("The retention rules recorded in %s are not used: %s", workdir, e)
+    return {}
+  return {
+    "max_to_keep": policy.max_to_keep,
+    "keep_period": policy.keep_period,
+    "keep_time_interval": policy.keep_time_interval_secs,
+    "best_metric_path": policy.best_metric_path,
+    "best_mode": policy.best_mode,
+  }
 
 
 def retention_policy(ckpt: Checkpointer) -> policies.RetentionPolicy:

@@ -68,5 +68,5 @@ def read_retention_rules(checkpoints: EPath) -> dict[str, Any] | None:
   """The rules recorded by the run's writer, or None."""
   try:
     return json.loads((checkpoints / RETENTION_FILE).read_text())
-  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
     return None

@@ -13,11 +13,12 @@ Listing and naming need only the standard library: the
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import operator
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kckpt import _fs
@@ -241,6 +242,15 @@ class RunIndex:
         self._records[step] = record
     return record
 
+  def records(self, steps: Sequence[Step]) -> list[policies.StepRecord]:
+    """`record` of each of `steps`; on object stores the unknown ones are read 16 at a time (each is a request)."""
+    with self._lock:
+      missing = [s for s in steps if s not in self._records]
+    if len(missing) > 1 and not _fs.is_local(self.checkpoints):
+      with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(self.record, missing))
+    return [self.record(s) for s in steps]
+
   def remember(self, record: policies.StepRecord) -> None:
     """Records what a writer knows of a step it is saving (no need to read it back)."""
     with self._lock:
@@ -284,7 +294,7 @@ class RunIndex:
   def best_step(self) -> Step | None:
     """The best step by the retention policy's metric (the newest without one); None if unscored."""
     finished = self.finished(fresh=True)
-    return policies.best_step(self.retention, [self.record(s) for s in finished])
+    return policies.best_step(self.retention, self.records(finished))
 
   def step_with_tag(self, tag: str) -> Step:
     """The newest step saved with `tag` (reads the small metadata file of steps, newest first)."""

@@ -169,11 +169,23 @@ class Checkpointer(base.BaseCheckpointer):
   def open(cls, workdir: PathLike, **kwargs: Any) -> Checkpointer:
     """A read-only `Checkpointer` on an existing run (for notebooks and eval jobs).
 
+    Its retention rules are the ones the run's writer recorded (so that
+    `retention()`, `best_step`, ``step="best"`` and the notebook view agree
+    with what the writer keeps), unless `kwargs` give any; then, and for runs
+    without readable recorded rules (plain Orbax, a `best_fn`), kckpt's
+    defaults fill in what `kwargs` leave out.
+
     >>> import tempfile
     >>> Checkpointer.open(tempfile.mkdtemp()).all_steps
     []
     """
     kwargs.setdefault("save_interval_steps", None)
+    recorded = {} if _config.RETENTION_FIELDS & kwargs.keys() else _config.recorded_retention_fields(workdir)
+    if recorded:
+      try:
+        return cls(workdir=workdir, create=False, **recorded, **kwargs)
+      except (ValueError, TypeError) as e:  # rules another version wrote, which this one refuses
+        log.info("The retention rules recorded in %s are not used: %s", workdir, e)
     return cls(workdir=workdir, create=False, **kwargs)
 
   # -- Runtime state (never configuration) ------------------------------------
@@ -294,9 +306,7 @@ class Checkpointer(base.BaseCheckpointer):
     [(1, ('latest',)), (2, ('newest', 'latest'))]
     """
     finished = self._index.finished(fresh=True)
-    return policies.decide_retention(
-      self.retention_policy, [self._index.record(s) for s in finished], is_healthy=self._index.healthy
-    )
+    return policies.decide_retention(self.retention_policy, self._index.records(finished), is_healthy=self._index.healthy)
 
   # -- Saving -----------------------------------------------------------------
 
@@ -558,9 +568,12 @@ class Checkpointer(base.BaseCheckpointer):
   def summary(self, *, max_rows: int = 10) -> str:
     """A few lines on the run: its steps, and the newest ones with time and metrics.
 
-    Reads one listing and the small files of at most `max_rows` steps; no array.
+    Reads one listing and the small files of at most `max_rows` steps (and
+    what the retention rules need of each step); no array.
     """
-    return _views.run_summary(self._index, max_rows=max_rows, recorded_rules=not self.create).as_text()
+    if self.workdir is None:
+      return f"{self!r}: no workdir bound yet"
+    return _views.run_summary(self._index, max_rows=max_rows).as_text()
 
   def _repr_html_(self) -> str:
     """Notebook view: the steps, and the newest ones with time and metrics (no array read)."""
@@ -568,7 +581,7 @@ class Checkpointer(base.BaseCheckpointer):
       import html  # pylint: disable=import-outside-toplevel
 
       return f"<pre>{html.escape(repr(self))}</pre>"
-    return _views.run_summary(self._index, max_rows=10, recorded_rules=not self.create).as_html()
+    return _views.run_summary(self._index, max_rows=10).as_html()
 
   # -- Watching ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ KCKPT_REQUIRE_BROWSER=1 (as .ci/run sets it, after installing Chromium) makes th
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import shutil
@@ -66,6 +67,34 @@ def test_run_view_marks_the_best_step_and_shows_sizes_tags_health_and_why_each_s
   assert "(best)" in reader.summary() and "UNHEALTHY" in reader.summary()
 
 
+def test_a_reader_judges_steps_by_the_rules_its_writer_recorded_unless_given_others(run):
+  reader = kckpt.Checkpointer.open(run)
+  assert (reader.best_metric_path, reader.best_mode, reader.max_to_keep) == ("eval.loss", "min", 2)
+  assert reader.best_step == 2 and reader.step_details("best").step == 2
+  assert [d.reasons for d in reader.retention()] == [("best #1",), ("best #2",), ("last good",), ("newest",)]
+  assert "(as the run's writer recorded them)" in html.unescape(reader._repr_html_())
+  mine = kckpt.Checkpointer.open(run, max_to_keep=10)  # explicit rules: these, and kckpt's defaults for the rest
+  assert mine.best_metric_path is None
+  assert "(this Checkpointer's; the run's writer recorded others)" in html.unescape(mine._repr_html_())
+
+
+def test_the_best_step_shows_below_the_newest_rows_when_it_is_older(run):
+  reader = kckpt.Checkpointer.open(run)
+  summary = _views.run_summary(reader._index, max_rows=2)
+  assert [r.step for r in summary.rows] == [5, 4] and summary.best_row.step == 2
+  table = HtmlTable(summary.as_html(), "kckpt-steps")
+  assert [cells[0] for _, cells in table.rows] == ["5", "4", "⋮", "2"]
+  assert table.rows[-1][0]["class"] == "kckpt-best-row" and table.rows[-1][1][4] == "★ 0.3"
+  assert "best: step 2" in summary.as_text()
+
+
+def test_an_empty_run_and_an_unbound_checkpointer_show_as_such(tmp_path):
+  page = kckpt.Checkpointer.open(tmp_path / "empty")._repr_html_()
+  assert "0 steps" in page and "no finished step yet" in page
+  unbound = kckpt.Checkpointer(workdir=None, save_interval_steps=10)
+  assert "no workdir bound yet" in unbound.summary() and "Checkpointer(" in unbound._repr_html_()
+
+
 def test_run_view_of_a_long_run_reads_the_newest_rows_and_a_spread_of_steps(tmp_path, monkeypatch):
   workdir = tmp_path / "long"
   with kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
@@ -83,20 +112,30 @@ def test_run_view_of_a_long_run_reads_the_newest_rows_and_a_spread_of_steps(tmp_
 
   monkeypatch.setattr(_format, "_read_json", recording_read)
   reader = kckpt.Checkpointer.open(workdir)
-  summary = _views.run_summary(reader._index, max_rows=10, recorded_rules=True)
+  summary = _views.run_summary(reader._index, max_rows=10)
   assert [r.step for r in summary.rows] == list(range(999, 989, -1))
   assert len(read_steps) <= 10 + _views.PLOT_POINTS  # not the 1000 steps
   points = summary.history["loss"]
   assert len(points) == _views.PLOT_POINTS and points[0][0] == 0 and points[-1][0] == 999
   page = summary.as_html()
   assert "990 older step(s) not shown" in page and len(HtmlTable(page, "kckpt-steps").rows) == 10
+  # Ranked by a metric: the rules need every step's metrics, read once (one small file a step), then cached.
+  ranked = kckpt.Checkpointer.open(workdir, best_metric_path="loss", best_mode="max", max_to_keep=2)
+  read_files = []
+  monkeypatch.setattr(_format, "_read_json", lambda folder, *names: read_files.append(names) or real_read(folder, *names))
+  ranked._repr_html_()
+  first = len(read_files)
+  assert read_files.count(("_CHECKPOINT_METADATA",)) <= 1000 + 10 + 1 + _views.PLOT_POINTS
+  ranked._repr_html_()
+  assert len(read_files) - first <= 2 * 10 + 1 + _views.PLOT_POINTS  # the records are not read again
 
 
 def test_step_view_shows_each_leaf_with_spec_sharding_and_statistics(workdir):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
   sharded = jax.device_put(jnp.arange(32.0).reshape(8, 4), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   with kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False) as ckpt:
-    ckpt.save(kckpt.items.Composite(params={"w": sharded, "b": jnp.ones(4)}, meta=kckpt.items.Json({"lr": 0.1})), step=3)
+    params = {"w": sharded, "b": jnp.ones(4), "vocab": {"en": jnp.zeros(2)}}
+    ckpt.save(kckpt.items.Composite(params=params, meta=kckpt.items.Json({"lr": 0.1})), step=3)
   view = kckpt.Checkpointer.open(workdir).tree(3)
   assert list(view.items) == ["params"] and view.json_items == {"meta": {"lr": 0.1}}
   w = view.items["params"]["w"]
@@ -106,10 +145,23 @@ def test_step_view_shows_each_leaf_with_spec_sharding_and_statistics(workdir):
   assert (w.stats["min"], w.stats["max"], w.stats["nonfinite"]) == (0.0, 31.0, 0)
   text = str(view)
   assert "  w: (8, 4) float32, 128 B, mesh(data=4) P('data')  [norm 102.1, min 0, max 31, mean 15.5]" in text
-  assert text.startswith("step 3: 2 leaves, 144 B\nparams:\n") and text.endswith("meta: (JSON)")
+  assert text.startswith("step 3: 3 leaves, 152 B\nparams:\n") and text.endswith("meta: (JSON)")
+  assert view.nested()["params"]["vocab"]["en"].shape == (2,)
   plain = view.plain_html()
-  assert plain.count('class="kckpt-leaf"') == 2 and 'data-path="w"' in plain and "norm 102.1" in plain
+  assert plain.count('class="kckpt-leaf"') == 3 and 'data-path="w"' in plain and "norm 102.1" in plain
+  assert '<details class="kckpt-node"><summary><code>vocab</code>' not in plain  # the first level opens
   assert "treescope" in view._repr_html_()  # treescope is installed with the test extra
+
+
+def test_a_large_tree_shows_as_plain_html(workdir, monkeypatch):
+  from kckpt.inspect import _treeview  # pylint: disable=import-outside-toplevel
+
+  with kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save({f"layer_{i}": np.ones(2, np.float32) for i in range(5)}, step=1)
+  view = kckpt.Checkpointer.open(workdir).tree(1)
+  monkeypatch.setattr(_treeview, "TREESCOPE_MAX_LEAVES", 4)  # treescope takes a minute for 10,000 leaves
+  page = view._repr_html_()
+  assert 'class="kckpt-tree"' in page and "treescope" not in page
 
 
 def test_diff_is_a_library_call_that_displays_as_a_table(run):
@@ -200,7 +252,8 @@ def test_views_render_in_a_real_browser(run, browser, tmp_path):
   show(browser, view.plain_html(), "step_view_plain", tmp_path)
   leaves = browser.find_elements(By.CSS_SELECTOR, "li.kckpt-leaf")
   assert sorted(leaf.get_attribute("data-path") for leaf in leaves) == ["params.dense.b", "params.dense.w", "step"]
-  assert "norm" in browser.find_element(By.CSS_SELECTOR, 'li[data-path="params.dense.w"]').text
+  w = browser.find_element(By.CSS_SELECTOR, 'li[data-path="params.dense.w"]')
+  assert "norm" in w.get_attribute("textContent") and not w.is_displayed()  # below the first level: collapsed
 
   show(browser, view.treescope_html(), "step_view_treescope", tmp_path)
   # treescope draws the tree with its own script, inside a shadow root.

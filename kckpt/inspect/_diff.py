@@ -109,6 +109,8 @@ class Diff:
       + "</tr>"
       for label, spec in self.only_in_b
     ]
+    more = len(rows) - DIFF_ROWS
+    rows = rows[:DIFF_ROWS] + ([f'<tr><td colspan="6">... and {more} more (see as_dict())</td></tr>'] if more > 0 else [])
     table = (
       '<table class="kckpt-diff"><thead><tr><th>leaf</th><th>change</th><th>A</th><th>B</th><th>max |A-B|</th>'
       f"<th>max |A-B| / max |A|</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -131,6 +133,8 @@ class Diff:
       f'<div class="kckpt-summary">{esc(self.summary())}</div>{table}{provenance}</div>'
     )
 
+
+DIFF_ROWS = 500  # rows of the table; the rest are counted
 
 _STYLE = """<style>
 .kckpt-diff-view {font-family: system-ui, sans-serif; font-size: 13px}

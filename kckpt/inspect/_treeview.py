@@ -17,8 +17,11 @@ from typing import Any
 
 from kckpt import _orbax
 from kckpt._types import EPath, Step
-from kckpt.inspect._common import human_bytes, read_json_item, user_items
-from kckpt.inspect._rows import ItemTree, item_tree
+from kckpt.inspect._common import human_bytes, open_reader, read_json_item, user_items
+
+# treescope takes seconds past a few thousand leaves (a minute at 10,000): larger trees show as plain HTML.
+TREESCOPE_MAX_LEAVES = 2000
+JSON_PREVIEW_CHARS = 2000  # of a JSON item's value, in the plain view
 
 _STYLE = """<style>
 .kckpt-tree {font-family: system-ui, sans-serif; font-size: 13px}
@@ -104,7 +107,8 @@ class TreeView:
     return "\n".join(lines)
 
   def _repr_html_(self) -> str:
-    if importlib.util.find_spec("treescope") is not None:
+    leaves = sum(len(v) for v in self.items.values())
+    if leaves <= TREESCOPE_MAX_LEAVES and importlib.util.find_spec("treescope") is not None:
       return self.treescope_html()
     return self.plain_html()
 
@@ -125,17 +129,47 @@ class TreeView:
     )
     body += "".join(
       f'<details class="kckpt-item" data-item="{html.escape(item)}"><summary><b>{html.escape(item)}</b> (JSON)</summary>'
-      f"<pre>{html.escape(repr(value))}</pre></details>"
+      f"<pre>{html.escape(_preview(value))}</pre></details>"
       for item, value in self.json_items.items()
     )
     return f'{_STYLE}<div class="kckpt-tree"><div>step {self.step}: {human_bytes(self.nbytes)}</div>{body}</div>'
+
+
+def _preview(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= JSON_PREVIEW_CHARS else text[:JSON_PREVIEW_CHARS] + f" ... ({len(text)} characters)"
+
+
+def split_path(path: str) -> list[str]:
+  r"""A leaf's dotted path as its keys: ``\.`` is a dot inside a key (kckpt's escaped keys), ``\\`` a backslash.
+
+  >>> split_path("params.dense.w"), split_path(r"emb.a\.b")
+  (['params', 'dense', 'w'], ['emb', 'a.b'])
+  """
+  keys: list[str] = []
+  key: list[str] = []
+  i = 0
+  while i < len(path):
+    c = path[i]
+    if c == "\\" and i + 1 < len(path):
+      key.append(path[i + 1])
+      i += 2
+      continue
+    if c == ".":
+      keys.append("".join(key))
+      key = []
+    else:
+      key.append(c)
+    i += 1
+  keys.append("".join(key))
+  return keys
 
 
 def _group(leaves: Mapping[str, LeafInfo]) -> dict[str, Any]:
   root: dict[str, Any] = {}
   for path, leaf in leaves.items():
     node = root
-    *parents, name = path.split(".")
+    *parents, name = split_path(path)
     for part in parents:
       node = node.setdefault(part, {})
     node[name] = (path, leaf)
@@ -146,7 +180,7 @@ def _strip(node: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v[1] if isinstance(v, tuple) else _strip(v) for k, v in node.items()}
 
 
-def _nodes_html(node: Mapping[str, Any], item: str) -> str:
+def _nodes_html(node: Mapping[str, Any], item: str, depth: int = 0) -> str:
   parts = []
   for name, child in node.items():
     if isinstance(child, tuple):
@@ -162,9 +196,8 @@ def _nodes_html(node: Mapping[str, Any], item: str) -> str:
     else:
       count = _count(child)
       parts.append(
-        f'<li><details open class="kckpt-node"><summary><code>{html.escape(name)}</code> ({count} leaves)</summary>'
-        + _nodes_html(child, item)
-        + "</details></li>"
+        f'<li><details{" open" if depth == 0 else ""} class="kckpt-node"><summary><code>{html.escape(name)}</code>'
+        f" ({count} leaves)</summary>" + _nodes_html(child, item, depth + 1) + "</details></li>"
       )
   return "<ul>" + "".join(parts) + "</ul>"
 
@@ -192,7 +225,7 @@ def step_tree(step_path: EPath, step: Step) -> TreeView:
     if fmt != "pytree":
       json_items[name] = read_json_item(step_path, name)
       continue
-    tree: ItemTree = item_tree(step_path, name, fmt)
+    saved = open_reader(step_path / name).leaves.values()  # metadata only (no walk of the folder for its size)
     shardings = _orbax.read_shardings(step_path / name)
     item_stats = stats.get(name, {})
     items[name] = {
@@ -203,6 +236,6 @@ def step_tree(step_path: EPath, step: Step) -> TreeView:
         sharding=shardings.get(leaf.path),
         stats={k: v for k, v in item_stats[leaf.path].items() if k != "size"} if leaf.path in item_stats else None,
       )
-      for leaf in tree.leaves
+      for leaf in saved
     }
   return TreeView(step=step, items=items, json_items=json_items)
