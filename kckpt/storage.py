@@ -53,11 +53,11 @@ class StorageOptions:
       checked on every read, by kckpt, plain Orbax and TensorStore alike: a
       flipped bit is a `CheckpointReadError` naming the step, item and leaf,
       not other numbers. Needs `use_zarr3` (Zarr v2 has no checksum codec).
-      Arrays over 8 MiB are stored in sub-chunks of about 4 MiB, each with
+      Arrays over 2 MiB are stored in sub-chunks of about 1 MiB, each with
       its own CRC32C, which TensorStore checks in parallel: a restore of a
-      GPT-2-sized train state costs 5% more from disk and 12% more from the
-      page cache on 2 cores (states of many small leaves: within noise); see
-      docs/guides/integrity.md.
+      GPT-2-sized train state costs 0-7% more from disk and 0-23% more from
+      the page cache on 2 cores (runs differ that much; states of many small
+      leaves: within noise); see docs/guides/integrity.md.
     save_concurrent_gb: at most this many GB (10**9 bytes) being written at
       once (None: Orbax's default, 96 GB). Lower it when a save must not
       double the host memory of a very large state. It must be at least the

@@ -108,7 +108,7 @@ def test_every_array_chunk_carries_a_crc32c_and_plain_orbax_reads_it(workdir):
 
 
 def test_a_large_array_is_checked_in_sub_chunks_and_a_flip_in_one_is_found(workdir):
-  """Arrays over 8 MiB: Zarr sharding with ~4 MiB sub-chunks, each with a CRC32C (read and checked in parallel)."""
+  """Arrays over 2 MiB: Zarr sharding with ~1 MiB sub-chunks, each with a CRC32C (read and checked in parallel)."""
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
   saved = np.random.default_rng(3).standard_normal((1024, 4096), np.float32)  # 16 MiB
   ckpt.save({"big": jnp.asarray(saved), "small": jnp.ones(8)}, step=1)
@@ -118,7 +118,7 @@ def test_a_large_array_is_checked_in_sub_chunks_and_a_flip_in_one_is_found(workd
   (sharding,) = array.spec().to_json()["metadata"]["codecs"]
   assert sharding["name"] == "sharding_indexed"
   assert [c["name"] for c in sharding["configuration"]["codecs"]] == ["bytes", "crc32c"]
-  assert sharding["configuration"]["chunk_shape"] == [256, 4096]  # 4 MiB pieces
+  assert sharding["configuration"]["chunk_shape"] == [64, 4096]  # 1 MiB pieces
   assert codecs_of(item, "small") == ["bytes", "crc32c"]
   plain = ocp.PyTreeCheckpointer().restore(item)  # plain Orbax reads (and checks) the layout
   np.testing.assert_array_equal(plain["big"], saved)
