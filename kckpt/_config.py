@@ -143,6 +143,22 @@ def recorded_retention_fields(workdir: Any) -> dict[str, Any]:
   }
 
 
+def open_read_only(cls: type[Checkpointer], workdir: Any, kwargs: dict[str, Any]) -> Checkpointer:
+  """`Checkpointer.open`: read-only, with the writer's recorded retention rules unless `kwargs` give some.
+
+  For runs without readable recorded rules (plain Orbax, a `best_fn`), and
+  wherever `kwargs` give any rule, kckpt's defaults fill in the rest.
+  """
+  kwargs.setdefault("save_interval_steps", None)
+  recorded = {} if RETENTION_FIELDS & kwargs.keys() else recorded_retention_fields(workdir)
+  if recorded:
+    try:
+      return cls(workdir=workdir, create=False, **recorded, **kwargs)
+    except (ValueError, TypeError) as e:  # rules another version wrote, which this one refuses
+      log.info("The retention rules recorded in %s are not used: %s", workdir, e)
+  return cls(workdir=workdir, create=False, **kwargs)
+
+
 def retention_policy(ckpt: Checkpointer) -> policies.RetentionPolicy:
   """Which steps stay, from the fields."""
   return policies.RetentionPolicy(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import html
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -169,24 +170,14 @@ class Checkpointer(base.BaseCheckpointer):
   def open(cls, workdir: PathLike, **kwargs: Any) -> Checkpointer:
     """A read-only `Checkpointer` on an existing run (for notebooks and eval jobs).
 
-    Its retention rules are the ones the run's writer recorded (so that
-    `retention()`, `best_step`, ``step="best"`` and the notebook view agree
-    with what the writer keeps), unless `kwargs` give any; then, and for runs
-    without readable recorded rules (plain Orbax, a `best_fn`), kckpt's
-    defaults fill in what `kwargs` leave out.
+    Its retention rules are those the run's writer recorded (so `retention()`,
+    `best_step` and ``"best"`` agree with the writer), unless `kwargs` give some.
 
     >>> import tempfile
     >>> Checkpointer.open(tempfile.mkdtemp()).all_steps
     []
     """
-    kwargs.setdefault("save_interval_steps", None)
-    recorded = {} if _config.RETENTION_FIELDS & kwargs.keys() else _config.recorded_retention_fields(workdir)
-    if recorded:
-      try:
-        return cls(workdir=workdir, create=False, **recorded, **kwargs)
-      except (ValueError, TypeError) as e:  # rules another version wrote, which this one refuses
-        log.info("The retention rules recorded in %s are not used: %s", workdir, e)
-    return cls(workdir=workdir, create=False, **kwargs)
+    return _config.open_read_only(cls, workdir, kwargs)
 
   # -- Runtime state (never configuration) ------------------------------------
 
@@ -274,24 +265,13 @@ class Checkpointer(base.BaseCheckpointer):
     return _restore.saved_shapes(self._index.details(step))
 
   def tree(self, step: StepSpec = -1) -> inspect.TreeView:
-    """The saved trees of `step`: each leaf's path, shape, dtype, bytes, sharding and statistics; no array read.
-
-    ``print`` it in a shell; a notebook shows a collapsible tree (through
-    treescope when it is installed, ``pip install kckpt[notebook]``).
-    """
+    """The saved trees of `step` (each leaf's shape, dtype, bytes, sharding, statistics); no array read."""
     return _views.step_tree(self._index.details(step))
 
   def diff(self, a: StepSpec, b: StepSpec = -1, *, other: PathLike | Checkpointer | None = None) -> inspect.Diff:
-    """Steps `a` and `b` (of the run `other` when given) compared leaf by leaf, as ``kckpt diff`` does.
-
-    Reads both steps' arrays a batch at a time; a notebook shows the result as
-    a table (changed leaves with their largest differences, leaves on one side
-    only, what differs in how the steps were made).
-    """
-    other_index = (
-      self._index if other is None else (other if isinstance(other, Checkpointer) else Checkpointer.open(other))._index
-    )
-    return _views.diff(self._index.details(a), other_index.details(b))
+    """Steps `a` and `b` (of the run `other` when given) compared leaf by leaf, as ``kckpt diff`` does."""
+    theirs = self if other is None else other if isinstance(other, Checkpointer) else Checkpointer.open(other)
+    return _views.diff(self._index.details(a), theirs._index.details(b))
 
   def retention(self) -> list[policies.KeepDecision]:
     """For each finished step, whether the retention rules keep it, and why.
@@ -566,11 +546,7 @@ class Checkpointer(base.BaseCheckpointer):
   # -- Looking at a run -------------------------------------------------------
 
   def summary(self, *, max_rows: int = 10) -> str:
-    """A few lines on the run: its steps, and the newest ones with time and metrics.
-
-    Reads one listing and the small files of at most `max_rows` steps (and
-    what the retention rules need of each step); no array.
-    """
+    """A few lines on the run: its steps, and the newest ones with time and metrics; no array read."""
     if self.workdir is None:
       return f"{self!r}: no workdir bound yet"
     return _views.run_summary(self._index, max_rows=max_rows).as_text()
@@ -578,8 +554,6 @@ class Checkpointer(base.BaseCheckpointer):
   def _repr_html_(self) -> str:
     """Notebook view: the steps, and the newest ones with time and metrics (no array read)."""
     if self.workdir is None:
-      import html  # pylint: disable=import-outside-toplevel
-
       return f"<pre>{html.escape(repr(self))}</pre>"
     return _views.run_summary(self._index, max_rows=10).as_html()
 
