@@ -10,19 +10,24 @@ near 1), float32 arrays on the CPU device:
 - **deep**: a deep model of many small parameter leaves (4 to 256 KB each)
   with Adam's moments (``--deep-leaves`` parameter leaves, times 3).
 
-Each state is saved once with each `StorageOptions`, then restored into zero
-targets again and again, alternating the two (and which goes first), from the
-page cache (warm) and after its files were dropped from it (cold, ``posix_fadvise
-DONTNEED``). Reported: medians and the on/off ratio of the same run. Saves
-are timed too (sync, until durable; and how long an async save blocks).
+Each state is saved with each `StorageOptions` in rounds, alternating the two
+(and which goes first): a sync save until durable, and an async save (how long
+it blocks the caller). The last step saved is then restored into zero targets
+again and again, alternated the same way, from the page cache (warm) and
+after its files were dropped from it (cold, ``posix_fadvise DONTNEED``).
+Reported: medians of the wall time and of the CPU time the process spent
+(all threads), and the median of each round's on/off ratio (the two of a
+round run back to back, so the machine's drift over the run cancels). On a
+shared machine the CPU time is the steadier measure of the work checksums add.
 
-    python -m benchmarks.checksums [--states gpt2 deep] [--repeats 5] [--cold-repeats 3] [--json out.json]
+    python -m benchmarks.checksums [--states gpt2 deep] [--repeats 5] [--cold-repeats 3] [--save-repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import tempfile
@@ -97,41 +102,64 @@ def train_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, 
   }
 
 
-def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: int) -> dict[str, Any]:
+def _cpu_seconds() -> float:
+  """CPU time of this process, all threads (TensorStore's included), user and system."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: int, save_repeats: int) -> dict[str, Any]:
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   leaves = len(jax.tree.leaves(state))
   target = jax.tree.map(jnp.zeros_like, state)
-  got: dict[str, dict[str, list[float]]] = {k: {"save": [], "async_blocked": [], "warm": [], "cold": []} for k in OPTIONS}
-  ckpts = {}
-  for label, storage in OPTIONS.items():
-    workdir = root / f"{name}_{label.replace(' ', '_')}"
-    ckpts[label] = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None, async_save=False, storage=storage)
-    start = time.perf_counter()
-    ckpts[label].save(state, step=1)
-    got[label]["save"].append(time.perf_counter() - start)
-    async_workdir = root / f"{name}_{label.replace(' ', '_')}_async"
-    with kckpt.Checkpointer(workdir=async_workdir, save_interval_steps=1, max_to_keep=None, storage=storage) as async_ckpt:
+  got: dict[str, dict[str, list[float]]] = {
+    k: {"save": [], "async_blocked": [], "warm": [], "cold": [], "warm cpu": [], "cold cpu": []} for k in OPTIONS
+  }
+  ckpts = {
+    label: kckpt.Checkpointer(
+      workdir=root / f"{name}_{label.replace(' ', '_')}", save_interval_steps=1, max_to_keep=1, async_save=False, storage=storage
+    )
+    for label, storage in OPTIONS.items()
+  }
+  for i in range(save_repeats):  # alternated like the restores; each save is a new step (the older one deleted)
+    order = list(OPTIONS) if i % 2 == 0 else list(OPTIONS)[::-1]
+    for label in order:
       start = time.perf_counter()
-      async_ckpt.save(state, step=1)
-      got[label]["async_blocked"].append(time.perf_counter() - start)
+      ckpts[label].save(state, step=2 * i + 1)
+      got[label]["save"].append(time.perf_counter() - start)
+      async_workdir = root / f"{name}_{label.replace(' ', '_')}_async{i}"
+      with kckpt.Checkpointer(workdir=async_workdir, save_interval_steps=1, storage=OPTIONS[label]) as async_ckpt:
+        start = time.perf_counter()
+        async_ckpt.save(state, step=1)
+        got[label]["async_blocked"].append(time.perf_counter() - start)
+      shutil.rmtree(async_workdir)
+  step = 2 * save_repeats - 1
   for kind, count in (("warm", repeats), ("cold", cold_repeats)):
     for i in range(count + 1):  # the first round warms up (compilation, page cache), untimed
       order = list(OPTIONS) if i % 2 == 0 else list(OPTIONS)[::-1]
       for label in order:
         if kind == "cold":
           evict(Path(ckpts[label].directory))
-        start = time.perf_counter()
-        restored = ckpts[label].restore(target, step=1)
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        restored = ckpts[label].restore(target, step=step)
         jax.block_until_ready(restored)
         if i:
           got[label][kind].append(time.perf_counter() - start)
+          got[label][f"{kind} cpu"].append(_cpu_seconds() - cpu_start)
         del restored
   for c in ckpts.values():
     c.close()
   out: dict[str, Any] = {"state": name, "bytes": nbytes, "leaves": leaves}
   for label in OPTIONS:
     out[label] = {k: statistics.median(v) for k, v in got[label].items() if v}
-  out["ratio"] = {k: out["checksums"][k] / out["no checksums"][k] for k in out["checksums"]}
+    out[label]["runs"] = got[label]
+  # The median of each round's on/off ratio: the two ran back to back, so the
+  # machine's drift over the run cancels.
+  out["ratio"] = {
+    k: statistics.median(a / b for a, b in zip(got["checksums"][k], got["no checksums"][k], strict=True))
+    for k, v in got["checksums"].items()
+    if v
+  }
   return out
 
 
@@ -141,6 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument("--deep-leaves", type=int, default=1500)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--cold-repeats", type=int, default=3)
+  parser.add_argument("--save-repeats", type=int, default=3)
   parser.add_argument("--json", type=Path, default=None)
   args = parser.parse_args(argv)
   root = Path(tempfile.mkdtemp(prefix="kckpt_bench_checksums_"))
@@ -149,7 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in args.states:
       shapes = gpt2_shapes() if name == "gpt2" else deep_shapes(args.deep_leaves)
       state = train_state(shapes)
-      results.append(measure(name, state, root, repeats=args.repeats, cold_repeats=args.cold_repeats))
+      counts = {"repeats": args.repeats, "cold_repeats": args.cold_repeats, "save_repeats": args.save_repeats}
+      results.append(measure(name, state, root, **counts))
       del state
       r = results[-1]
       print(f"{name}: {r['leaves']} leaves, {r['bytes'] / 1e9:.2f} GB")
@@ -157,6 +187,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       for key, what in (
         ("warm", "restore warm"),
         ("cold", "restore cold"),
+        ("warm cpu", "  CPU s, warm"),
+        ("cold cpu", "  CPU s, cold"),
         ("save", "save (sync)"),
         ("async_blocked", "async blocks"),
       ):
