@@ -6,15 +6,19 @@ import dataclasses
 import datetime
 import logging
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from etils import epath
 
+from kckpt import _fs
 from kckpt import _layout
+from kckpt import _local_tier
 from kckpt import _orbax
 from kckpt import _run
 from kckpt import cloud
+from kckpt import multihost
 from kckpt import policies
 from kckpt import storage as storage_lib
 
@@ -68,8 +72,39 @@ def validate(ckpt: Checkpointer) -> None:
     raise ValueError(f"Checkpointer.workdir must be a path, got {type(ckpt.workdir).__name__}: {ckpt.workdir!r}")
   if not isinstance(ckpt.storage, storage_lib.StorageOptions):
     raise ValueError(f"Checkpointer.storage must be a kckpt.StorageOptions, got {type(ckpt.storage).__name__}: {ckpt.storage!r}")
+  _check_local_tier(ckpt)
   if ckpt.health_fn is not None and not callable(ckpt.health_fn):
     raise ValueError(f"Checkpointer.health_fn must be a function of the metrics or None, got {ckpt.health_fn!r}")
+
+
+def _check_local_tier(ckpt: Checkpointer) -> None:
+  _check_positive_int("local_save_interval_steps", ckpt.local_save_interval_steps)
+  _check_positive_int("local_max_to_keep", ckpt.local_max_to_keep, allow_none=False)
+  if isinstance(ckpt.local_replicas, bool) or not isinstance(ckpt.local_replicas, int) or ckpt.local_replicas < 0:
+    raise ValueError(f"Checkpointer.local_replicas must be an int >= 0, got {ckpt.local_replicas!r}")
+  if ckpt.local_workdir is None:
+    return
+  if not isinstance(ckpt.local_workdir, (str, os.PathLike)) or not _fs.is_local(ckpt.local_workdir):
+    raise ValueError(f"Checkpointer.local_workdir must be a path on this machine's disk, got {ckpt.local_workdir!r}")
+  if ckpt.local_save_interval_steps is None:
+    raise ValueError("Checkpointer.local_workdir needs local_save_interval_steps (how often maybe_save saves there)")
+
+
+def local_tier(ckpt: Checkpointer) -> _local_tier.LocalTier:
+  """The local tier of `ckpt` in this process (its folder made from `local_workdir`)."""
+  assert ckpt.local_workdir is not None and ckpt.local_save_interval_steps is not None
+  template = os.fspath(ckpt.local_workdir)
+  index = str(multihost.process_index())
+  folder = template.replace("{process_index}", index) if "{process_index}" in template else f"{template}/process_{index}"
+  return _local_tier.LocalTier(
+    pathlib.Path(folder).absolute(),
+    run=str(_fs.absolute(checkpoints_dir(ckpt))),
+    interval=ckpt.local_save_interval_steps,
+    max_to_keep=ckpt.local_max_to_keep,
+    replicas=ckpt.local_replicas,
+    durable=ckpt.durable,
+    timeout_secs=ckpt.barrier_timeout_secs,
+  )
 
 
 def constructor_kwargs(cls: type, config: Mapping[str, Any] | Any) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from etils import epath
@@ -20,10 +21,15 @@ from kckpt import _orbax
 from kckpt import _progress
 from kckpt import _run
 from kckpt import items as items_lib
+from kckpt import multihost
 from kckpt import storage as storage_lib
+from kckpt import telemetry
 from kckpt import trees
-from kckpt._types import Step
+from kckpt._types import Step, StepSpec
 from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, TreeMismatchError
+
+if TYPE_CHECKING:
+  from kckpt.checkpointer import Checkpointer
 
 _FREED = "The target's arrays had already been freed (donate=True)"
 
@@ -45,6 +51,32 @@ class Restored:
 
   value: Any
   nbytes: int
+
+
+def restore_run(ckpt: Checkpointer, state: Any, *, step: StepSpec, noop_if_missing: bool, donate: bool, partial: bool) -> Any:
+  """`Checkpointer.restore`, once pending saves are durable: the step agreed by every process, from either tier."""
+  started = time.perf_counter()
+  index, rt = ckpt._index, ckpt._rt  # pylint: disable=protected-access
+  resolved = _run.agreed_resolution(index, step, timeout_secs=ckpt.barrier_timeout_secs)
+  tier = ckpt._local_tier() if step in (-1, "latest") and state is not None else None  # pylint: disable=protected-access
+  local = tier.restore_newest(state, persistent_latest=resolved) if tier is not None else None
+  if tier is not None and local is not None:
+    if donate:
+      _orbax.release(state)
+    rt.restore_stats = telemetry.restore_stats(local[0], trees.tree_nbytes(local[1]), started, tier.folder, tier="local")
+    return local[1]
+  if resolved is None:
+    if noop_if_missing and step in (-1, "latest"):
+      return state
+    raise CheckpointNotFoundError(
+      f"No {index.missing_what(step)} found in {ckpt.directory}. Use `noop_if_missing=True` to keep the initial state."
+    )
+  step = index.require_exists(resolved)
+  if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
+    multihost.barrier("restore", timeout_secs=ckpt.barrier_timeout_secs, what=f"restore(step={step})")
+  restored = restore_step(ckpt.directory, step, state, donate=donate, partial=partial, storage=ckpt.storage)
+  rt.restore_stats = telemetry.restore_stats(step, restored.nbytes, started, ckpt.directory)
+  return restored.value
 
 
 def restore_step(

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -19,6 +19,7 @@ from etils import epath
 
 from kckpt import _health
 from kckpt import _layout
+from kckpt import _local_tier
 from kckpt import _orbax
 from kckpt import _preemption
 from kckpt import _progress
@@ -32,7 +33,7 @@ from kckpt import policies
 from kckpt import telemetry
 from kckpt import trees
 from kckpt._types import Step
-from kckpt.errors import StepAlreadyExistsError
+from kckpt.errors import CheckpointNotFoundError, StepAlreadyExistsError
 
 if TYPE_CHECKING:
   from kckpt.checkpointer import Checkpointer
@@ -307,6 +308,14 @@ class WriteSession:
   # -- Deleting -----------------------------------------------------------------
 
   def delete(self, step: Step) -> None:
+    """`Checkpointer.delete`: once pending saves are durable, removes the finished `step` (else raises)."""
+    self.wait()
+    finished = self._index.finished(fresh=True)
+    if step not in finished:
+      raise CheckpointNotFoundError(
+        f"Cannot delete step {step}: not in {self._index.checkpoints} (steps: {_layout.steps_repr(finished)})",
+        available_steps=finished,
+      )
     self._writer.delete(step)
     self._index.forget(step)
     self._index.invalidate()
@@ -381,6 +390,22 @@ class Runtime:
     self.last_save_time = time.time()  # for `save_interval_secs`
     self.save_stats: telemetry.TransferStats | None = None
     self.restore_stats: telemetry.TransferStats | None = None
+    self.local_tier: _local_tier.LocalTier | None = None  # made by the first local-tier call
+
+  def local(self, make: Callable[[], _local_tier.LocalTier]) -> _local_tier.LocalTier:
+    """The local tier (made by `make` at the first call, and again after `close`)."""
+    with self.lock:
+      if self.local_tier is None:
+        self.local_tier = make()
+      return self.local_tier
+
+  def wait(self) -> None:
+    """`Checkpointer.wait_until_finished`: both tiers' pending saves."""
+    session, tier = self.session, self.local_tier
+    if tier is not None:
+      tier.wait()
+    if session is not None:
+      session.wait()
 
   def time_due(self, policy: policies.SavePolicy, step: Step) -> bool:
     """Whether `save_interval_secs` says `step` is due, on this process's clock."""
@@ -397,9 +422,14 @@ class Runtime:
     """`Checkpointer.close`: finishes the session, then releases the SIGTERM handler and honours a SIGTERM it held."""
     with self.lock:
       session, self.session = self.session, None
+      tier, self.local_tier = self.local_tier, None
     try:
-      if session is not None:
-        session.close()
+      try:
+        if tier is not None:
+          tier.close()
+      finally:
+        if session is not None:
+          session.close()
     finally:
       # Only now: a SIGTERM during the wait above still finds kckpt's handler, not one that kills mid-save.
       self.preemption.release()

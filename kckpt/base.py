@@ -62,6 +62,11 @@ class BaseCheckpointer(abc.ABC):
     """The newest finished step, or None."""
 
   @property
+  def local_steps(self) -> list[Step]:
+    """This process's steps in the local tier, sorted ([] without one)."""
+    return []
+
+  @property
   @abc.abstractmethod
   def best_step(self) -> Step | None:
     """The best step by the configured metric (the newest without one), or None."""

@@ -13,14 +13,13 @@ import datetime
 import functools
 import html
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from etils import epath
 
 from kckpt import _config
-from kckpt import _layout
+from kckpt import _local_tier
 from kckpt import _orbax
 from kckpt import _restore
 from kckpt import _run
@@ -34,7 +33,7 @@ from kckpt import storage as storage_lib
 from kckpt import telemetry
 from kckpt import watch
 from kckpt._types import Metrics, PathLike, Step, StepSpec
-from kckpt.errors import CheckpointNotFoundError, ReadOnlyCheckpointerError
+from kckpt.errors import ReadOnlyCheckpointerError
 
 # The interface and the no-op checkpointer, importable from here as in the first release.
 BaseCheckpointer = base.BaseCheckpointer
@@ -111,6 +110,13 @@ class Checkpointer(base.BaseCheckpointer):
       `kckpt.cloud`).
     s3_region: for ``s3://`` workdirs, the region, overriding ``AWS_REGION``
       / ``AWS_DEFAULT_REGION``; applies to the whole process.
+    local_workdir, local_save_interval_steps, local_max_to_keep, local_replicas:
+      a fast local tier (see the multi-tier guide): `maybe_save` also saves
+      each process's shards every `local_save_interval_steps` into its folder
+      (``{process_index}`` replaced, else ``process_<index>`` appended) and
+      into the folders of `local_replicas` other processes, keeping
+      `local_max_to_keep` steps. Readers of `workdir` never see them
+      (`local_steps` lists them); ``restore()`` takes the newest of either tier.
 
   Example:
 
@@ -147,6 +153,10 @@ class Checkpointer(base.BaseCheckpointer):
   health_fn: Callable[[Metrics | None], bool] | None = None
   s3_endpoint: str | None = None
   s3_region: str | None = None
+  local_workdir: PathLike | None = None
+  local_save_interval_steps: int | None = None
+  local_max_to_keep: int = 2
+  local_replicas: int = 1
 
   def __post_init__(self):
     _config.validate(self)
@@ -238,6 +248,15 @@ class Checkpointer(base.BaseCheckpointer):
     """The newest finished step, or None (this process's listing: no other process is asked)."""
     finished = self._index.finished(fresh=self._in_flight())
     return finished[-1] if finished else None
+
+  @property
+  def local_steps(self) -> list[Step]:
+    """This process's steps in the local tier (`local_workdir`), sorted; [] without one."""
+    tier = self._local_tier()
+    return [] if tier is None else tier.steps()
+
+  def _local_tier(self) -> _local_tier.LocalTier | None:
+    return None if self.local_workdir is None else self._rt.local(lambda: _config.local_tier(self))
 
   def reload(self) -> None:
     """Forgets the cached step list, so the next call lists the folder again."""
@@ -392,9 +411,11 @@ class Checkpointer(base.BaseCheckpointer):
       log.warning("Preemption: step %d is saved in %s; reached_preemption is True, the loop should exit.", step, self.directory)
       rt.preemption.saved(exit_all=decision.exit_after)
       return saved
-    if force or self._should_save(step, time_due=decision.time_due):
-      return self.save(state, step=step, force=True, metrics=metrics, tag=tag, config=config)
-    return False
+    due = force or self._should_save(step, time_due=decision.time_due)
+    saved = due and self.save(state, step=step, force=True, metrics=metrics, tag=tag, config=config)
+    if (tier := self._local_tier() if self.create else None) and tier.due(step):
+      tier.save(state, step, async_save=self.async_save)  # every process: its shards, and peers' copies
+    return saved
 
   def request_preemption(self) -> None:
     """Asks the run to stop as SIGTERM does: save now, then exit the loop.
@@ -428,16 +449,7 @@ class Checkpointer(base.BaseCheckpointer):
 
   def delete(self, step: Step) -> None:
     """Removes one finished step (an error with `create=False`)."""
-    step = _run.check_step(step)
-    session = self._session()
-    session.wait()
-    finished = self._index.finished(fresh=True)
-    if step not in finished:
-      raise CheckpointNotFoundError(
-        f"Cannot delete step {step}: not in {self.directory} (steps: {_layout.steps_repr(finished)})",
-        available_steps=finished,
-      )
-    session.delete(step)
+    self._session().delete(_run.check_step(step))
 
   def delete_all_steps(self) -> list[Step]:
     """Starts the run over: deletes every step folder (and leftovers of crashed saves).
@@ -452,10 +464,8 @@ class Checkpointer(base.BaseCheckpointer):
     return self._session().delete_all()
 
   def wait_until_finished(self) -> None:
-    """Blocks until the pending async save is durable; raises its error, naming the step."""
-    session = self._rt.session
-    if session is not None:
-      session.wait()
+    """Blocks until the pending async saves are durable; raises their error, naming the step."""
+    self._rt.wait()
 
   def close(self) -> None:
     """Waits for pending saves and releases the Orbax manager (reopened if used again).
@@ -509,21 +519,8 @@ class Checkpointer(base.BaseCheckpointer):
       CheckpointReadError: (an `OSError`) a file of the step is missing,
         truncated or corrupted.
     """
-    started = time.perf_counter()
     self.wait_until_finished()
-    resolved = _run.agreed_resolution(self._index, step, timeout_secs=self.barrier_timeout_secs)
-    if resolved is None:
-      if noop_if_missing and step in (-1, "latest"):
-        return state
-      raise CheckpointNotFoundError(
-        f"No {self._index.missing_what(step)} found in {self.directory}. Use `noop_if_missing=True` to keep the initial state."
-      )
-    step = self._index.require_exists(resolved)
-    if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
-      multihost.barrier("restore", timeout_secs=self.barrier_timeout_secs, what=f"restore(step={step})")
-    restored = _restore.restore_step(self.directory, step, state, donate=donate, partial=partial, storage=self.storage)
-    self._rt.restore_stats = telemetry.restore_stats(step, restored.nbytes, started, self.directory)
-    return restored.value
+    return _restore.restore_run(self, state, step=step, noop_if_missing=noop_if_missing, donate=donate, partial=partial)
 
   # -- Telemetry --------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from etils import epath
 
@@ -30,6 +31,8 @@ class TransferStats:
       or returned (a restore). None while an async save is still being
       written: it is filled in when the background save finishes.
     async_save: whether the save ran in the background.
+    tier: where the step was read: ``"persistent"`` (the workdir) or
+      ``"local"`` (the local tier of `Checkpointer(local_workdir=...)`).
 
   >>> stats = TransferStats(operation="restore", step=10, bytes=5 * 10**8, blocked_seconds=0.5, seconds=0.5)
   >>> stats.mb_per_s, stats.describe()
@@ -42,6 +45,7 @@ class TransferStats:
   blocked_seconds: float
   seconds: float | None
   async_save: bool = False
+  tier: str = "persistent"
 
   @property
   def done(self) -> bool:
@@ -114,9 +118,9 @@ class SaveTelemetry:
       log.info("kckpt %s [%s]", stats.describe(), self._directory)
 
 
-def restore_stats(step: Step, nbytes: int, started: float, directory: epath.Path) -> TransferStats:
+def restore_stats(step: Step, nbytes: int, started: float, directory: Any, *, tier: str = "persistent") -> TransferStats:
   """The stats of a restore that started at `started` (`time.perf_counter()`) and ends now; logged."""
   elapsed = time.perf_counter() - started
-  stats = TransferStats(operation="restore", step=step, bytes=nbytes, blocked_seconds=elapsed, seconds=elapsed)
+  stats = TransferStats(operation="restore", step=step, bytes=nbytes, blocked_seconds=elapsed, seconds=elapsed, tier=tier)
   log.info("kckpt %s [%s]", stats.describe(), directory)
   return stats

@@ -1,0 +1,51 @@
+"""The local tier across processes: real `jax.distributed` processes on 127.0.0.1 (gloo), real files.
+
+One training run of 2 processes (the persistent tier every 10 steps, the
+local tier every 2, one peer copy each) ends right after step 17 as a crash
+would; then resumes by new clusters check where `restore()` takes the state
+from, and that every shard on every process is bit-identical to what was saved.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from tests.multiprocess import Cluster
+
+PROGRAM = ["-m", "tests.programs.local_tier_run"]
+
+
+def resume(tmp_path, num_processes=2, devices_per_process=2) -> list[dict]:
+  cluster = Cluster([*PROGRAM, "resume"], num_processes=num_processes, devices_per_process=devices_per_process, workdir=tmp_path)
+  results = cluster.run()
+  for i, r in enumerate(results):
+    r["log"] = cluster.log(i)
+  return results
+
+
+def test_resume_takes_the_local_tier_then_a_peer_copy_then_the_persistent_tier(tmp_path):
+  trained = Cluster([*PROGRAM, "train"], num_processes=2, workdir=tmp_path).run()
+  for r in trained:
+    assert r["all_steps"] == [0, 10]  # readers of the workdir see the persistent tier only
+    assert r["local_steps"] == [14, 16]
+    assert r["folders"] == ["host0", "host1"]
+  host = {p: tmp_path / "local" / f"host{p}" for p in (0, 1)}
+  for p in (0, 1):  # each folder holds its own shards and the previous process's copy
+    assert sorted(f.name for f in (host[p] / "ckpt_16").glob("p*.bin")) == ["p0.bin", "p1.bin"]
+
+  for r in resume(tmp_path):  # every local folder there
+    assert (r["step"], r["tier"], r["exact"]) == (16, "local", True), r["log"]
+
+  # Another process count: the local steps were cut for 2 processes.
+  (single,) = resume(tmp_path, num_processes=1, devices_per_process=4)
+  assert (single["step"], single["tier"], single["exact"]) == (10, "persistent", True), single["log"]
+  assert "it was saved by 2 processes, this run has 1" in single["log"]
+
+  shutil.rmtree(host[1])  # a lost host: process 1's shards of step 16 are still in process 0's folder
+  for r in resume(tmp_path):
+    assert (r["step"], r["tier"], r["exact"]) == (16, "local", True), r["log"]
+
+  shutil.rmtree(tmp_path / "local")  # every local disk lost
+  for r in resume(tmp_path):
+    assert (r["step"], r["tier"], r["exact"]) == (10, "persistent", True), r["log"]
+    assert "no local step of this run" in r["log"]

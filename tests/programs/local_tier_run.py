@@ -1,0 +1,71 @@
+"""Test program: one process of a run with a local tier (started by `tests.multiprocess.Cluster`).
+
+Usage: python -m tests.programs.local_tier_run SCENARIO
+
+* ``train``: arrays sharded across every process; `maybe_save` every step,
+  the persistent tier every 10 steps, the local tier (one folder per process,
+  ``local/host{process_index}``, one peer copy) every 2; after step 17 the
+  saves are made durable and the process ends at once (``os._exit``: no
+  `close`), as a crash would.
+* ``resume``: a new process restores ``-1`` into a target on this cluster's
+  mesh, as a resumed training does, and reports the step, the tier it came
+  from and whether every shard holds that step's values bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+import kckpt
+from tests.programs import _cluster
+from tests.programs._cluster import report
+from tests.programs.multihost_run import check_restored
+from tests.programs.multihost_run import state_at
+from tests.programs.multihost_run import target_on
+
+
+def checkpointer(workdir: str) -> kckpt.Checkpointer:
+  return kckpt.Checkpointer(
+    workdir=os.path.join(workdir, "run"),
+    save_interval_steps=10,
+    max_to_keep=None,
+    local_workdir=os.path.join(workdir, "local", "host{process_index}"),
+    local_save_interval_steps=2,
+    barrier_timeout_secs=60,
+  )
+
+
+def scenario_train(workdir: str) -> None:
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  ckpt = checkpointer(workdir)
+  for step in range(18):
+    ckpt.maybe_save(state_at(step, mesh), step=step)
+  ckpt.wait_until_finished()
+  report(all_steps=ckpt.all_steps, local_steps=ckpt.local_steps, folders=sorted(os.listdir(os.path.join(workdir, "local"))))
+  sys.stdout.flush()
+  os._exit(0)  # a crash right after step 17: nothing closed
+
+
+def scenario_resume(workdir: str) -> None:
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter("LOG %(levelname)s %(message)s"))
+  logging.getLogger("kckpt").addHandler(handler)
+  logging.getLogger("kckpt").setLevel(logging.INFO)
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  ckpt = checkpointer(workdir)
+  restored = ckpt.restore(target_on(mesh, P("d"), P("d")), noop_if_missing=True)
+  step = int(restored["step"])
+  stats = ckpt.last_restore_stats
+  report(step=step, tier=stats.tier if stats else None, exact=check_restored(restored, step), all_steps=ckpt.all_steps)
+  ckpt.close()
+
+
+if __name__ == "__main__":
+  _cluster.init()
+  {"train": scenario_train, "resume": scenario_resume}[sys.argv[1]](_cluster.workdir())
