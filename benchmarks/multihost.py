@@ -131,11 +131,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_cluster(num_processes: int, args: argparse.Namespace, root: Path) -> dict:
-  """Runs one cluster of `num_processes` workers; returns the primary's measurements."""
+def run_cluster(
+  num_processes: int,
+  args: argparse.Namespace,
+  root: Path,
+  *,
+  module: str = "benchmarks.multihost",
+  extra_args: list[str] | None = None,
+  extra_env: dict[str, str] | None = None,
+) -> dict:
+  """Runs one cluster of `num_processes` workers of `module` (``--worker``); returns the primary's measurements."""
   devices_per_process = args.devices // num_processes
+  if extra_args is None:
+    extra_args = ["--megabytes", str(args.megabytes), "--repeats", str(args.repeats)]
   env = {
     **os.environ,
+    **(extra_env or {}),
     "JAX_PLATFORMS": "cpu",
     "PYTHONUNBUFFERED": "1",
     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -148,14 +159,11 @@ def run_cluster(num_processes: int, args: argparse.Namespace, root: Path) -> dic
     cmd = [
       sys.executable,
       "-m",
-      "benchmarks.multihost",
+      module,
       "--worker",
       "--root",
       str(root),
-      "--megabytes",
-      str(args.megabytes),
-      "--repeats",
-      str(args.repeats),
+      *extra_args,
       "--coordinator",
       coordinator,
       "--num-processes",

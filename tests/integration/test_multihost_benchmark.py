@@ -16,3 +16,16 @@ def test_multihost_benchmark_runs(tmp_path):
   for row in report["results"]:
     for key in ("kckpt_save_s", "kckpt_restore_s", "orbax_save_s", "orbax_restore_s"):
       assert row[key] > 0, (key, row)
+
+
+def test_tiers_benchmark_runs(tmp_path):
+  from benchmarks import tiers  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "tiers.json"
+  report = tiers.main(["--megabytes", "1", "--processes", "1", "2", "--devices", "2", "--repeats", "1", "--json", str(out)])
+  assert [r["processes"] for r in report["results"]] == [1, 2]
+  assert json.loads(out.read_text())["benchmark"] == "tiers"
+  for row in report["results"]:
+    for tier in tiers.KINDS:
+      for phase in ("blocked", "durable", "restore"):
+        assert row[f"{tier}_{phase}_s"] > 0, (tier, phase, row)
