@@ -124,11 +124,14 @@ def test_local_steps_of_another_run_are_never_restored(tmp_path, caplog):
 def test_a_flipped_bit_in_a_local_file_is_found_and_the_persistent_tier_used(tmp_path, caplog):
   with checkpointer(tmp_path) as ckpt:
     train(ckpt, range(17))
-  data = tmp_path / "local" / "process_0" / "ckpt_16" / "p0.bin"
-  raw = np.fromfile(data, dtype=np.uint8)
+  folder = tmp_path / "local" / "process_0" / "ckpt_16"
+  sizes = json.loads((folder / "p0.crc.json").read_text())["parts"]
+  raw = _local_tier.read_parts(folder, 0, sizes)
   unpacked = _local_tier.unpack(raw)
   piece = unpacked.pieces[unpacked.manifest["leaves"]["params.w"]["pieces"][0]]
   at = piece.__array_interface__["data"][0] - raw.__array_interface__["data"][0] + piece.size // 2
+  assert len(sizes) == 1  # one file here (64 MiB each)
+  data = folder / "p0.0.bin"
   raw[at] ^= 0x01  # one bit in the middle of params.w: same size, header and manifest intact
   raw.tofile(data)
   with caplog.at_level(logging.INFO, logger="kckpt"), checkpointer(tmp_path) as resumed:

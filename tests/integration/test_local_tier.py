@@ -31,7 +31,7 @@ def test_resume_takes_the_local_tier_then_a_peer_copy_then_the_persistent_tier(t
     assert r["folders"] == ["host0", "host1"]
   host = {p: tmp_path / "local" / f"host{p}" for p in (0, 1)}
   for p in (0, 1):  # each folder holds its own shards and the previous process's copy
-    assert sorted(f.name for f in (host[p] / "ckpt_16").glob("p*.bin")) == ["p0.bin", "p1.bin"]
+    assert sorted(f.name for f in (host[p] / "ckpt_16").glob("p*.bin")) == ["p0.0.bin", "p1.0.bin"]
 
   for r in resume(tmp_path):  # every local folder there
     assert (r["step"], r["tier"], r["exact"]) == (16, "local", True), r["log"]
