@@ -414,7 +414,7 @@ class Checkpointer(base.BaseCheckpointer):
     due = force or self._should_save(step, time_due=decision.time_due)
     saved = due and self.save(state, step=step, force=True, metrics=metrics, tag=tag, config=config)
     if (tier := self._local_tier() if self.create else None) and tier.due(step):
-      tier.save(state, step, async_save=self.async_save)  # every process: its shards, and peers' copies
+      tier.save(state, step, async_save=self.async_save, metrics=metrics, health_fn=self.health_fn)  # every process
     return saved
 
   def request_preemption(self) -> None:
@@ -461,6 +461,9 @@ class Checkpointer(base.BaseCheckpointer):
     Returns:
       The steps that were deleted.
     """
+    tier = self._local_tier()
+    if tier is not None:
+      tier.clear()
     return self._session().delete_all()
 
   def wait_until_finished(self) -> None:

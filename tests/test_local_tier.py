@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import kckpt
-from kckpt import _local_tier
+from kckpt import _local_format
 from kckpt.errors import BackgroundSaveError
 from tests.helpers import PYTHON, REPO, subprocess_env
 
@@ -121,13 +121,13 @@ def test_local_steps_of_another_run_are_never_restored(tmp_path, caplog):
   other.close()
 
 
-def test_a_flipped_bit_in_a_local_file_is_found_and_the_persistent_tier_used(tmp_path, caplog):
+def test_a_flipped_bit_in_a_local_file_is_found_and_the_next_step_used(tmp_path, caplog):
   with checkpointer(tmp_path) as ckpt:
     train(ckpt, range(17))
   folder = tmp_path / "local" / "process_0" / "ckpt_16"
   sizes = json.loads((folder / "p0.crc.json").read_text())["parts"]
-  raw = _local_tier.read_parts(folder, 0, sizes)
-  unpacked = _local_tier.unpack(raw)
+  raw = _local_format.read_parts(folder, 0, sizes)
+  unpacked = _local_format.unpack(raw)
   piece = unpacked.pieces[unpacked.manifest["leaves"]["params.w"]["pieces"][0]]
   at = piece.__array_interface__["data"][0] - raw.__array_interface__["data"][0] + piece.size // 2
   assert len(sizes) == 1  # one file here (64 MiB each)
@@ -135,9 +135,14 @@ def test_a_flipped_bit_in_a_local_file_is_found_and_the_persistent_tier_used(tmp
   raw[at] ^= 0x01  # one bit in the middle of params.w: same size, header and manifest intact
   raw.tofile(data)
   with caplog.at_level(logging.INFO, logger="kckpt"), checkpointer(tmp_path) as resumed:
-    assert_state(resumed.restore(state_at(0)), 10)
+    assert_state(resumed.restore(state_at(0)), 14)  # the newest local step that checks, still newer than 10
+    assert resumed.last_restore_stats.tier == "local"
   warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert warning and "local step 16" in warning[0] and "checksum mismatch in leaves ['params.w']" in warning[0], warning
+  for name in ("STEP.json", "p0.crc.json"):  # with step 14 gone too: the persistent tier
+    (tmp_path / "local" / "process_0" / "ckpt_14" / name).unlink()
+  with checkpointer(tmp_path) as resumed:
+    assert_state(resumed.restore(state_at(0)), 10)
 
 
 def test_local_retention_also_keeps_the_newest_healthy_step(tmp_path):
@@ -175,14 +180,14 @@ def test_bad_local_settings_are_refused_naming_the_field(tmp_path):
 
 def test_a_leaf_the_local_tier_cannot_hold_is_named():
   with pytest.raises(ValueError, match="'a.b'"):
-    _local_tier.pack({"a": {"b": object()}}, step=1, owner=0)
+    _local_format.pack({"a": {"b": object()}}, step=1, owner=0)
 
 
 def test_pack_and_unpack_round_trip_every_leaf_kind():
   tree = {"x": jnp.arange(6.0).reshape(2, 3), "n": np.float16(3), "s": "text", "none": None, "k": np.arange(4, dtype=np.uint8)}
-  unpacked = _local_tier.unpack(_local_tier.pack(tree, step=7, owner=0))
+  unpacked = _local_format.unpack(_local_format.pack(tree, step=7, owner=0))
   assert unpacked.manifest["step"] == 7
-  out = _local_tier.assemble(unpacked, tree)
+  out = _local_format.assemble(unpacked, tree)
   np.testing.assert_array_equal(out["x"], np.arange(6.0).reshape(2, 3))
   assert out["n"] == np.float16(3) and out["s"] == "text" and out["none"] is None
   np.testing.assert_array_equal(out["k"], np.arange(4, dtype=np.uint8))
@@ -231,3 +236,47 @@ def test_a_crash_in_the_middle_of_a_local_save_never_exposes_a_partial_step(tmp_
   ckpt.maybe_save({"w": np.ones(4, np.float32)}, step=6)
   ckpt.close()
   assert sorted(os.listdir(folder)) == ["ckpt_2", "ckpt_6"]  # the crash's leftover is removed by the next save
+
+
+def test_after_a_rollback_the_abandoned_local_steps_are_never_restored(tmp_path, caplog):
+  with checkpointer(tmp_path) as first:
+    train(first, range(18))  # local 14, 16; persistent 0, 10
+  rolled = checkpointer(tmp_path)
+  assert_state(rolled.restore(state_at(0), step=10), 10)  # back to 10, e.g. after a divergence
+  with caplog.at_level(logging.INFO, logger="kckpt"):
+    assert_state(rolled.restore(state_at(0)), 10)  # a crash before the next local save: not 16
+  assert "saved before step 10 was restored" in caplog.text
+  train(rolled, range(11, 13))  # the new continuation: local 12
+  assert rolled.local_steps == [12]  # 14 and 16 of the abandoned one are gone
+  rolled.close()
+  with checkpointer(tmp_path) as resumed:
+    assert_state(resumed.restore(state_at(0)), 12)
+
+
+def test_delete_all_steps_clears_the_local_tier_too(tmp_path):
+  with checkpointer(tmp_path) as ckpt:
+    train(ckpt, range(5))
+    assert ckpt.local_steps == [2, 4]
+    assert ckpt.delete_all_steps() == [0]
+    assert ckpt.local_steps == [] and ckpt.all_steps == []
+    initial = state_at(0)
+    assert ckpt.restore(initial, noop_if_missing=True) is initial
+
+
+@pytest.mark.parametrize("damage", ["truncated", "manifest"])
+def test_a_damaged_local_file_falls_back_instead_of_failing(tmp_path, caplog, damage):
+  with checkpointer(tmp_path) as ckpt:
+    train(ckpt, range(13))  # local 10, 12; persistent 0, 10
+  data = tmp_path / "local" / "process_0" / "ckpt_12" / "p0.0.bin"
+  raw = bytearray(data.read_bytes())
+  if damage == "truncated":
+    raw = raw[:10]  # shorter than the header
+  else:
+    at = raw.index(b'"step": 12')
+    raw[at : at + 10] = b'"step": 13'  # same size; only the header's checksum sees it
+  data.write_bytes(bytes(raw))
+  with caplog.at_level(logging.INFO, logger="kckpt"), checkpointer(tmp_path) as resumed:
+    assert_state(resumed.restore(state_at(0)), 10)  # local 10 (as new as the persistent one)
+  assert resumed.last_restore_stats.tier == "local"
+  expected = "another size than when it was written" if damage == "truncated" else "checksum mismatch in the header or manifest"
+  assert expected in caplog.text, caplog.text

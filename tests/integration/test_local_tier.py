@@ -49,3 +49,22 @@ def test_resume_takes_the_local_tier_then_a_peer_copy_then_the_persistent_tier(t
   for r in resume(tmp_path):
     assert (r["step"], r["tier"], r["exact"]) == (10, "persistent", True), r["log"]
     assert "no local step of this run" in r["log"]
+
+
+def test_four_processes_restore_a_lost_host_from_its_peer(tmp_path):
+  trained = Cluster([*PROGRAM, "train"], num_processes=4, devices_per_process=1, workdir=tmp_path).run()
+  assert all(r["local_steps"] == [14, 16] for r in trained)
+  # Process 2's copy went to process 3 (the next one); sending it back is a shift of -1, not +1.
+  assert sorted(f.name for f in (tmp_path / "local" / "host3" / "ckpt_16").glob("*.bin")) == ["p2.0.bin", "p3.0.bin"]
+  shutil.rmtree(tmp_path / "local" / "host2")
+  for r in resume(tmp_path, num_processes=4, devices_per_process=1):
+    assert (r["step"], r["tier"], r["exact"]) == (16, "local", True), r["log"]
+
+
+def test_a_local_save_failing_on_one_process_is_raised_on_every_process(tmp_path):
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "host1").write_text("a file where process 1's folder should be")
+  for r in Cluster([*PROGRAM, "fails"], num_processes=2, workdir=tmp_path).run():
+    caught = r["caught"]
+    assert caught is not None and caught["error_step"] == 2 and caught["step_at_raise"] == 4, caught
+    assert "process 1" in caught["message"] and "local-tier save of step 2" in caught["message"], caught

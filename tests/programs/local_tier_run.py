@@ -7,6 +7,8 @@ Usage: python -m tests.programs.local_tier_run SCENARIO
   ``local/host{process_index}``, one peer copy) every 2; after step 17 the
   saves are made durable and the process ends at once (``os._exit``: no
   `close`), as a crash would.
+* ``fails``: the local folder of process 1 cannot be made; every process
+  raises the same `BackgroundSaveError` at its next local save.
 * ``resume``: a new process restores ``-1`` into a target on this cluster's
   mesh, as a resumed training does, and reports the step, the tier it came
   from and whether every shard holds that step's values bit for bit.
@@ -30,12 +32,12 @@ from tests.programs.multihost_run import state_at
 from tests.programs.multihost_run import target_on
 
 
-def checkpointer(workdir: str) -> kckpt.Checkpointer:
+def checkpointer(workdir: str, local: str = "local") -> kckpt.Checkpointer:
   return kckpt.Checkpointer(
     workdir=os.path.join(workdir, "run"),
     save_interval_steps=10,
     max_to_keep=None,
-    local_workdir=os.path.join(workdir, "local", "host{process_index}"),
+    local_workdir=os.path.join(workdir, local, "host{process_index}"),
     local_save_interval_steps=2,
     barrier_timeout_secs=60,
   )
@@ -66,6 +68,20 @@ def scenario_resume(workdir: str) -> None:
   ckpt.close()
 
 
+def scenario_fails(workdir: str) -> None:
+  """Process 1's local folder cannot be made (the test put a file there): every process raises, none hangs."""
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  ckpt = checkpointer(workdir, local="broken")
+  caught = None
+  try:
+    for step in range(1, 6):
+      ckpt.maybe_save(state_at(step, mesh), step=step)
+  except kckpt.BackgroundSaveError as e:
+    caught = {"step_at_raise": step, "error_step": e.step, "message": str(e)}
+  report(caught=caught)
+  ckpt.close()
+
+
 if __name__ == "__main__":
   _cluster.init()
-  {"train": scenario_train, "resume": scenario_resume}[sys.argv[1]](_cluster.workdir())
+  {"train": scenario_train, "resume": scenario_resume, "fails": scenario_fails}[sys.argv[1]](_cluster.workdir())
