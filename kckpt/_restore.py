@@ -75,7 +75,7 @@ def restore_run(ckpt: Checkpointer, state: Any, *, step: StepSpec, noop_if_missi
   if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
     multihost.barrier("restore", timeout_secs=ckpt.barrier_timeout_secs, what=f"restore(step={step})")
   restored = restore_step(ckpt.directory, step, state, donate=donate, partial=partial, storage=ckpt.storage)
-  if (tier := ckpt._local_tier()) is not None:  # pylint: disable=protected-access
+  if ckpt.create and (tier := ckpt._local_tier()) is not None:  # pylint: disable=protected-access
     tier.restored_older(step)  # newer local steps (a continuation this run abandons) are not restored later
   rt.restore_stats = telemetry.restore_stats(step, restored.nbytes, started, ckpt.directory)
   return restored.value
