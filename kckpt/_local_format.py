@@ -254,21 +254,27 @@ def _place(path: str, entry: Mapping[str, Any], pieces: Sequence[np.ndarray], go
   shape = tuple(entry["shape"])
   if entry["kind"] == "numpy":
     value = pieces[entry["pieces"][0]].view(dtype).reshape(shape).copy()
-    if isinstance(goal, jax.Array | jax.ShapeDtypeStruct):
-      return jax.device_put(value.astype(goal.dtype, copy=False), getattr(goal, "sharding", None))
-    return value[()] if entry.get("scalar") else value
+    if not isinstance(goal, jax.Array | jax.ShapeDtypeStruct):
+      return value[()] if entry.get("scalar") else value
+    # Saved whole (the same on every process): each device gets its part, with no collective.
+    by_index = None
+  else:
+    by_index = {json.dumps(index): entry["pieces"][i] for i, index in enumerate(entry["shards"])}
+    value = None
   goal_shape = tuple(getattr(goal, "shape", ()))
   if goal_shape != shape:
     raise LocalTierUnusable(f"leaf {path!r} has shape {shape}, the target {goal_shape}")
   sharding = getattr(goal, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   goal_dtype = getattr(goal, "dtype", dtype)
-  by_index = {json.dumps(index): entry["pieces"][i] for i, index in enumerate(entry["shards"])}
   arrays = []
   for device, index in sharding.addressable_devices_indices_map(shape).items():
     key = json.dumps(_index_key(index, shape))
-    if key not in by_index:
+    if by_index is None:
+      block = value[tuple(slice(a, b) for a, b in json.loads(key))]
+    elif key in by_index:
+      block = pieces[by_index[key]].view(dtype).reshape([b - a for a, b in json.loads(key)])
+    else:
       raise LocalTierUnusable(f"leaf {path!r}: no saved shard {key} (the target is sharded otherwise)")
-    block = pieces[by_index[key]].view(dtype).reshape([b - a for a, b in json.loads(key)])
     arrays.append(jax.device_put(block.astype(goal_dtype, copy=False), device))
   if isinstance(goal, np.ndarray):
     return np.asarray(arrays[0])

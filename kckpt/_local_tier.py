@@ -13,9 +13,9 @@ folder, which no listing counts and the next save removes). It holds
 ``STEP.json`` (the step, the run's persistent folder, the process count and
 index, which processes' shards it holds, whether the step is healthy, when
 it was saved) and each of those processes' packed shards
-(`kckpt._local_format`). ``RESTORED.json`` in the folder records a restore
-of an older step from the persistent tier: local steps saved before it and
-newer than it belong to an abandoned future and are not restored.
+(`kckpt._local_format`). ``HIDDEN.json`` in the folder lists local steps of
+an abandoned continuation: newer than the step a writer last restored into a
+target. They are never restored, and the next local save removes them.
 
 Every method that moves data or decides (`save`, `wait`, `restore_newest`)
 is a collective: every process calls it, and an error on one process is
@@ -48,7 +48,7 @@ from kckpt.errors import BackgroundSaveError
 log = logging.getLogger("kckpt")
 
 STEP_FILE = "STEP.json"
-RESTORED_FILE = "RESTORED.json"
+HIDDEN_FILE = "HIDDEN.json"
 _STEP_NAME = re.compile(r"ckpt_(\d+)$")
 _TMP_PREFIX = ".tmp-ckpt_"
 # At most this many local steps are tried, newest first, before the persistent tier.
@@ -62,7 +62,8 @@ class LocalStep:
   step: Step
   owners: tuple[int, ...]
   healthy: bool
-  unusable: str | None  # why this run cannot use it, or None
+  ours: bool  # saved by this run with this layout (the same process count and index)
+  unusable: str | None  # why this run cannot restore it, or None
 
 
 class LocalTier:
@@ -108,21 +109,37 @@ class LocalTier:
     """This process's local steps (finished folders only), oldest first."""
     try:
       names = os.listdir(self.folder)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
       return []
-    restored = _read_json(self.folder / RESTORED_FILE)
+    hidden = set(self._hidden())
     found = []
     for name in names:
       match = _STEP_NAME.match(name)
       record = _read_json(self.folder / name / STEP_FILE) if match else {}
-      if not record:
+      if not match or not record:
         continue  # not a step, or not a finished one
-      step = int(match.group(1)) if match else 0
+      step = int(match.group(1))
       why = self._unusable(record)
-      if why is None and restored and step > restored.get("step", step) and record.get("time", 0) < restored.get("time", 0):
-        why = f"it was saved before step {restored['step']} was restored (an abandoned continuation)"
-      found.append(LocalStep(step, tuple(record.get("owners", ())), bool(record.get("healthy", True)), why))
+      ours = why is None
+      if ours and step in hidden:
+        why = "it belongs to a continuation this run abandoned (an older step was restored since)"
+      found.append(LocalStep(step, tuple(record.get("owners", ())), bool(record.get("healthy", True)), ours, why))
     return sorted(found, key=lambda s: s.step)
+
+  def _hidden(self) -> list[Step]:
+    record = _read_json(self.folder / HIDDEN_FILE)
+    return [int(s) for s in record.get("steps", ())] if record.get("run") == self.run else []
+
+  def _set_hidden(self, steps: list[Step]) -> None:
+    path = self.folder / HIDDEN_FILE
+    if not steps:
+      path.unlink(missing_ok=True)
+      return
+    tmp = self.folder / f".{HIDDEN_FILE}.{uuid.uuid4().hex[:8]}"
+    self._write_file(tmp, json.dumps({"run": self.run, "steps": sorted(steps)}).encode())
+    os.replace(tmp, path)
+    if self.durable:
+      _fsync_dir(self.folder)
 
   def _unusable(self, record: Mapping[str, Any]) -> str | None:
     n, me = multihost.process_count(), multihost.process_index()
@@ -137,7 +154,7 @@ class LocalTier:
     return None
 
   def steps(self) -> list[Step]:
-    """Steps this process holds its own shards of, for this run."""
+    """Steps this process holds its own shards of, that this run can restore."""
     me = multihost.process_index()
     return [s.step for s in self.listing() if s.unusable is None and me in s.owners]
 
@@ -161,17 +178,23 @@ class LocalTier:
     `health_fn(metrics)` says so (as for the persistent tier).
     """
     self.wait()
-    metrics_healthy = None if health_fn is None else bool(health_fn(metrics))
     me, n = multihost.process_index(), multihost.process_count()
     if self._shifts is None:
       self._shifts = _peers.shifts(self.replicas, timeout_secs=self.timeout_secs)
     spare, self._spare = self._spare, None
-    buffer, error = None, None
+    buffer, error, healthy = None, None, True
     try:
       buffer = fmt.pack(tree, step=step, owner=me, reuse=spare)
+      healthy = fmt.healthy(fmt.unpack(buffer)) and (health_fn is None or bool(health_fn(metrics)))
     except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
-      error = f"process {me}: {e}"
-    if errors := self._agree(error):
+      error = f"process {me}: {type(e).__name__}: {e}"
+    if n > 1:  # one exchange: every process's error, and whether its shards are healthy
+      got = self._exchange("local_tier_pack", {"error": error, "healthy": healthy})
+      errors = [got[p]["error"] for p in sorted(got) if got[p]["error"]]
+      healthy = all(v["healthy"] for v in got.values())
+    else:
+      errors = [error] if error else []
+    if errors:
       raise ValueError(f"The local-tier save of step {step} failed: {'; '.join(errors)}")
     assert buffer is not None
     buffers = {me: buffer}
@@ -181,17 +204,17 @@ class LocalTier:
     if async_save:
       if self._pool is None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kckpt-local-tier")
-      self._pending = (step, self._pool.submit(self._write, step, buffers, metrics_healthy))
+      self._pending = (step, self._pool.submit(self._write, step, buffers, healthy))
       return
     try:
-      self._write(step, buffers, metrics_healthy)
+      self._write(step, buffers, healthy)
       error = None
     except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
       error = f"process {me}: {type(e).__name__}: {e}"
     if errors := self._agree(error):
       raise BackgroundSaveError(f"The local-tier save of step {step} into {self.folder} failed: {'; '.join(errors)}", step=step)
 
-  def _write(self, step: Step, buffers: Mapping[int, np.ndarray], metrics_healthy: bool | None) -> None:
+  def _write(self, step: Step, buffers: Mapping[int, np.ndarray], healthy: bool) -> None:
     me, n = multihost.process_index(), multihost.process_count()
     self.folder.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(self.folder):
@@ -209,18 +232,27 @@ class LocalTier:
       "process_count": n,
       "process_index": me,
       "owners": sorted(buffers),
-      "healthy": fmt.healthy(fmt.unpack(buffers[me])) and metrics_healthy is not False,
+      "healthy": healthy,  # every process's shards finite, and health_fn said so
       "time": time.time(),
     }
     self._write_file(tmp / STEP_FILE, json.dumps(record).encode())
     if self.durable:
       _fsync_dir(tmp)
-    for old in self.listing():  # this run's steps from here on are an abandoned continuation: replaced
-      if old.unusable is None and old.step >= step:
-        shutil.rmtree(self.folder / f"ckpt_{old.step}", ignore_errors=True)
+    # This run's steps from here on belong to a continuation it abandoned (steps only grow): replaced.
+    # A folder in the way (of another layout, or without its STEP.json) is moved aside, never renamed onto.
+    doomed = {s.step for s in self.listing() if s.ours and s.step >= step} | {step}
+    for old in sorted(doomed):
+      if (self.folder / f"ckpt_{old}").exists():
+        os.replace(self.folder / f"ckpt_{old}", self.folder / f"{_TMP_PREFIX}{old}-replaced-{uuid.uuid4().hex[:8]}")
     os.replace(tmp, self.folder / f"ckpt_{step}")
     if self.durable:
       _fsync_dir(self.folder)
+    hidden = self._hidden()
+    if any(h >= step for h in hidden):
+      self._set_hidden([h for h in hidden if h < step])
+    for name in os.listdir(self.folder):
+      if name.startswith(_TMP_PREFIX) and "-replaced-" in name:
+        shutil.rmtree(self.folder / name, ignore_errors=True)
     self._spare = buffers[me].base if isinstance(buffers[me].base, np.ndarray) else buffers[me]
     self._apply_retention()
 
@@ -232,13 +264,20 @@ class LocalTier:
         os.fsync(f.fileno())
 
   def _apply_retention(self) -> None:
-    """Keeps this run's newest `max_to_keep` local steps and its newest healthy one (others' are left alone)."""
-    ours = [s for s in self.listing() if s.unusable is None]
-    keep = {s.step for s in ours[-self.max_to_keep :]}
-    keep.update(s.step for s in [s for s in ours if s.healthy][-1:])
+    """Keeps this run's newest `max_to_keep` local steps and its newest healthy one.
+
+    This run's abandoned steps (hidden) go too; other runs' steps are left alone.
+    """
+    ours = [s for s in self.listing() if s.ours]
+    usable = [s for s in ours if s.unusable is None]
+    keep = {s.step for s in usable[-self.max_to_keep :]}
+    keep.update(s.step for s in [s for s in usable if s.healthy][-1:])
     for s in ours:
       if s.step not in keep:
         shutil.rmtree(self.folder / f"ckpt_{s.step}", ignore_errors=True)
+    hidden = self._hidden()
+    if hidden and not set(hidden) <= keep:
+      self._set_hidden([h for h in hidden if h in keep])
 
   def wait(self) -> None:
     """Waits for the local save in flight; raises its error (naming the step) on every process."""
@@ -265,15 +304,20 @@ class LocalTier:
   def clear(self) -> list[Step]:
     """Deletes this run's local steps in this process's folder (`delete_all_steps`); returns them."""
     self.wait()
-    ours = [s.step for s in self.listing() if s.unusable is None]
+    ours = [s.step for s in self.listing() if s.ours]
     for step in ours:
       shutil.rmtree(self.folder / f"ckpt_{step}", ignore_errors=True)
+    self._set_hidden([])
     return ours
 
-  def restored_older(self, step: Step) -> None:
-    """Records that `step` was restored from the persistent tier: newer local steps saved before now are not restored."""
-    if any(s.unusable is None and s.step > step for s in self.listing()):
-      (self.folder / RESTORED_FILE).write_text(json.dumps({"step": step, "time": time.time()}))
+  def hide_newer_than(self, step: Step) -> None:
+    """`step` was restored into a target: this run's newer local steps are an abandoned continuation, never restored."""
+    newer = [s.step for s in self.listing() if s.unusable is None and s.step > step]
+    if newer:
+      try:
+        self._set_hidden(sorted({*self._hidden(), *newer}))
+      except OSError as e:
+        log.warning("kckpt: could not record in %s that local steps %s are abandoned: %s", self.folder, newer, e)
 
   # -- Restoring --------------------------------------------------------------
 
@@ -333,10 +377,12 @@ class LocalTier:
           unpacked, error = fmt.unpack(got), None
         except fmt.LocalTierUnusable as e:
           error = f"the copy sent by process {(me - by) % n}: {e}"
+    missing = None if unpacked is not None else f"process {me}: {error or 'neither its folder nor a peer holds its shards'}"
+    if missing_anywhere := self._agree(missing):  # before placing: placing may itself be a collective
+      return None, missing_anywhere
     value = None
     try:
-      if unpacked is None:
-        raise fmt.LocalTierUnusable(error or "neither its folder nor a peer holds its shards")
+      assert unpacked is not None
       value = fmt.assemble(unpacked, target)
     except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
       error = f"process {me}: {e}" if isinstance(e, fmt.LocalTierUnusable) else f"process {me}: {type(e).__name__}: {e}"

@@ -10,6 +10,7 @@ and an error on one process is raised on all of them.
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -17,6 +18,8 @@ import jax
 import numpy as np
 
 from kckpt import multihost
+
+log = logging.getLogger("kckpt")
 
 CHUNK_BYTES = 256 * 2**20
 
@@ -40,7 +43,11 @@ def shifts(replicas: int, *, timeout_secs: float) -> list[int]:
   if replicas < 1 or n == 1:
     return []
   hosts = _exchange("local_tier_hosts", socket.gethostname(), timeout_secs)
-  base = next((k for k in range(1, n) if all(hosts[(p + k) % n] != hosts[p] for p in range(n))), 1)
+  base = next((k for k in range(1, n) if all(hosts[(p + k) % n] != hosts[p] for p in range(n))), None)
+  if base is None:
+    base = 1
+    if len(set(hosts.values())) > 1:
+      log.warning("kckpt: no single shift of the %d processes puts every local-tier copy on another host: some share one", n)
   order = [base * j % n for j in range(1, n)] + list(range(1, n))
   chosen: list[int] = []
   for k in order:
@@ -62,10 +69,12 @@ def shift(buffer: np.ndarray, by: int, *, timeout_secs: float) -> np.ndarray:
   mesh = jax.sharding.Mesh(np.array(devices), ("p",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("p"))
   permute = _permute(mesh, tuple((i, (i + by) % n) for i in range(n)))
-  received = np.empty(sizes[(me - by) % n], dtype=np.uint8)
+  received = np.zeros(0, dtype=np.uint8)
   for at in range(0, max(sizes.values()), width):
     error = None
     try:
+      if at == 0:
+        received = np.empty(sizes[(me - by) % n], dtype=np.uint8)
       chunk = buffer[at : at + width]
       if chunk.size < width:
         chunk = np.concatenate([chunk, np.zeros(width - chunk.size, np.uint8)])

@@ -61,6 +61,8 @@ def restore_run(ckpt: Checkpointer, state: Any, *, step: StepSpec, noop_if_missi
   tier = ckpt._local_tier() if step in (-1, "latest") and state is not None else None  # pylint: disable=protected-access
   local = tier.restore_newest(state, persistent_latest=resolved) if tier is not None else None
   if tier is not None and local is not None:
+    if ckpt.create:
+      tier.hide_newer_than(local[0])  # newer local steps that could not be restored: an abandoned continuation
     if donate:
       _orbax.release(state)
     rt.restore_stats = telemetry.restore_stats(local[0], trees.tree_nbytes(local[1]), started, tier.folder, tier="local")
@@ -75,8 +77,8 @@ def restore_run(ckpt: Checkpointer, state: Any, *, step: StepSpec, noop_if_missi
   if multihost.process_count() > 1:  # Orbax's restore ends with a barrier that has no timeout
     multihost.barrier("restore", timeout_secs=ckpt.barrier_timeout_secs, what=f"restore(step={step})")
   restored = restore_step(ckpt.directory, step, state, donate=donate, partial=partial, storage=ckpt.storage)
-  if ckpt.create and (tier := ckpt._local_tier()) is not None:  # pylint: disable=protected-access
-    tier.restored_older(step)  # newer local steps (a continuation this run abandons) are not restored later
+  if state is not None and ckpt.create and (tier := ckpt._local_tier()) is not None:  # pylint: disable=protected-access
+    tier.hide_newer_than(step)  # a writer resumes from `step`: newer local steps belong to an abandoned continuation
   rt.restore_stats = telemetry.restore_stats(step, restored.nbytes, started, ckpt.directory)
   return restored.value
 

@@ -116,7 +116,8 @@ class Checkpointer(base.BaseCheckpointer):
       (``{process_index}`` replaced, else ``process_<index>`` appended) and
       into the folders of `local_replicas` other processes, keeping
       `local_max_to_keep` steps. Readers of `workdir` never see them
-      (`local_steps` lists them); ``restore()`` takes the newest of either tier.
+      (`local_steps` lists them); ``restore()`` takes the newest of either
+      tier. The other three are ignored while `local_workdir` is None.
 
   Example:
 
@@ -461,10 +462,10 @@ class Checkpointer(base.BaseCheckpointer):
     Returns:
       The steps that were deleted.
     """
-    tier = self._local_tier()
-    if tier is not None:
+    session = self._session()  # raises first on a read-only Checkpointer
+    if (tier := self._local_tier()) is not None:
       tier.clear()
-    return self._session().delete_all()
+    return session.delete_all()
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending async saves are durable; raises their error, naming the step."""

@@ -242,15 +242,33 @@ def test_after_a_rollback_the_abandoned_local_steps_are_never_restored(tmp_path,
   with checkpointer(tmp_path) as first:
     train(first, range(18))  # local 14, 16; persistent 0, 10
   rolled = checkpointer(tmp_path)
-  assert_state(rolled.restore(state_at(0), step=10), 10)  # back to 10, e.g. after a divergence
+  rolled.restore()  # a look at the newest persistent step, as NumPy: hides nothing
+  assert_state(rolled.restore(state_at(0)), 16)
+  assert_state(rolled.restore(state_at(0), step=10), 10)  # back to 10 into a target, e.g. after a divergence
   with caplog.at_level(logging.INFO, logger="kckpt"):
     assert_state(rolled.restore(state_at(0)), 10)  # a crash before the next local save: not 16
-  assert "saved before step 10 was restored" in caplog.text
-  train(rolled, range(11, 13))  # the new continuation: local 12
-  assert rolled.local_steps == [12]  # 14 and 16 of the abandoned one are gone
+  assert "a continuation this run abandoned" in caplog.text
+  assert rolled.local_steps == []
+  folder = tmp_path / "local" / "process_0"
+  train(rolled, range(11, 13), lambda step: state_at(step + 100))  # the new continuation: local 12
+  assert rolled.local_steps == [12]
+  assert sorted(os.listdir(folder)) == ["ckpt_12"]  # 14 and 16 of the abandoned one are deleted, and the marker
+  train(rolled, range(13, 17), lambda step: state_at(step + 100))  # 14 and 16 again: new folders
   rolled.close()
   with checkpointer(tmp_path) as resumed:
-    assert_state(resumed.restore(state_at(0)), 12)
+    assert_state(resumed.restore(state_at(0)), 116)  # the new continuation's step 16
+
+
+def test_a_local_save_replaces_a_folder_in_its_way(tmp_path):
+  folder = tmp_path / "local" / "process_0" / "ckpt_4"
+  folder.mkdir(parents=True)
+  (folder / "junk").write_text("left by something else")  # no STEP.json: not a step
+  with checkpointer(tmp_path) as ckpt:
+    train(ckpt, range(5))
+    assert ckpt.local_steps == [2, 4]
+    assert not (folder / "junk").exists()
+  with checkpointer(tmp_path) as resumed:
+    assert_state(resumed.restore(state_at(0)), 4)
 
 
 def test_delete_all_steps_clears_the_local_tier_too(tmp_path):
@@ -261,6 +279,11 @@ def test_delete_all_steps_clears_the_local_tier_too(tmp_path):
     assert ckpt.local_steps == [] and ckpt.all_steps == []
     initial = state_at(0)
     assert ckpt.restore(initial, noop_if_missing=True) is initial
+    train(ckpt, range(5, 7))
+  reader = checkpointer(tmp_path, create=False)
+  with pytest.raises(kckpt.ReadOnlyCheckpointerError):
+    reader.delete_all_steps()
+  assert reader.local_steps == [6]  # a read-only Checkpointer deletes nothing
 
 
 @pytest.mark.parametrize("damage", ["truncated", "manifest"])
