@@ -99,6 +99,7 @@ def local_tier(ckpt: Checkpointer) -> _local_tier.LocalTier:
   return _local_tier.LocalTier(
     pathlib.Path(folder).absolute(),
     run=str(_fs.absolute(checkpoints_dir(ckpt))),
+    run_id_file=checkpoints_dir(ckpt) / _local_tier.RUN_ID_FILE,
     interval=ckpt.local_save_interval_steps,
     max_to_keep=ckpt.local_max_to_keep,
     replicas=ckpt.local_replicas,

@@ -49,6 +49,9 @@ log = logging.getLogger("kckpt")
 
 STEP_FILE = "STEP.json"
 HIDDEN_FILE = "HIDDEN.json"
+# In the persistent tier's folder: a random id of this incarnation of the run, made at its first local save.
+# A workdir deleted and started again gets a new one, so the old local steps are never restored.
+RUN_ID_FILE = "LOCAL_TIER_RUN_ID.json"
 _STEP_NAME = re.compile(r"ckpt_(\d+)$")
 _TMP_PREFIX = ".tmp-ckpt_"
 # At most this many local steps are tried, newest first, before the persistent tier.
@@ -74,6 +77,7 @@ class LocalTier:
     folder: Path,
     *,
     run: str,
+    run_id_file: Any = None,
     interval: int,
     max_to_keep: int,
     replicas: int,
@@ -82,6 +86,8 @@ class LocalTier:
   ):
     self.folder = folder
     self.run = run
+    self.run_id_file = run_id_file  # an epath.Path in the persistent tier (None: no incarnation check)
+    self._run_id: str | None = None
     self.interval = interval
     self.max_to_keep = max_to_keep
     self.replicas = replicas
@@ -121,7 +127,8 @@ class LocalTier:
       step = int(match.group(1))
       why = self._unusable(record)
       ours = why is None
-      if ours and step in hidden:
+      why = why or self._same_run_unusable(record)
+      if why is None and step in hidden:
         why = "it belongs to a continuation this run abandoned (an older step was restored since)"
       found.append(LocalStep(step, tuple(record.get("owners", ())), bool(record.get("healthy", True)), ours, why))
     return sorted(found, key=lambda s: s.step)
@@ -140,6 +147,39 @@ class LocalTier:
     os.replace(tmp, path)
     if self.durable:
       _fsync_dir(self.folder)
+
+  def _read_run_id(self) -> str | None:
+    if self._run_id is None and self.run_id_file is not None:
+      try:
+        self._run_id = str(json.loads(self.run_id_file.read_text())["id"])
+      except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return self._run_id
+
+  def _ensure_run_id(self) -> None:
+    """Every process: the run's incarnation id, made by the primary at the first local save."""
+    if self._run_id is not None or self.run_id_file is None:
+      return
+    mine = None
+    if multihost.is_primary():
+      mine = self._read_run_id()
+      if mine is None:
+        try:
+          self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
+          self.run_id_file.write_text(json.dumps({"id": uuid.uuid4().hex}))
+          mine = self._read_run_id()
+        except OSError as e:  # the steps are then saved without one (and restored as such)
+          log.warning("kckpt: could not write the local tier's run id %s: %s", self.run_id_file, e)
+    self._run_id = multihost.primary_value(mine, timeout_secs=self.timeout_secs, what="the local tier's run id")
+
+  def _same_run_unusable(self, record: Mapping[str, Any]) -> str | None:
+    """Why a step of this run's folder and layout cannot be restored: saved by an earlier incarnation of the run."""
+    if self.run_id_file is None:
+      return None
+    current = self._read_run_id()
+    if record.get("run_id") != current:
+      return "it was saved before the run's workdir was started again (its run id differs)"
+    return None
 
   def _unusable(self, record: Mapping[str, Any]) -> str | None:
     n, me = multihost.process_count(), multihost.process_index()
@@ -179,6 +219,7 @@ class LocalTier:
     """
     self.wait()
     me, n = multihost.process_index(), multihost.process_count()
+    self._ensure_run_id()
     if self._shifts is None:
       self._shifts = _peers.shifts(self.replicas, timeout_secs=self.timeout_secs)
     spare, self._spare = self._spare, None
@@ -229,6 +270,7 @@ class LocalTier:
       "format": fmt.FORMAT,
       "step": step,
       "run": self.run,
+      "run_id": self._run_id,
       "process_count": n,
       "process_index": me,
       "owners": sorted(buffers),

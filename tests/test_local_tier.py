@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -62,7 +63,13 @@ def test_local_steps_are_saved_on_their_interval_and_never_seen_by_readers_of_th
   assert sorted(os.listdir(tmp_path / "local" / "process_0")) == ["ckpt_14", "ckpt_16"]
   reader = kckpt.Checkpointer.open(tmp_path / "run")
   assert reader.all_steps == [0, 10] and reader.latest_step == 10 and reader.local_steps == []
-  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["RETENTION.json", "WRITER_LOCK.json", "ckpt_0", "ckpt_10"]
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [
+    "LOCAL_TIER_RUN_ID.json",  # this incarnation of the run (see the next test)
+    "RETENTION.json",
+    "WRITER_LOCK.json",
+    "ckpt_0",
+    "ckpt_10",
+  ]
   out = subprocess.run([PYTHON, "-m", "kckpt", "ls", str(tmp_path / "run")], capture_output=True, text=True, env=subprocess_env())
   assert out.returncode == 0 and re.findall(r"^\s+(\d+)\s+\d{4}-", out.stdout, re.M) == ["0", "10"], out.stdout
   ckpt.close()
@@ -81,6 +88,22 @@ def test_a_resumed_run_restores_the_newest_local_step_bit_for_bit(tmp_path):
   assert resumed.last_restore_stats.tier == "persistent"
   assert resumed.restore()["step"] == 10
   resumed.close()
+
+
+def test_a_run_started_again_in_a_deleted_workdir_never_restores_the_old_local_steps(tmp_path, caplog):
+  with checkpointer(tmp_path) as first:
+    train(first, range(18))  # local 14, 16
+  shutil.rmtree(tmp_path / "run")  # "start over": the workdir is deleted, the node-local disk keeps its files
+  again = checkpointer(tmp_path)
+  assert again.local_steps == []
+  initial = state_at(0)
+  with caplog.at_level(logging.INFO, logger="kckpt"):
+    assert again.restore(initial, noop_if_missing=True) is initial
+  assert "saved before the run's workdir was started again" in caplog.text
+  train(again, range(1, 4))  # local 2; the old incarnation's steps are deleted by retention
+  assert again.local_steps == [2]
+  assert sorted(os.listdir(tmp_path / "local" / "process_0")) == ["ckpt_2"]
+  again.close()
 
 
 def test_a_donated_target_is_freed_by_a_local_restore(tmp_path):
