@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_ARRAYS = 8
@@ -41,21 +42,32 @@ RESULT_PREFIX = "RESULT "
 # ---------------------------------------------------------------------------
 
 
+def join_cluster(args: argparse.Namespace) -> tuple[Any, int, int]:
+  """Joins the cluster of `args` (gloo on CPU); returns a 1-D sharding over every device and the arrays' rows and columns.
+
+  Each of the `NUM_ARRAYS` float32 arrays is ``rows x cols``, so that all of them hold ``--megabytes``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if args.num_processes > 1:
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+  cols = 1024
+  rows = max(jax.device_count(), int(args.megabytes * 2**20 / 4 / cols / NUM_ARRAYS) // jax.device_count() * jax.device_count())
+  return NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d")), rows, cols
+
+
 def worker(args: argparse.Namespace) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   import kckpt  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if args.num_processes > 1:
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-  sharding = NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d"))
-  cols = 1024
-  rows = max(jax.device_count(), int(args.megabytes * 2**20 / 4 / cols / NUM_ARRAYS) // jax.device_count() * jax.device_count())
+  sharding, rows, cols = join_cluster(args)
   host = [np.full((rows, cols), i, np.float32) for i in range(NUM_ARRAYS)]
   state = {f"w{i}": jax.make_array_from_callback((rows, cols), sharding, lambda idx, a=a: a[idx]) for i, a in enumerate(host)}
   abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}

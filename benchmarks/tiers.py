@@ -38,7 +38,7 @@ from pathlib import Path
 
 from benchmarks import multihost
 
-NUM_ARRAYS = 8
+NUM_ARRAYS = multihost.NUM_ARRAYS
 RESULT_PREFIX = "RESULT "
 S3_BUCKET = "kckpt-bench"
 KINDS = ("persistent", "local")
@@ -48,17 +48,11 @@ def worker(args: argparse.Namespace) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   import kckpt  # pylint: disable=g-import-not-at-top
   from benchmarks.run import evict  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if args.num_processes > 1:
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-  sharding = NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d"))
-  cols = 1024
-  rows = max(jax.device_count(), int(args.megabytes * 2**20 / 4 / cols / NUM_ARRAYS) // jax.device_count() * jax.device_count())
+  sharding, rows, cols = multihost.join_cluster(args)
   rng = np.random.default_rng(0)  # the same values on every process; weights-like, not constants
   host = [rng.normal(0, 0.02, (rows, cols)).astype(np.float32) for _ in range(NUM_ARRAYS)]
   state = {f"w{i}": jax.make_array_from_callback((rows, cols), sharding, lambda idx, a=a: a[idx]) for i, a in enumerate(host)}

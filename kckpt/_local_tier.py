@@ -434,6 +434,12 @@ class LocalTier:
 
   def _read_buffer(self, step: Step, owner: int) -> np.ndarray:
     """The verified packed buffer of `owner`'s shards of `step` in this folder."""
+    return self._read_checked(step, owner)[0]
+
+  def _read(self, step: Step, owner: int) -> fmt.Unpacked:
+    return self._read_checked(step, owner)[1]
+
+  def _read_checked(self, step: Step, owner: int) -> tuple[np.ndarray, fmt.Unpacked]:
     folder = self.folder / f"ckpt_{step}"
     where = f"{folder}/p{owner}.*.bin"
     try:
@@ -441,11 +447,7 @@ class LocalTier:
       buffer = fmt.read_parts(folder, owner, index["parts"])
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise fmt.LocalTierUnusable(f"{where}: {e}") from e
-    fmt.verify(buffer, index, where=where)
-    return buffer
-
-  def _read(self, step: Step, owner: int) -> fmt.Unpacked:
-    return fmt.unpack(self._read_buffer(step, owner))
+    return buffer, fmt.verify(buffer, index, where=where)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
