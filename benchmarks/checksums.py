@@ -37,69 +37,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import kckpt
+from benchmarks import states
 from benchmarks.run import evict
 
 OPTIONS = {"checksums": kckpt.StorageOptions(), "no checksums": kckpt.StorageOptions(checksums=False)}
-
-
-def gpt2_shapes(vocab: int = 50257, context: int = 1024, width: int = 768, blocks: int = 12) -> dict[str, tuple[int, ...]]:
-  shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, width), "wpe": (context, width)}
-  for b in range(blocks):
-    p = f"h{b:02d}"
-    shapes |= {
-      f"{p}.ln_1.scale": (width,),
-      f"{p}.ln_1.bias": (width,),
-      f"{p}.attn.c_attn.kernel": (width, 3 * width),
-      f"{p}.attn.c_attn.bias": (3 * width,),
-      f"{p}.attn.c_proj.kernel": (width, width),
-      f"{p}.attn.c_proj.bias": (width,),
-      f"{p}.ln_2.scale": (width,),
-      f"{p}.ln_2.bias": (width,),
-      f"{p}.mlp.c_fc.kernel": (width, 4 * width),
-      f"{p}.mlp.c_fc.bias": (4 * width,),
-      f"{p}.mlp.c_proj.kernel": (4 * width, width),
-      f"{p}.mlp.c_proj.bias": (width,),
-    }
-  shapes |= {"ln_f.scale": (width,), "ln_f.bias": (width,)}
-  return shapes
-
-
-def deep_shapes(leaves: int, seed: int = 1) -> dict[str, tuple[int, ...]]:
-  rng = np.random.default_rng(seed)
-  sizes = rng.integers(1024, 64 * 1024, leaves)  # float32 elements: 4 to 256 KB
-  return {f"layer_{i:05d}.w": (int(n),) for i, n in enumerate(sizes)}
-
-
-def train_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, Any]:
-  """params, and Adam's mu and nu, as nested dicts of arrays on the CPU device."""
-  rng = np.random.default_rng(seed)
-
-  def tree(draw):
-    out: dict[str, Any] = {}
-    for name, shape in shapes.items():
-      node = out
-      *parents, leaf = name.split(".")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = jax.device_put(draw(name, shape))
-    return out
-
-  def param(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name.endswith(".scale"):
-      return (1 + 0.05 * rng.standard_normal(shape, np.float32)).astype(np.float32)
-    return (0.02 * rng.standard_normal(shape, np.float32)).astype(np.float32)
-
-  return {
-    "params": tree(param),
-    "opt_state": {
-      "mu": tree(lambda _, shape: (1e-3 * rng.standard_normal(shape, np.float32)).astype(np.float32)),
-      "nu": tree(lambda _, shape: np.abs(1e-6 * rng.standard_normal(shape, np.float32)).astype(np.float32)),
-      "count": jnp.asarray(1000, jnp.int32),
-    },
-  }
 
 
 def _cpu_seconds() -> float:
@@ -176,8 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   results = []
   try:
     for name in args.states:
-      shapes = gpt2_shapes() if name == "gpt2" else deep_shapes(args.deep_leaves)
-      state = train_state(shapes)
+      state = states.make(name, deep_leaves=args.deep_leaves)
       counts = {"repeats": args.repeats, "cold_repeats": args.cold_repeats, "save_repeats": args.save_repeats}
       results.append(measure(name, state, root, **counts))
       del state
