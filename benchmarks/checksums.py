@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 import kckpt
 from benchmarks import states
-from benchmarks.run import evict
+from benchmarks.pagecache import evict
 
 OPTIONS = {"checksums": kckpt.StorageOptions(), "no checksums": kckpt.StorageOptions(checksums=False)}
 

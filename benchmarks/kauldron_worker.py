@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 from kauldron import kd  # noqa: E402
 
 from benchmarks import states  # noqa: E402
+from benchmarks.pagecache import evict  # noqa: E402
 
 
 @flax.struct.dataclass
@@ -69,18 +70,6 @@ class TrainState(kd.ckpts.items.StandardCheckpointItem):
   params: Any
   collections: Any
   opt_state: Any
-
-
-def evict(path: Path) -> None:
-  """Makes every file under `path` durable and drops it from the page cache (as `benchmarks.run.evict`)."""
-  for root, _, files in os.walk(path):
-    for name in files:
-      fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-      finally:
-        os.close(fd)
 
 
 def wrap(tree: dict[str, Any]) -> TrainState:

@@ -3,6 +3,10 @@
 Everything runs in one process and one run, on the same states, alternating
 kckpt and Orbax (and which of them goes first):
 
+- **realistic** (first): `benchmarks.realistic` on train states with an
+  optimizer (GPT-2 small, a deep model of 9000 small leaves, bfloat16
+  parameters with a float32 optimizer), next to Orbax's defaults, Orbax with
+  compression off, plain files and (``--kauldron-python``) Kauldron;
 - **sync**: save (until durable) and restore throughput of float32 states of
   64 MiB, 512 MiB and 2 GiB, each as *many* leaves (1 MiB each) and as a *few*
   large leaves (4), plus a 512 MiB bfloat16 state of many leaves;
@@ -25,7 +29,8 @@ step's files were dropped from the page cache (``posix_fadvise DONTNEED``;
 ``--warm`` keeps them cached). Each figure is the median of `--repeats` runs
 (`--big-repeats` for states of 1 GiB and more), with the min-max spread.
 
-    python -m benchmarks.run                    # the full run (about 15 min, peak RSS about 9 GB)
+    python -m benchmarks.run                    # the full run (about 45 min, peak RSS about 9 GB)
+    python -m benchmarks.run --kauldron-python .venv-kauldron/bin/python   # with Kauldron (benchmarks/kauldron_venv.sh)
     python -m benchmarks.run --quick            # small sizes, a smoke run
     python -m benchmarks.run --sizes-mb 512 --no-sweep --json out.json
     python -m benchmarks.run --print out.json   # the tables again, from a JSON report
@@ -59,6 +64,8 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 import kckpt  # noqa: E402
+from benchmarks import realistic  # noqa: E402
+from benchmarks.pagecache import evict  # noqa: E402
 
 MiB = 2**20
 MANY_LEAF_BYTES = 1 * MiB
@@ -146,18 +153,6 @@ def tiny_state() -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # The page cache
 # ---------------------------------------------------------------------------
-
-
-def evict(path: Path) -> None:
-  """Makes every file under `path` durable and drops it from the page cache."""
-  for root, _, files in os.walk(path):
-    for name in files:
-      fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-      finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -570,6 +565,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
   parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
   parser.add_argument("--quiet", action="store_true", help="no progress lines")
+  parser.add_argument("--no-realistic", action="store_true", help="skip the realistic train states")
+  parser.add_argument("--realistic-rounds", type=int, default=None, help="rounds per realistic state (default 3)")
+  parser.add_argument("--realistic-scale", type=float, default=None, help="shrink the realistic states (default 1)")
+  parser.add_argument("--deep-leaves", type=int, default=None, help="parameter leaves of the deep state (default 3000)")
+  parser.add_argument("--kauldron-python", default=None, help="python of a side venv with Kauldron (benchmarks/kauldron_venv.sh)")
   args = parser.parse_args(argv)
   quick = args.quick
   defaults = {
@@ -580,6 +580,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     "tiny_saves": 6 if quick else 40,
     "sweep_mb": 16 if quick else 512,
     "disk_mb": 64 if quick else 512,
+    "realistic_rounds": 1 if quick else 3,
+    "realistic_scale": 0.05 if quick else 1.0,
+    "deep_leaves": 200 if quick else 3000,
   }
   for key, value in defaults.items():
     if getattr(args, key) is None:
@@ -617,6 +620,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   started = time.perf_counter()
   systems: list[System] = []
   try:
+    if not args.no_realistic:
+      realistic_args = ["--rounds", str(args.realistic_rounds), "--scale", str(args.realistic_scale)]
+      realistic_args += ["--deep-leaves", str(args.deep_leaves), "--dir", str(root)] + (["--quiet"] if args.quiet else [])
+      if args.kauldron_python:
+        realistic_args += ["--kauldron-python", args.kauldron_python]
+      report["realistic"] = realistic.main(realistic_args, print_report=False)
     log(f"disk reference ({_size_str(int(args.disk_mb * MiB))}) ...")
     report["disk"] = measure_disk(root, int(args.disk_mb * MiB), repeats=args.repeats)
 
@@ -709,6 +718,9 @@ def print_report(report: dict[str, Any]) -> None:
     f" {_load(machine.get('load_average_at_end'))} at end; {report['seconds']:.0f} s;"
     f" peak RSS {machine.get('peak_rss_mb', 0):.0f} MB"
   )
+  if report.get("realistic"):
+    print("\nRealistic train states (MB/s median (min-max); ratios from the same run):")
+    realistic.print_tables(report["realistic"])
   print_disk(report["disk"])
   title = "Sync save (until durable) and restore (after page-cache eviction)"
   if warm:

@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   import kckpt  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import evict  # pylint: disable=g-import-not-at-top
+  from benchmarks.pagecache import evict  # pylint: disable=g-import-not-at-top
 
   sharding, rows, cols = multihost.join_cluster(args)
   rng = np.random.default_rng(0)  # the same values on every process; weights-like, not constants

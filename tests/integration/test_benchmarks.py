@@ -31,6 +31,7 @@ def test_run_benchmark_runs(tmp_path, capsys):
   report = run.main([
       "--sizes-mb", "0.25", "--bf16-mb", "0.25", "--repeats", "1", "--tiny-saves", "2",
       "--sweep-mb", "0.25", "--layouts", "few", "--disk-mb", "1", "--dir", str(tmp_path), "--quiet", "--json", str(out),
+      "--no-realistic",
   ])  # fmt: skip
   saved = json.loads(out.read_text())
   assert [r["case"] for r in saved["sync"]] == ["256 KiB float32, 4 leaves", "256 KiB bfloat16, 8 leaves"]
@@ -46,3 +47,38 @@ def test_run_benchmark_runs(tmp_path, capsys):
   assert list(tmp_path.iterdir()) == [out]  # the benchmark removed what it wrote
   printed = capsys.readouterr().out
   assert "Sync save" in printed and "Tiny state" in printed and "Goals" in printed
+
+
+def test_realistic_benchmark_runs(tmp_path, capsys):
+  """The realistic states' run on a small deep state: every system restores what it saved (checked inside)."""
+  from benchmarks import realistic
+
+  out = tmp_path / "realistic.json"
+  rows = realistic.main(
+    ["--states", "deep", "--deep-leaves", "16", "--rounds", "1", "--dir", str(tmp_path), "--quiet", "--json", str(out)]
+  )
+  (row,) = rows
+  assert row["leaves"] == 3 * 16 + 1  # params, mu, nu and the step count
+  assert set(row["samples"]) == {"kckpt", "orbax", "orbax tuned", "files"}
+  for system, got in row["samples"].items():
+    assert len(got["save_s"]) == 1 and len(got["restore_s"]) == 1 and len(got["restore_no_target_s"]) == 1
+    assert len(got["async_blocked_s"]) == (0 if system == "files" else 1)
+  assert row["ratios"]["restore vs files"] > 0
+  assert json.loads(out.read_text())[0]["state"] == "deep"
+  assert list(tmp_path.iterdir()) == [out]
+  assert "| kckpt |" in capsys.readouterr().out
+
+
+def test_realistic_states_hold_realistic_values():
+  """Parameters and moments are drawn (not constant), in the dtypes of mixed-precision training."""
+  import numpy as np
+
+  from benchmarks import states
+
+  state = states.make("mixed", scale=0.02)
+  assert str(state["params"]["wte"].dtype) == "bfloat16"
+  assert state["opt_state"]["mu"]["wte"].dtype == np.float32
+  nu = np.asarray(state["opt_state"]["nu"]["h00"]["mlp"]["c_fc"]["kernel"])
+  assert (nu >= 0).all() and np.unique(nu).size > 0.9 * nu.size
+  assert abs(float(np.asarray(state["params"]["h00"]["ln_1"]["scale"]).mean()) - 1) < 0.05
+  assert len(states.shapes_of("deep", deep_leaves=3000)) == 3000
