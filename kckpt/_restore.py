@@ -147,6 +147,12 @@ def _restore(
         _orbax.read_items(step_path, [_orbax.ItemRead(name=r.name, format=r.format) for r in as_saved], storage=storage)
       )
   targeted = [r for r in reads if r.target is not None]
+  for r in targeted:  # a configuration that cannot read a leaf fails here, before anything is read or donated
+    if r.format == "pytree" and r.partial_paths is None:
+      try:
+        _orbax.read_storage(storage, trees.flatten_with_paths(_orbax.abstract_target(r.target)))
+      except ValueError as e:
+        raise ValueError(f"Cannot restore step {step}, item {r.name!r}: {e}") from None
   progress = _progress.Transfer(
     f"restore step {step}",
     total_bytes=sum(trees.tree_nbytes(r.target) for r in targeted if r.format == "pytree"),

@@ -182,6 +182,35 @@ def test_a_read_that_fails_after_donation_says_the_target_was_freed(workdir, mon
     ckpt.restore({"w": jnp.zeros(1000)}, donate=True)
 
 
+def test_a_read_limit_too_small_for_a_leaf_is_named_before_the_target_is_freed(workdir):
+  saved_run(workdir, {"big": jnp.arange(4096.0), "small": jnp.ones(8)})
+  ckpt = kckpt.Checkpointer(
+    workdir=workdir, save_interval_steps=1, storage=kckpt.StorageOptions(restore_concurrent_gb=1e-6)
+  )  # 1000 bytes: less than the 16 KiB of "big"
+  target = {"big": jnp.zeros(4096), "small": jnp.zeros(8)}
+  with pytest.raises(ValueError, match=r"step 1, item 'default'.*restore_concurrent_gb=1e-06.*leaf 'big' \(16384 bytes"):
+    ckpt.restore(target, donate=True)
+  assert not target["big"].is_deleted() and not target["small"].is_deleted()
+  roomy = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, storage=kckpt.StorageOptions(restore_concurrent_gb=1e-4))
+  np.testing.assert_array_equal(roomy.restore(target)["big"], np.arange(4096.0))
+
+
+def test_leaves_bigger_than_the_bytes_in_flight_restore_in_one_read(workdir, monkeypatch):
+  """The default bound on bytes being read grows to fit the largest leaf (Orbax refuses a shard over its limit)."""
+  from kckpt._orbax import _reader  # pylint: disable=import-outside-toplevel
+
+  state = {f"w{i}": jnp.full((64, 64), float(i)) for i in range(6)}  # 16 KiB each
+  saved_run(workdir, state)
+  monkeypatch.setattr(_reader, "RESTORE_INFLIGHT_BYTES", 4096)
+  calls = []
+  real = _reader._read_handler  # pylint: disable=protected-access
+  monkeypatch.setattr(_reader, "_read_handler", lambda storage: calls.append(storage.restore_concurrent_gb) or real(storage))
+  out = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1).restore({k: jnp.zeros((64, 64)) for k in state})
+  for i in range(6):
+    np.testing.assert_array_equal(out[f"w{i}"], np.full((64, 64), float(i)))
+  assert calls == [(16384 + 2**20) / 1e9]  # one Orbax call, for the whole tree
+
+
 def test_keys_with_dots_never_collide_with_nested_keys(workdir):
   # Orbax names leaves by their keys joined with ".": both would be written as "a.b".
   state = {"a.b": jnp.ones(3), "a": {"b": jnp.zeros(3)}, "layer.0.w": jnp.full(2, 7.0)}

@@ -85,6 +85,8 @@ _LAZY = {
   "read_items": "_reader",
   "read_leaves": "_reader",
   "read_tree_into": "_reader",
+  "read_storage": "_reader",
+  "RESTORE_INFLIGHT_BYTES": "_reader",
   "release": "_reader",
   "ItemWrite": "_writer",
   "Writer": "_writer",
@@ -128,6 +130,7 @@ if TYPE_CHECKING:
   from kckpt._orbax._patches import install_s3_support
   from kckpt._orbax._reader import (
     RESTORE_BATCH_BYTES,
+    RESTORE_INFLIGHT_BYTES,
     ItemRead,
     LeafReader,
     abstract_target,
@@ -136,6 +139,7 @@ if TYPE_CHECKING:
     read_each,
     read_items,
     read_leaves,
+    read_storage,
     read_tree_into,
     release,
   )
@@ -187,6 +191,8 @@ __all__ = [
   "read_step_metadata",
   "read_step_metrics",
   "read_tree_into",
+  "read_storage",
+  "RESTORE_INFLIGHT_BYTES",
   "release",
   "remove_step_folder",
   "saved_leaf_specs",

@@ -119,15 +119,63 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
   return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
 
 
-# Bytes read per Orbax call when restoring into a target: reading in batches
-# bounds the transient host buffers (measured: a donated 512 MB restore grows
-# peak memory by 26% of the state instead of 50%) and is no slower.
+# Leaves per read when the `kckpt` command reads a few at a time (`LeafReader`,
+# `kckpt.inspect.leaf_batches`): bounds the memory one read holds.
 RESTORE_BATCH_BYTES = 128 * 2**20
+
+# Bytes being read at once when restoring into a target (Orbax's byte limiter,
+# in one Orbax call for the whole tree): bounds the transient host buffers.
+# One call instead of a call per 128 MiB batch: Orbax re-reads and rebuilds
+# the whole tree's metadata on every call, which cost 25% of a GPT-2 restore
+# and most of a restore of 9000 small leaves (measured; docs/guides/speed.md).
+RESTORE_INFLIGHT_BYTES = 128 * 2**20
 
 
 def _read_handler(storage: storage_lib.StorageOptions | None) -> ocp.PyTreeCheckpointHandler:
   # The format is read from the checkpoint; of `storage`, only the read concurrency is used.
   return _handlers.pytree_handler(storage or storage_lib.StorageOptions(), None)
+
+
+def _shard_nbytes(leaf: Any) -> int:
+  """Bytes of the largest shard of one target leaf a process reads (the whole leaf when unsharded)."""
+  shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+  if shape is None or dtype is None:
+    return 0
+  sharding = getattr(leaf, "sharding", None)
+  if sharding is not None:
+    try:
+      shape = sharding.shard_shape(tuple(shape))
+    except Exception:  # pylint: disable=broad-exception-caught  # an unusual sharding: count the whole leaf
+      pass
+  try:
+    itemsize = np.dtype(dtype).itemsize
+  except TypeError:  # an extended dtype (PRNG keys): its own itemsize when it has one
+    itemsize = int(getattr(dtype, "itemsize", 8) or 8)
+  return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def read_storage(storage: storage_lib.StorageOptions | None, leaves: Mapping[str, Any]) -> storage_lib.StorageOptions:
+  """The options of one restore into a target whose leaves are `leaves` (dotted path -> leaf).
+
+  Without a `restore_concurrent_gb`, the bytes in flight are bounded by
+  `RESTORE_INFLIGHT_BYTES`, or twice the largest shard when that is bigger
+  (Orbax refuses a shard at least as big as its limit). A limit the user set
+  that a shard does not fit raises here, naming the leaf, before anything is
+  read or donated.
+  """
+  storage = storage or storage_lib.StorageOptions()
+  sizes = {path: _shard_nbytes(leaf) for path, leaf in leaves.items()}
+  path, largest = max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
+  if storage.restore_concurrent_gb is not None:
+    if largest >= storage.restore_concurrent_gb * 1e9:
+      raise ValueError(
+        f"StorageOptions(restore_concurrent_gb={storage.restore_concurrent_gb}) is too small for leaf {path!r}"
+        f" ({largest} bytes per shard): Orbax reads a shard at once, so the limit must exceed the largest one."
+        " Nothing was read or freed."
+      )
+    return storage
+  limit = max(RESTORE_INFLIGHT_BYTES, largest + 2**20)
+  return dataclasses.replace(storage, restore_concurrent_gb=limit / 1e9)
 
 
 def read_tree_into(
@@ -140,49 +188,34 @@ def read_tree_into(
 ) -> PyTree:
   """Restores the pytree item at `item_dir` into the structure of `target`.
 
-  The target must match the saved tree (checked by the caller). Leaves are
-  read in batches of about `RESTORE_BATCH_BYTES` (the other leaves of the
-  target are Orbax placeholders, so no saved metadata is needed); with
-  `donate`, the target's arrays are all freed first (freeing them batch by
-  batch was measured to leave a higher peak).
+  The target must match the saved tree (checked by the caller). All leaves
+  are read in one Orbax call, with at most `read_storage`'s bytes in flight;
+  with `donate`, the target's arrays are all freed first (checked first:
+  `read_storage` raises before anything is freed). `on_batch(bytes, leaves)`
+  is called once the leaves are read.
   """
   leaves = trees.flatten_with_paths(target)
-  batches: list[set[str]] = [set()]
-  size = 0
-  for path, leaf in leaves.items():
-    if batches[-1] and size >= RESTORE_BATCH_BYTES:
-      batches.append(set())
-      size = 0
-    batches[-1].add(path)
-    size += trees.tree_nbytes(leaf)
   abstract = abstract_target(target)
+  handler = _read_handler(read_storage(storage, trees.flatten_with_paths(abstract)))
   if donate:
     release(list(leaves.values()))
-  restored: dict[str, Any] = {}
-  handler = _read_handler(storage)
   try:
-    for batch in batches:
-      if not batch:
-        continue
-      item = jax.tree_util.tree_map_with_path(
-        lambda kp, leaf, batch=batch: leaf if trees.path_str(kp) in batch else ocp.PLACEHOLDER, abstract
+    try:
+      out = handler.restore(
+        epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
+        args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
       )
-      try:
-        out = handler.restore(
-          epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
-          args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
-        )
-      except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
-        if not is_read_error(e):
-          raise
-        flat = trees.flatten_with_paths(abstract)
-        raise LeafReadError(_unreadable_leaves(item_dir, sorted(batch), flat), e) from e
-      restored.update({p: v for p, v in trees.flatten_with_paths(out).items() if p in batch})
-      if on_batch is not None:
-        on_batch(sum(trees.tree_nbytes(leaves[p]) for p in batch if p in leaves), len(batch))
+    except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+      if not is_read_error(e):
+        raise
+      flat = trees.flatten_with_paths(abstract)
+      raise LeafReadError(_unreadable_leaves(item_dir, sorted(flat), flat), e) from e
   finally:
     handler.close()
-  return trees.replace_leaves(target, restored)
+  restored = trees.flatten_with_paths(out)
+  if on_batch is not None:
+    on_batch(sum(trees.tree_nbytes(leaf) for leaf in leaves.values()), len(leaves))
+  return trees.replace_leaves(target, {p: restored[p] for p in leaves})
 
 
 def read_each(
