@@ -92,6 +92,7 @@ _LAZY = {
   "Writer": "_writer",
 }
 _SUBMODULES = (
+  "_aligned",
   "_checksums",
   "_commit",
   "_files",

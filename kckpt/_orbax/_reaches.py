@@ -26,6 +26,11 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   changes. And ``serialization.async_serialize_from_host`` (called by
   ``jax_array_handlers`` on the host copies of an array's shards): reduce
   them to per-leaf statistics alongside the write.
+- ``serialization._read_shard``, looked up on the module by
+  ``_read_array_index_and_device_put`` (`_aligned`): read each shard of a
+  kckpt restore into a 64-byte-aligned buffer, which JAX's CPU client adopts
+  instead of copying (NumPy's own buffers are 16-byte aligned). Orbax has no
+  option for the output buffer.
 - ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
   before removing, so readers never see half a step. No option takes one.
 - ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,
@@ -126,6 +131,17 @@ def _host_serializer_looked_up_on_the_module() -> bool:
   )
 
 
+def _shard_reader_looked_up_on_the_module() -> bool:
+  serialization = importlib.import_module("orbax.checkpoint._src.serialization.serialization")
+  reader = getattr(serialization, "_read_shard", None)
+  if not callable(reader):
+    return False
+  wanted = ["t", "new_shard_shape", "dtype", "requested_domain", "restricted_domain"]
+  return list(inspect.signature(reader).parameters) == wanted and "await _read_shard(" in inspect.getsource(
+    serialization._read_array_index_and_device_put  # pylint: disable=protected-access
+  )
+
+
 _TS_UTILS = "orbax.checkpoint._src.serialization.tensorstore_utils"
 _GCS_UTILS = "orbax.checkpoint._src.path.gcs_utils"
 
@@ -138,6 +154,7 @@ REACHES = (
   Reach(f"{_GCS_UTILS}.get_kvstore_for_gcs", _has(_GCS_UTILS, "get_kvstore_for_gcs")),
   Reach(f"{_TS_UTILS}.build_array_write_spec (as called by the array handlers)", _array_spec_builder_looked_up_on_the_module),
   Reach("serialization.async_serialize_from_host (as called by the array handler)", _host_serializer_looked_up_on_the_module),
+  Reach("serialization._read_shard (as called by the shard reader)", _shard_reader_looked_up_on_the_module),
   Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
   Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
   Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),

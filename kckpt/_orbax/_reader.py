@@ -13,7 +13,7 @@ from etils import epath
 
 from kckpt import storage as storage_lib
 from kckpt import trees
-from kckpt._orbax import _handlers, _metadata
+from kckpt._orbax import _aligned, _handlers, _metadata
 from kckpt._types import PyTree
 from kckpt.errors import LeafReadError
 
@@ -114,7 +114,7 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
     return ocp.checkpoint_utils.construct_restore_args(leaf)
 
   restore_args = jax.tree_util.tree_map_with_path(args_for, item)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader, _aligned.reading():
     restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
 
@@ -201,10 +201,11 @@ def read_tree_into(
     release(list(leaves.values()))
   try:
     try:
-      out = handler.restore(
-        epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
-        args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
-      )
+      with _aligned.reading():
+        out = handler.restore(
+          epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
+          args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+        )
     except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
       if not is_read_error(e):
         raise
@@ -265,7 +266,7 @@ def read_items(
   """
   args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
   registry = _handlers.handler_registry(storage, None) if storage is not None else None
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader:
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader, _aligned.reading():
     restored = reader.restore(step_path, args=args)
   return {r.name: restored[r.name] for r in reads}
 
