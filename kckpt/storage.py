@@ -63,10 +63,10 @@ class StorageOptions:
       double the host memory of a very large state. It must be at least the
       size of the largest array (shard): Orbax fails the save otherwise.
     restore_concurrent_gb: at most this many GB being read at once. None:
-      128 MiB, or a little more than the largest array (shard) when that is
-      bigger (a restore reads the whole tree in one Orbax call). A limit
-      set here must exceed the largest shard: a restore that cannot fit one
-      raises before anything is read or the target is freed.
+      128 MiB, or twice the largest array when that is bigger (a restore
+      reads the whole tree in one Orbax call). A limit set here must exceed
+      the largest array: a restore it cannot fit raises before anything is
+      read or the target is freed.
 
   >>> StorageOptions() == StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True, checksums=True)
   True

@@ -61,41 +61,29 @@ def test_damaged_files_follows_every_level_of_a_deep_ocdbt_tree(tmp_path):
   assert any("unreadable leaves ['leaf" in p for p in problems), problems  # found through the interior nodes
 
 
-def test_a_restore_adopts_its_read_buffers_on_the_cpu_without_copying(tmp_path, monkeypatch):
-  """Each restored shard is read into a 64-byte-aligned buffer that the CPU client keeps as the array's memory."""
+def test_a_restore_reports_its_progress_shard_by_shard(tmp_path):
+  """Orbax reads the tree in one call; the bytes of each shard reach the restore's progress as it is read."""
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
 
-  from kckpt._orbax import _aligned
+  from kckpt import _orbax
+  from kckpt._orbax import _read_progress
 
-  buffers = []
-  real = _aligned.aligned_empty
-
-  def recording(shape, dtype, alignment=_aligned.ALIGNMENT):
-    out = real(shape, dtype, alignment)
-    buffers.append(out.ctypes.data)
-    return out
-
-  monkeypatch.setattr(_aligned, "aligned_empty", recording)
-  state = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.arange(7, dtype=jnp.bfloat16), "n": jnp.asarray(3)}
+  state = {f"w{i}": jnp.full((32, 32), float(i)) for i in range(5)} | {"n": jnp.asarray(3)}
   with kckpt.Checkpointer(workdir=tmp_path / "run", save_interval_steps=1, async_save=False) as ckpt:
     ckpt.save(state, step=1)
-    restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
+  item = tmp_path / "run" / "checkpoints" / "ckpt_1" / "default"
+  calls = []
+  restored = _orbax.read_tree_into(
+    item, jax.tree.map(jnp.zeros_like, state), donate=False, on_batch=lambda b, n: calls.append((b, n))
+  )
   for name, leaf in restored.items():
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(state[name]))
-    assert leaf.unsafe_buffer_pointer() in buffers, f"{name} was copied after the read"
-  assert _aligned.installed()
-  # Plain Orbax outside a kckpt restore reads as Orbax does (its own zeros), with the same values.
-  count = len(buffers)
-  plain = ocp.PyTreeCheckpointer().restore(tmp_path / "run" / "checkpoints" / "ckpt_1" / "default")
-  np.testing.assert_array_equal(np.asarray(plain["w"]), np.asarray(state["w"]))
-  assert len(buffers) == count
-
-
-def test_aligned_empty_handles_empty_and_scalar_shapes():
-  from kckpt._orbax import _aligned
-
-  assert _aligned.aligned_empty((0,), np.float32).shape == (0,)
-  scalar = _aligned.aligned_empty((), np.int32)
-  assert scalar.shape == () and scalar.ctypes.data % _aligned.ALIGNMENT == 0
+  assert calls.count((4096, 0)) == 5 and calls[-1][1] == len(state)  # one call per 4 KiB array, then the leaves
+  assert sum(b for b, _ in calls) == sum(x.nbytes for x in state.values())
+  assert _read_progress.installed() and not _read_progress._listeners  # pylint: disable=protected-access
+  # Plain Orbax in the same process reads as before and reports nowhere.
+  plain = ocp.PyTreeCheckpointer().restore(item)
+  assert isinstance(plain["w1"], jax.Array)
+  np.testing.assert_array_equal(np.asarray(plain["w1"]), np.asarray(state["w1"]))

@@ -208,7 +208,21 @@ def test_leaves_bigger_than_the_bytes_in_flight_restore_in_one_read(workdir, mon
   out = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1).restore({k: jnp.zeros((64, 64)) for k in state})
   for i in range(6):
     np.testing.assert_array_equal(out[f"w{i}"], np.full((64, 64), float(i)))
-  assert calls == [(16384 + 2**20) / 1e9]  # one Orbax call, for the whole tree
+  assert calls == [(2 * 16384 + 2**20) / 1e9]  # one Orbax call, for the whole tree
+
+
+def test_a_target_sharded_finer_than_the_save_fits_the_default_bytes_in_flight(workdir, monkeypatch):
+  """Orbax reserves the saved chunks a shard touches (here the whole array): the default limit must fit them."""
+  from kckpt._orbax import _reader  # pylint: disable=import-outside-toplevel
+
+  n = 2**19  # 2 MiB of float32: one chunk, saved from one device
+  ckpt = saved_run(workdir, {"w": jnp.arange(n, dtype=jnp.float32), "b": jnp.ones(3)})
+  monkeypatch.setattr(_reader, "RESTORE_INFLIGHT_BYTES", 4096)
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+  target = {"w": jax.device_put(jnp.zeros(n), NamedSharding(mesh, P("d"))), "b": jnp.zeros(3)}  # shards of 512 KiB
+  out = ckpt.restore(target, donate=True)
+  assert len(out["w"].sharding.device_set) == 4
+  np.testing.assert_array_equal(np.asarray(out["w"]), np.arange(n, dtype=np.float32))
 
 
 def test_keys_with_dots_never_collide_with_nested_keys(workdir):

@@ -92,7 +92,6 @@ _LAZY = {
   "Writer": "_writer",
 }
 _SUBMODULES = (
-  "_aligned",
   "_checksums",
   "_commit",
   "_files",
@@ -101,6 +100,7 @@ _SUBMODULES = (
   "_metadata",
   "_patches",
   "_reaches",
+  "_read_progress",
   "_reader",
   "_writer",
 )

@@ -27,10 +27,9 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   ``jax_array_handlers`` on the host copies of an array's shards): reduce
   them to per-leaf statistics alongside the write.
 - ``serialization._read_shard``, looked up on the module by
-  ``_read_array_index_and_device_put`` (`_aligned`): read each shard of a
-  kckpt restore into a 64-byte-aligned buffer, which JAX's CPU client adopts
-  instead of copying (NumPy's own buffers are 16-byte aligned). Orbax has no
-  option for the output buffer.
+  ``_read_array_index_and_device_put`` (`_read_progress`): report each shard
+  a restore reads to its progress bar. Orbax reads a tree in one call and has
+  no progress callback.
 - ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
   before removing, so readers never see half a step. No option takes one.
 - ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,

@@ -13,7 +13,7 @@ from etils import epath
 
 from kckpt import storage as storage_lib
 from kckpt import trees
-from kckpt._orbax import _aligned, _handlers, _metadata
+from kckpt._orbax import _handlers, _metadata, _read_progress
 from kckpt._types import PyTree
 from kckpt.errors import LeafReadError
 
@@ -114,7 +114,7 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
     return ocp.checkpoint_utils.construct_restore_args(leaf)
 
   restore_args = jax.tree_util.tree_map_with_path(args_for, item)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader, _aligned.reading():
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
     restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
 
@@ -136,17 +136,11 @@ def _read_handler(storage: storage_lib.StorageOptions | None) -> ocp.PyTreeCheck
   return _handlers.pytree_handler(storage or storage_lib.StorageOptions(), None)
 
 
-def _shard_nbytes(leaf: Any) -> int:
-  """Bytes of the largest shard of one target leaf a process reads (the whole leaf when unsharded)."""
+def _array_nbytes(leaf: Any) -> int:
+  """Bytes of one target array leaf (0 for NumPy leaves and scalars, which Orbax reads without its limiter)."""
   shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
-  if shape is None or dtype is None:
+  if getattr(leaf, "sharding", None) is None or shape is None or dtype is None:
     return 0
-  sharding = getattr(leaf, "sharding", None)
-  if sharding is not None:
-    try:
-      shape = sharding.shard_shape(tuple(shape))
-    except Exception:  # pylint: disable=broad-exception-caught  # an unusual sharding: count the whole leaf
-      pass
   try:
     itemsize = np.dtype(dtype).itemsize
   except TypeError:  # an extended dtype (PRNG keys): its own itemsize when it has one
@@ -154,27 +148,32 @@ def _shard_nbytes(leaf: Any) -> int:
   return int(np.prod(shape, dtype=np.int64)) * itemsize
 
 
+_LIMITER_REFUSED = "Requested more bytes than we reserved"  # Orbax's limiter, when one read exceeds it
+
+
 def read_storage(storage: storage_lib.StorageOptions | None, leaves: Mapping[str, Any]) -> storage_lib.StorageOptions:
   """The options of one restore into a target whose leaves are `leaves` (dotted path -> leaf).
 
   Without a `restore_concurrent_gb`, the bytes in flight are bounded by
-  `RESTORE_INFLIGHT_BYTES`, or twice the largest shard when that is bigger
-  (Orbax refuses a shard at least as big as its limit). A limit the user set
-  that a shard does not fit raises here, naming the leaf, before anything is
-  read or donated.
+  `RESTORE_INFLIGHT_BYTES`, or twice the largest array plus 1 MiB when that
+  is bigger: Orbax reserves, for each shard it reads, the bytes of the saved
+  chunks the shard touches, which for a target sharded otherwise than the
+  save can be the whole array, and refuses a reservation at least its limit.
+  A limit the user set that the largest array does not fit raises here,
+  naming the leaf, before anything is read or donated.
   """
   storage = storage or storage_lib.StorageOptions()
-  sizes = {path: _shard_nbytes(leaf) for path, leaf in leaves.items()}
+  sizes = {path: _array_nbytes(leaf) for path, leaf in leaves.items()}
   path, largest = max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
   if storage.restore_concurrent_gb is not None:
     if largest >= storage.restore_concurrent_gb * 1e9:
       raise ValueError(
         f"StorageOptions(restore_concurrent_gb={storage.restore_concurrent_gb}) is too small for leaf {path!r}"
-        f" ({largest} bytes per shard): Orbax reads a shard at once, so the limit must exceed the largest one."
+        f" ({largest} bytes): Orbax may read a whole array at once, so the limit must exceed the largest one."
         " Nothing was read or freed."
       )
     return storage
-  limit = max(RESTORE_INFLIGHT_BYTES, largest + 2**20)
+  limit = max(RESTORE_INFLIGHT_BYTES, 2 * largest + 2**20)
   return dataclasses.replace(storage, restore_concurrent_gb=limit / 1e9)
 
 
@@ -192,30 +191,44 @@ def read_tree_into(
   are read in one Orbax call, with at most `read_storage`'s bytes in flight;
   with `donate`, the target's arrays are all freed first (checked first:
   `read_storage` raises before anything is freed). `on_batch(bytes, leaves)`
-  is called once the leaves are read.
+  is called with the bytes of each shard as it is read, and with the leaves
+  once all are read.
   """
   leaves = trees.flatten_with_paths(target)
   abstract = abstract_target(target)
-  handler = _read_handler(read_storage(storage, trees.flatten_with_paths(abstract)))
+  flat = trees.flatten_with_paths(abstract)
+  handler = _read_handler(read_storage(storage, flat))
+  total = sum(trees.tree_nbytes(leaf) for leaf in leaves.values())
+  reported = [0]
+
+  def on_bytes(nbytes: int) -> None:
+    reported[0] += nbytes
+    if on_batch is not None:
+      on_batch(nbytes, 0)
+
   if donate:
     release(list(leaves.values()))
   try:
     try:
-      with _aligned.reading():
+      with _read_progress.reporting(on_bytes if on_batch is not None else None):
         out = handler.restore(
           epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
           args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
         )
     except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+      if _LIMITER_REFUSED in str(e) or _LIMITER_REFUSED in str(e.__cause__ or ""):
+        raise ValueError(
+          f"Orbax refused to read an array of {item_dir} within restore_concurrent_gb: {e}. Raise"
+          " StorageOptions.restore_concurrent_gb (or leave it None); the checkpoint is intact."
+        ) from e
       if not is_read_error(e):
         raise
-      flat = trees.flatten_with_paths(abstract)
       raise LeafReadError(_unreadable_leaves(item_dir, sorted(flat), flat), e) from e
   finally:
     handler.close()
   restored = trees.flatten_with_paths(out)
   if on_batch is not None:
-    on_batch(sum(trees.tree_nbytes(leaf) for leaf in leaves.values()), len(leaves))
+    on_batch(max(0, total - reported[0]), len(leaves))
   return trees.replace_leaves(target, {p: restored[p] for p in leaves})
 
 
@@ -252,7 +265,19 @@ def _unreadable_leaves(item_dir: epath.Path, paths: Sequence[str], abstract: Map
     if not is_read_error(e):
       raise
     return list(paths)
-  _, faults = read_each(lambda ps: read_leaves(item_dir, {p: abstract[p] for p in ps}, metadata=metadata), paths)
+  # In groups of about RESTORE_BATCH_BYTES, then leaf by leaf inside a group that fails: each Orbax
+  # call rebuilds the whole tree's metadata, so one call per leaf of a big tree would take hours.
+  groups: list[list[str]] = [[]]
+  size = 0
+  for path in paths:
+    if groups[-1] and size >= RESTORE_BATCH_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append(path)
+    size += trees.tree_nbytes(abstract[path])
+  faults: dict[str, BaseException] = {}
+  for group in groups:
+    faults.update(read_each(lambda ps: read_leaves(item_dir, {p: abstract[p] for p in ps}, metadata=metadata), group)[1])
   return sorted(faults) or list(paths)
 
 
@@ -266,7 +291,7 @@ def read_items(
   """
   args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
   registry = _handlers.handler_registry(storage, None) if storage is not None else None
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader, _aligned.reading():
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader:
     restored = reader.restore(step_path, args=args)
   return {r.name: restored[r.name] for r in reads}
 

@@ -1,0 +1,68 @@
+"""The progress of a restore into a target, shard by shard, from Orbax's shard reader.
+
+Orbax 0.12 reads a whole tree in one call and reports nothing until it
+returns. Its module-level `serialization._read_shard` reads each array shard
+into host memory; it is wrapped (once, at the first kckpt restore) so that,
+while a kckpt restore is `reporting`, the bytes of each shard read go to that
+restore's progress bar. Reads outside a kckpt restore, and every value read,
+are exactly Orbax's. When two kckpt restores run at once in one process, no
+bar gets bytes (none could tell whose they are); each still completes at the
+end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
+
+_lock = threading.Lock()
+_listeners: list[Callable[[int], None]] = []  # one per kckpt restore reporting now
+_original_read_shard = _serialization._read_shard  # pylint: disable=protected-access
+_installed = False
+
+
+async def _read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_domain):
+  out = await _original_read_shard(
+    t, new_shard_shape=new_shard_shape, dtype=dtype, requested_domain=requested_domain, restricted_domain=restricted_domain
+  )
+  listeners = tuple(_listeners)
+  if len(listeners) == 1:
+    try:
+      listeners[0](int(out.nbytes))
+    except Exception:  # pylint: disable=broad-exception-caught  # a progress bar must never fail a restore
+      logging.getLogger("kckpt").exception("kckpt: reporting the progress of a restore failed")
+  return out
+
+
+def install() -> None:
+  """Wraps Orbax's shard reader (once; it reports nothing outside `reporting`)."""
+  global _installed
+  with _lock:
+    if not _installed:
+      # Orbax 0.12 internal: `_read_array_index_and_device_put` looks `_read_shard` up on its module.
+      _serialization._read_shard = _read_shard  # pylint: disable=protected-access
+      _installed = True
+
+
+def installed() -> bool:
+  return _installed and _serialization._read_shard is _read_shard  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def reporting(on_bytes: Callable[[int], None] | None) -> Iterator[None]:
+  """While inside, `on_bytes(n)` is called with the bytes of each shard Orbax reads (None: nothing to report)."""
+  if on_bytes is None:
+    yield
+    return
+  install()
+  with _lock:
+    _listeners.append(on_bytes)
+  try:
+    yield
+  finally:
+    with _lock:
+      _listeners.remove(on_bytes)
