@@ -309,7 +309,7 @@ def ratios(row: dict[str, Any]) -> dict[str, float | None]:
     return None if theirs is None or not ours else theirs / ours
 
   blocked, save = k["async_blocked_s"], k["save_s"]
-  orbax_blocked = s.get("orbax tuned", {}).get("async_blocked_s")
+  orbax_blocked = s.get("orbax", {}).get("async_blocked_s")
   return {
     "save vs orbax tuned": speed("orbax tuned", "save_s"),
     "save vs files": speed("files", "save_s"),
@@ -317,11 +317,49 @@ def ratios(row: dict[str, Any]) -> dict[str, float | None]:
     "restore (no target) vs files": speed("files", "restore_no_target_s"),
     "restore vs orbax tuned": speed("orbax tuned", "restore_s"),
     "blocked / sync save": None if blocked is None or not save else blocked / save,
-    "blocked vs orbax tuned": None if blocked is None or not orbax_blocked else blocked / orbax_blocked,
+    "blocked vs orbax": None if blocked is None or not orbax_blocked else blocked / orbax_blocked,
     "durable vs orbax tuned": speed("orbax tuned", "async_durable_s"),
     "save vs kauldron": speed("kauldron", "save_s"),
     "restore vs kauldron": speed("kauldron", "restore_s"),
   }
+
+
+# The goals of the speed issue, each (name, ratio key, threshold, at least?): ratios from `ratios`.
+GOALS = (
+  ("save >= 1.0x tuned Orbax", "save vs orbax tuned", 1.0, True),
+  ("save >= 0.9 of plain files", "save vs files", 0.9, True),
+  ("restore >= 0.8 of plain files", "restore vs files", 0.8, True),
+  ("restore, no target, >= 0.8 of plain files", "restore (no target) vs files", 0.8, True),
+  ("async: blocked <= Orbax's", "blocked vs orbax", 1.0, False),
+  ("async: blocked <= 2% of a sync save", "blocked / sync save", 0.02, False),
+  ("async: until durable <= tuned Orbax's", "durable vs orbax tuned", 1.0, True),
+  ("save >= 1.4x Kauldron", "save vs kauldron", 1.4, True),
+  ("restore >= 1.4x Kauldron", "restore vs kauldron", 1.4, True),
+)
+
+
+def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Each goal on each state: the ratio measured and whether it is met (goals without the systems they need are left out)."""
+  out = []
+  for name, key, threshold, at_least in GOALS:
+    for row in rows:
+      value = ratios(row).get(key)
+      if value is not None:
+        met = value >= threshold if at_least else value <= threshold
+        out.append({"goal": name, "state": row["state"], "value": value, "met": met})
+  return out
+
+
+def print_goals(rows: Sequence[dict[str, Any]]) -> None:
+  states = [row["state"] for row in rows]
+  results = goals(rows)
+  print("\n| goal | " + " | ".join(states) + " |")
+  print("| --- |" + " ---: |" * len(states))
+  for name, *_ in GOALS:
+    cells = {g["state"]: g for g in results if g["goal"] == name}
+    if cells:
+      shown = [f"{cells[s]['value']:.2f} {'met' if cells[s]['met'] else 'missed'}" if s in cells else "–" for s in states]
+      print(f"| {name} | " + " | ".join(shown) + " |")
 
 
 def _mbps(row: dict[str, Any], system: str, measure: str) -> str:
@@ -406,11 +444,14 @@ def main(argv: Sequence[str] | None = None, *, print_report: bool = True) -> lis
     args.json.write_text(json.dumps(rows, indent=2))
   if print_report:
     print_tables(rows)
+    print_goals(rows)
   return rows
 
 
 if __name__ == "__main__":
   if len(sys.argv) == 3 and sys.argv[1] == "--print":
-    print_tables(json.loads(Path(sys.argv[2]).read_text()))
+    loaded = json.loads(Path(sys.argv[2]).read_text())
+    print_tables(loaded)
+    print_goals(loaded)
   else:
     main()

@@ -721,6 +721,7 @@ def print_report(report: dict[str, Any]) -> None:
   if report.get("realistic"):
     print("\nRealistic train states (MB/s median (min-max); ratios from the same run):")
     realistic.print_tables(report["realistic"])
+    realistic.print_goals(report["realistic"])
   print_disk(report["disk"])
   title = "Sync save (until durable) and restore (after page-cache eviction)"
   if warm:

@@ -62,11 +62,12 @@ class StorageOptions:
       once (None: Orbax's default, 96 GB). Lower it when a save must not
       double the host memory of a very large state. It must be at least the
       size of the largest array (shard): Orbax fails the save otherwise.
-    restore_concurrent_gb: at most this many GB being read at once. None:
-      128 MiB, or twice the largest array when that is bigger (a restore
-      reads the whole tree in one Orbax call). A limit set here must exceed
-      the largest array: a restore it cannot fit raises before anything is
-      read or the target is freed.
+    restore_concurrent_gb: at most this many GB being read at once (None:
+      Orbax's default, 96 GB). It must exceed the largest array: a restore it
+      cannot fit raises before anything is read or the target is freed. A
+      low limit slows restores of many leaves down (Orbax wakes every
+      waiting read at each release) and was not measured to lower peak
+      memory.
 
   >>> StorageOptions() == StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True, checksums=True)
   True

@@ -195,32 +195,49 @@ def test_a_read_limit_too_small_for_a_leaf_is_named_before_the_target_is_freed(w
   np.testing.assert_array_equal(roomy.restore(target)["big"], np.arange(4096.0))
 
 
-def test_leaves_bigger_than_the_bytes_in_flight_restore_in_one_read(workdir, monkeypatch):
-  """The default bound on bytes being read grows to fit the largest leaf (Orbax refuses a shard over its limit)."""
+def test_a_restore_reads_in_batches_merged_when_the_tree_is_large(workdir, monkeypatch):
+  """Batches bound the host buffers; Orbax walks the whole tree on every call, so a big tree takes fewer calls."""
   from kckpt._orbax import _reader  # pylint: disable=import-outside-toplevel
 
   state = {f"w{i}": jnp.full((64, 64), float(i)) for i in range(6)}  # 16 KiB each
   saved_run(workdir, state)
-  monkeypatch.setattr(_reader, "RESTORE_INFLIGHT_BYTES", 4096)
+  monkeypatch.setattr(_reader, "RESTORE_BATCH_BYTES", 16384)
   calls = []
   real = _reader._read_handler  # pylint: disable=protected-access
-  monkeypatch.setattr(_reader, "_read_handler", lambda storage: calls.append(storage.restore_concurrent_gb) or real(storage))
-  out = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1).restore({k: jnp.zeros((64, 64)) for k in state})
-  for i in range(6):
-    np.testing.assert_array_equal(out[f"w{i}"], np.full((64, 64), float(i)))
-  assert calls == [(2 * 16384 + 2**20) / 1e9]  # one Orbax call, for the whole tree
+
+  def counting(storage):
+    handler = real(storage)
+    restore = handler.restore
+    handler.restore = lambda *a, **k: calls.append(1) or restore(*a, **k)
+    return handler
+
+  monkeypatch.setattr(_reader, "_read_handler", counting)
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  for visits, expected_calls in ((10_000, 6), (12, 2)):  # 6 leaves: 6 batches of one leaf, or 2 calls of 3
+    monkeypatch.setattr(_reader, "RESTORE_TREE_VISITS", visits)
+    calls.clear()
+    out = ckpt.restore({k: jnp.zeros((64, 64)) for k in state})
+    for i in range(6):
+      np.testing.assert_array_equal(out[f"w{i}"], np.full((64, 64), float(i)))
+    assert len(calls) == expected_calls
 
 
-def test_a_target_sharded_finer_than_the_save_fits_the_default_bytes_in_flight(workdir, monkeypatch):
-  """Orbax reserves the saved chunks a shard touches (here the whole array): the default limit must fit them."""
-  from kckpt._orbax import _reader  # pylint: disable=import-outside-toplevel
-
+def test_a_read_limit_is_checked_against_whole_arrays_for_a_target_sharded_finer_than_the_save(workdir):
+  """Orbax reserves the saved chunks a shard touches (here the whole array), so a limit that fits only the shard fails."""
   n = 2**19  # 2 MiB of float32: one chunk, saved from one device
-  ckpt = saved_run(workdir, {"w": jnp.arange(n, dtype=jnp.float32), "b": jnp.ones(3)})
-  monkeypatch.setattr(_reader, "RESTORE_INFLIGHT_BYTES", 4096)
+  saved_run(workdir, {"w": jnp.arange(n, dtype=jnp.float32), "b": jnp.ones(3)})
   mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
-  target = {"w": jax.device_put(jnp.zeros(n), NamedSharding(mesh, P("d"))), "b": jnp.zeros(3)}  # shards of 512 KiB
-  out = ckpt.restore(target, donate=True)
+
+  def target():
+    return {"w": jax.device_put(jnp.zeros(n), NamedSharding(mesh, P("d"))), "b": jnp.zeros(3)}  # shards of 512 KiB
+
+  tight = target()
+  one_mib = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, storage=kckpt.StorageOptions(restore_concurrent_gb=0.001))
+  with pytest.raises(ValueError, match=r"leaf 'w' \(2097152 bytes\).*Nothing was read or freed"):
+    one_mib.restore(tight, donate=True)
+  assert not tight["w"].is_deleted()
+  roomy = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, storage=kckpt.StorageOptions(restore_concurrent_gb=0.003))
+  out = roomy.restore(target(), donate=True)
   assert len(out["w"].sharding.device_set) == 4
   np.testing.assert_array_equal(np.asarray(out["w"]), np.arange(n, dtype=np.float32))
 

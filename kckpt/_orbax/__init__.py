@@ -86,7 +86,8 @@ _LAZY = {
   "read_leaves": "_reader",
   "read_tree_into": "_reader",
   "read_storage": "_reader",
-  "RESTORE_INFLIGHT_BYTES": "_reader",
+  "restore_batches": "_reader",
+  "RESTORE_TREE_VISITS": "_reader",
   "release": "_reader",
   "ItemWrite": "_writer",
   "Writer": "_writer",
@@ -131,7 +132,7 @@ if TYPE_CHECKING:
   from kckpt._orbax._patches import install_s3_support
   from kckpt._orbax._reader import (
     RESTORE_BATCH_BYTES,
-    RESTORE_INFLIGHT_BYTES,
+    RESTORE_TREE_VISITS,
     ItemRead,
     LeafReader,
     abstract_target,
@@ -143,6 +144,7 @@ if TYPE_CHECKING:
     read_storage,
     read_tree_into,
     release,
+    restore_batches,
   )
   from kckpt._orbax._writer import ItemWrite, Writer
 
@@ -193,7 +195,8 @@ __all__ = [
   "read_step_metrics",
   "read_tree_into",
   "read_storage",
-  "RESTORE_INFLIGHT_BYTES",
+  "restore_batches",
+  "RESTORE_TREE_VISITS",
   "release",
   "remove_step_folder",
   "saved_leaf_specs",

@@ -7,8 +7,9 @@ arrays written under a folder that an open kckpt `Writer` registered
 process included, are left exactly as Orbax writes them.
 
 **Checksums.** Zarr v3 has a ``crc32c`` codec: TensorStore appends the CRC32C
-of each chunk when it writes it (in its own I/O threads, with the CPU's CRC
-instruction) and checks it on every read, failing with ``DATA_LOSS: ...
+of each chunk when it writes it (in its own I/O threads; absl's portable
+CRC32C code in the wheels measured, not the CPU's CRC instruction) and checks
+it on every read, failing with ``DATA_LOSS: ...
 Digest mismatch``. A reader needs nothing from kckpt: the codec is in each
 array's ``zarr.json``, so plain Orbax and TensorStore read (and check) these
 checkpoints too. Orbax writes its Zarr v3 arrays with a ``sharding_indexed``

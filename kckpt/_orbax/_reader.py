@@ -119,16 +119,44 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
   return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
 
 
-# Leaves per read when the `kckpt` command reads a few at a time (`LeafReader`,
-# `kckpt.inspect.leaf_batches`): bounds the memory one read holds.
+# Bytes read at once by a restore into a target (below) and by the `kckpt`
+# command reading a few leaves at a time (`kckpt.inspect.leaf_batches`).
 RESTORE_BATCH_BYTES = 128 * 2**20
 
-# Bytes being read at once when restoring into a target (Orbax's byte limiter,
-# in one Orbax call for the whole tree): bounds the transient host buffers.
-# One call instead of a call per 128 MiB batch: Orbax re-reads and rebuilds
-# the whole tree's metadata on every call, which cost 25% of a GPT-2 restore
-# and most of a restore of 9000 small leaves (measured; docs/guides/speed.md).
-RESTORE_INFLIGHT_BYTES = 128 * 2**20
+# A restore into a target reads its leaves in batches of about RESTORE_BATCH_BYTES
+# (one Orbax call each), which bounds the transient host buffers (measured: a
+# donated GPT-2 restore grows peak memory by 32-34% of the state, 59-61% in one
+# call). But Orbax re-reads and rebuilds the whole tree's metadata on every
+# call, about 0.3 ms per leaf per call here: a 9001-leaf state in 10 batches
+# took 49-66 s, in one call 29 s. So the batches are merged until the leaves
+# walked over all calls are at most RESTORE_TREE_VISITS (about 3 s).
+RESTORE_TREE_VISITS = 10_000
+
+# Orbax's byte limiter is left at its default unless the user sets one: it
+# wakes every waiting read on each release, so a 9001-leaf restore with a
+# 128 MiB limit spent 45 of 70 s in it, and a lower limit did not lower peak
+# memory.
+
+
+def restore_batches(sizes: Mapping[str, int]) -> list[list[str]]:
+  """The leaves of one restore (path -> bytes, in the tree's order), grouped into the batches read one Orbax call each.
+
+  >>> restore_batches({"a": 100 * 2**20, "b": 100 * 2**20, "c": 10})
+  [['a', 'b'], ['c']]
+  >>> len(restore_batches({f"w{i}": 2**20 for i in range(9000)}))  # many leaves: one call
+  1
+  """
+  calls = max(1, RESTORE_TREE_VISITS // max(1, len(sizes)))
+  limit = max(RESTORE_BATCH_BYTES, -(-sum(sizes.values()) // calls))
+  batches: list[list[str]] = [[]]
+  size = 0
+  for path, nbytes in sizes.items():
+    if batches[-1] and size >= limit:
+      batches.append([])
+      size = 0
+    batches[-1].append(path)
+    size += nbytes
+  return [b for b in batches if b]
 
 
 def _read_handler(storage: storage_lib.StorageOptions | None) -> ocp.PyTreeCheckpointHandler:
@@ -154,27 +182,24 @@ _LIMITER_REFUSED = "Requested more bytes than we reserved"  # Orbax's limiter, w
 def read_storage(storage: storage_lib.StorageOptions | None, leaves: Mapping[str, Any]) -> storage_lib.StorageOptions:
   """The options of one restore into a target whose leaves are `leaves` (dotted path -> leaf).
 
-  Without a `restore_concurrent_gb`, the bytes in flight are bounded by
-  `RESTORE_INFLIGHT_BYTES`, or twice the largest array plus 1 MiB when that
-  is bigger: Orbax reserves, for each shard it reads, the bytes of the saved
-  chunks the shard touches, which for a target sharded otherwise than the
-  save can be the whole array, and refuses a reservation at least its limit.
-  A limit the user set that the largest array does not fit raises here,
-  naming the leaf, before anything is read or donated.
+  A `restore_concurrent_gb` the user set that the largest array does not fit
+  raises here, naming the leaf, before anything is read or donated: Orbax
+  reserves, for each shard it reads, the bytes of the saved chunks the shard
+  touches (for a target sharded otherwise than the save, up to the whole
+  array), and refuses a reservation at least its limit.
   """
   storage = storage or storage_lib.StorageOptions()
+  if storage.restore_concurrent_gb is None:
+    return storage
   sizes = {path: _array_nbytes(leaf) for path, leaf in leaves.items()}
   path, largest = max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
-  if storage.restore_concurrent_gb is not None:
-    if largest >= storage.restore_concurrent_gb * 1e9:
-      raise ValueError(
-        f"StorageOptions(restore_concurrent_gb={storage.restore_concurrent_gb}) is too small for leaf {path!r}"
-        f" ({largest} bytes): Orbax may read a whole array at once, so the limit must exceed the largest one."
-        " Nothing was read or freed."
-      )
-    return storage
-  limit = max(RESTORE_INFLIGHT_BYTES, 2 * largest + 2**20)
-  return dataclasses.replace(storage, restore_concurrent_gb=limit / 1e9)
+  if largest >= storage.restore_concurrent_gb * 1e9:
+    raise ValueError(
+      f"StorageOptions(restore_concurrent_gb={storage.restore_concurrent_gb}) is too small for leaf {path!r}"
+      f" ({largest} bytes): Orbax may read a whole array at once, so the limit must exceed the largest one."
+      " Nothing was read or freed."
+    )
+  return storage
 
 
 def read_tree_into(
@@ -187,18 +212,18 @@ def read_tree_into(
 ) -> PyTree:
   """Restores the pytree item at `item_dir` into the structure of `target`.
 
-  The target must match the saved tree (checked by the caller). All leaves
-  are read in one Orbax call, with at most `read_storage`'s bytes in flight;
-  with `donate`, the target's arrays are all freed first (checked first:
-  `read_storage` raises before anything is freed). `on_batch(bytes, leaves)`
-  is called with the bytes of each shard as it is read, and with the leaves
-  once all are read.
+  The target must match the saved tree (checked by the caller). Leaves are
+  read in the batches of `restore_batches` (the other leaves of the target
+  are Orbax placeholders); with `donate`, the target's arrays are all freed
+  first (checked first: `read_storage` raises before anything is freed).
+  `on_batch(bytes, leaves)` is called with the bytes of each shard as it is
+  read, and with the leaves of each batch once it is read.
   """
   leaves = trees.flatten_with_paths(target)
   abstract = abstract_target(target)
   flat = trees.flatten_with_paths(abstract)
   handler = _read_handler(read_storage(storage, flat))
-  total = sum(trees.tree_nbytes(leaf) for leaf in leaves.values())
+  batches = restore_batches({p: trees.tree_nbytes(leaf) for p, leaf in leaves.items()})
   reported = [0]
 
   def on_bytes(nbytes: int) -> None:
@@ -208,28 +233,39 @@ def read_tree_into(
 
   if donate:
     release(list(leaves.values()))
+  restored: dict[str, Any] = {}
   try:
-    try:
-      with _read_progress.reporting(on_bytes if on_batch is not None else None):
-        out = handler.restore(
-          epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
-          args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+    for batch in batches:
+      wanted = set(batch)
+      item = (
+        abstract
+        if len(batches) == 1
+        else jax.tree_util.tree_map_with_path(
+          lambda kp, leaf, wanted=wanted: leaf if trees.path_str(kp) in wanted else ocp.PLACEHOLDER, abstract
         )
-    except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
-      if _LIMITER_REFUSED in str(e) or _LIMITER_REFUSED in str(e.__cause__ or ""):
-        raise ValueError(
-          f"Orbax refused to read an array of {item_dir} within restore_concurrent_gb: {e}. Raise"
-          " StorageOptions.restore_concurrent_gb (or leave it None); the checkpoint is intact."
-        ) from e
-      if not is_read_error(e):
-        raise
-      raise LeafReadError(_unreadable_leaves(item_dir, sorted(flat), flat), e) from e
+      )
+      reported[0] = 0
+      try:
+        with _read_progress.reporting(on_bytes if on_batch is not None else None):
+          out = handler.restore(
+            epath.Path(item_dir),  # Orbax branches on isinstance(path, epath.Path)
+            args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+          )
+      except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+        if _LIMITER_REFUSED in str(e) or _LIMITER_REFUSED in str(e.__cause__ or ""):
+          raise ValueError(
+            f"Orbax refused to read an array of {item_dir} within restore_concurrent_gb: {e}. Raise"
+            " StorageOptions.restore_concurrent_gb (or leave it None); the checkpoint is intact."
+          ) from e
+        if not is_read_error(e):
+          raise
+        raise LeafReadError(_unreadable_leaves(item_dir, batch, flat), e) from e
+      restored.update({p: v for p, v in trees.flatten_with_paths(out).items() if p in wanted})
+      if on_batch is not None:
+        on_batch(max(0, sum(trees.tree_nbytes(leaves[p]) for p in batch) - reported[0]), len(batch))
   finally:
     handler.close()
-  restored = trees.flatten_with_paths(out)
-  if on_batch is not None:
-    on_batch(max(0, total - reported[0]), len(leaves))
-  return trees.replace_leaves(target, {p: restored[p] for p in leaves})
+  return trees.replace_leaves(target, restored)
 
 
 def read_each(
