@@ -9,7 +9,8 @@ Orbax's background threads. Just before the commit, on the primary process
 statistics (norm, min, max, mean, non-finite count, size), and the step is
 healthy when no floating leaf holds NaN or infinity and the `health_fn` (if
 any) said so. Both are written into the step folder (`HEALTH_FILE`,
-`LEAF_STATS_FILE`), so they are part of the step, atomically.
+`LEAF_STATS_FILE`), with the CRC32C of every saved shard (`CHECKSUMS_FILE`,
+computed by the same hook), so they are part of the step, atomically.
 
 Why not on the device: reducing each leaf with XLA means compiling one
 program per distinct array shape; on the CPU that measured about 0.2 s per
@@ -54,6 +55,7 @@ def start(
   *,
   primary: bool,
   on_complete: Callable[[Any], None] | None,
+  checksums: bool = False,
 ) -> Any:
   """Opens the step's statistics; on the `primary` process, adds those of its host leaves.
 
@@ -62,6 +64,8 @@ def start(
   and are written once, by the primary: only it reduces them (on the calling
   thread; they are small in a training state). `on_complete(collector)` is
   called once the hook saw every `jax.Array` leaf (not when there are none).
+  With `checksums`, host arrays get the CRC32C of their bytes too (scalars
+  get none).
   """
   pytrees = [w for w in writes if w.format == "pytree"]
   flat = {w.name: trees.flatten_with_paths(w.value) for w in pytrees}
@@ -73,7 +77,11 @@ def start(
         if _saved_as_array(leaf):
           continue
         if isinstance(leaf, (np.ndarray, np.generic, float, jax.Array)) and not isinstance(leaf, bool):
-          collector.add(item, name, _orbax.reduce_shards([np.asarray(leaf)]), array=False)
+          value = np.asarray(leaf)
+          sums = None
+          if checksums and isinstance(leaf, (np.ndarray, jax.Array)):
+            sums = _orbax.shard_checksums([(tuple((0, int(n)) for n in value.shape), value)])
+          collector.add(item, name, _orbax.reduce_shards([value]), array=False, checksums=sums)
   return collector
 
 
@@ -84,10 +92,20 @@ def _json_number(value: float | int) -> float | int | str:
   return value
 
 
-def finish(tmp: epath.Path, collector: Any, others: Iterable[Mapping[str, Any]], metrics_healthy: bool | None) -> dict[str, Any]:
-  """Writes the step's health record and leaf statistics into its temporary folder `tmp`; returns the record."""
+def shared(collector: Any) -> dict[str, Any]:
+  """What a non-primary process hands the primary of one save (`finish`'s `others`): statistics and checksums."""
+  return {"stats": collector.partials(), "checksums": collector.checksums()}
+
+
+def finish(
+  tmp: epath.Path, collector: Any, others: Iterable[Mapping[str, Any]], metrics_healthy: bool | None, *, checksums: bool = False
+) -> dict[str, Any]:
+  """Writes the step's health record, leaf statistics and (with `checksums`) checksums into its temporary folder `tmp`.
+
+  `others`: what the other processes `shared`. Returns the health record.
+  """
   others = list(others)
-  merged = _orbax.merge_partials([collector.partials(), *others])
+  merged = _orbax.merge_partials([collector.partials(), *(o.get("stats", {}) for o in others)])
   stats = {
     item: {name: {k: _json_number(v) for k, v in _orbax.leaf_stats(part).items()} for name, part in sorted(leaves.items())}
     for item, leaves in sorted(merged.items())
@@ -101,6 +119,9 @@ def finish(tmp: epath.Path, collector: Any, others: Iterable[Mapping[str, Any]],
     "statistics_from_processes": 1 + len(others),
   }
   _fs.write_text_atomic(tmp / _orbax.LEAF_STATS_FILE, json.dumps(stats))
+  if checksums:
+    sums = _orbax.merge_checksums([collector.checksums(), *(o.get("checksums", {}) for o in others)])
+    _fs.write_text_atomic(tmp / _orbax.CHECKSUMS_FILE, json.dumps(sums, separators=(",", ":")))
   # The step's size, for listings (`kckpt ls`) that would otherwise walk every step's folder:
   # its files as committed, less a few hundred bytes of small metadata written after this point.
   record["disk_bytes"] = _fs.folder_size(tmp)

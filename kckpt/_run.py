@@ -83,8 +83,9 @@ class StepDetails:
     items: names of the items in the step (bookkeeping folders included), each
       with its format (``"pytree"`` or ``"json"``).
     tag: the user tag given to `save`, if any.
-    checksums: the checksum each chunk of its array data carries
-      (``"crc32c"``, checked on every read), or None: saved without (by plain
+    checksums: how its array data is checksummed (``"crc32c-shards"``: a
+      CRC32C of each saved shard, checked by every kckpt read; ``"crc32c"``
+      in kckpt 0.1 steps: per chunk, checked by TensorStore), or None: saved without (by plain
       Orbax, older kckpt, or with ``StorageOptions(checksums=False)``).
     provenance: what made the step, as recorded at `save`: the versions of
       kckpt, jax, jaxlib, orbax and tensorstore (keys ``kckpt``, ``jax``,

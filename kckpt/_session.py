@@ -207,7 +207,9 @@ class WriteSession:
     )
     if self._writer.in_flight_step is None:
       self._drop_collectors()  # those of a save that failed before its commit
-    collector = _health.start(self.directory, step, writes, primary=self._finishes_steps(), on_complete=self._post_stats)
+    collector = _health.start(
+      self.directory, step, writes, primary=self._finishes_steps(), on_complete=self._post_stats, checksums=self._writer.checksums
+    )
     with self._collectors_lock:
       self._collectors[step] = collector
     progress = None
@@ -228,7 +230,7 @@ class WriteSession:
           tag=tag,
           metrics=metrics,
           escaped_items=[w.name for w in writes if w.escaped],
-          checksums=_orbax.CRC32C if self._writer.checksums else None,
+          checksums=_orbax.CRC32C_SHARDS if self._writer.checksums else None,
           provenance=provenance,
         ),
         on_durable=stats.durable,
@@ -271,7 +273,7 @@ class WriteSession:
   def _post_stats(self, collector: Any) -> None:
     """A non-primary process's statistics of the shards it wrote, for the primary (multi-process runs)."""
     if not self._finishes_steps():  # the primary reads them before the commit; this process is done with them
-      self._writer.post_stats(collector.partials())
+      self._writer.post_stats(_health.shared(collector))
       self._done_with(collector)
 
   def _before_commit(self, tmp: epath.Path, step: Step, collector: Any, metrics_healthy: bool | None) -> None:
@@ -279,7 +281,9 @@ class WriteSession:
     try:
       options = self._config.multiprocessing_options
       shared = options is None or options.primary_host is not None  # else every process commits its own steps
-      record = _health.finish(tmp, collector, self._writer.gathered_stats() if shared else [], metrics_healthy)
+      record = _health.finish(
+        tmp, collector, self._writer.gathered_stats() if shared else [], metrics_healthy, checksums=self._writer.checksums
+      )
     finally:
       self._done_with(collector)
     self._index.remember_health(step, record["healthy"])

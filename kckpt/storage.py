@@ -45,19 +45,17 @@ class StorageOptions:
       tuned for. Without it, saves to a local disk were usually faster (up
       to 40%), restores no faster, at two or more files per array.
     use_zarr3: write arrays as Zarr v3 rather than Zarr v2 (Orbax's default
-      is v2). kckpt writes v3 because v3 can carry checksums; every Orbax
-      release that reads Zarr v3 reads it. Turn it off (with `checksums`) only
+      is v2); every Orbax release that reads Zarr v3 reads it. Turn it off
       for readers that cannot.
-    checksums: a CRC32C of every chunk of array data, computed by
-      TensorStore as it writes the chunk (off the training thread) and
-      checked on every read, by kckpt, plain Orbax and TensorStore alike: a
-      flipped bit is a `CheckpointReadError` naming the step, item and leaf,
-      not other numbers. Needs `use_zarr3` (Zarr v2 has no checksum codec).
-      Arrays over 2 MiB are stored in sub-chunks of about 1 MiB, each with
-      its own CRC32C, which TensorStore checks in parallel: a restore of a
-      GPT-2-sized train state costs 0-7% more from disk and 0-23% more from
-      the page cache on 2 cores (runs differ that much; states of many small
-      leaves: within noise); see docs/guides/integrity.md.
+    checksums: a CRC32C of every saved shard of every array (the bytes as
+      written), computed with the CPU's CRC instruction in the background
+      thread that already reduces each array to its statistics, and stored
+      in the step (``_KCKPT_CHECKSUMS.json``). kckpt's restores and ``kckpt
+      verify`` check every array they read against it: a flipped bit is a
+      `CheckpointReadError` naming the step, item and leaf, not other
+      numbers. The arrays' files stay plain Orbax's (plain Orbax reads them,
+      without the check). Works with any format; see docs/guides/integrity.md
+      for what it costs.
     save_concurrent_gb: at most this many GB (10**9 bytes) being written at
       once (None: Orbax's default, 96 GB). Lower it when a save must not
       double the host memory of a very large state. It must be at least the
@@ -86,11 +84,6 @@ class StorageOptions:
     for name in ("compression", "use_ocdbt", "use_zarr3", "checksums"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"StorageOptions.{name} must be a bool, got {getattr(self, name)!r}")
-    if self.checksums and not self.use_zarr3:
-      raise ValueError(
-        "StorageOptions(checksums=True) needs use_zarr3=True (Zarr v2 has no checksum codec);"
-        " pass checksums=False to write Zarr v2 without checksums"
-      )
     _check_gb("save_concurrent_gb", self.save_concurrent_gb)
     _check_gb("restore_concurrent_gb", self.restore_concurrent_gb)
 

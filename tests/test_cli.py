@@ -419,7 +419,7 @@ def test_verify_reads_every_step_and_is_quiet_when_piped(composite_run):
   assert result.stderr == ""  # no progress line: stderr is not a terminal
   lines = result.stdout.splitlines()
   assert 2 * 64 * 32 * 4 + 32 * 4 + 100 * 16 * 4 + 4 == 22916  # w, mu, b, emb, count: 22.4 KiB a step
-  assert lines[:4] == [f"step {s}: ok (4 items, 5 leaves, 22.4 KiB, crc32c checksums)" for s in STEPS]
+  assert lines[:4] == [f"step {s}: ok (4 items, 5 leaves, 22.4 KiB, crc32c-shards checksums)" for s in STEPS]
   assert lines[-1] == "OK: 4 steps, 20 leaves, 89.5 KiB read"
   assert snapshot(composite_run) == before  # read-only
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 
+import crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +54,7 @@ def test_a_flipped_bit_is_found_by_verify_and_refused_by_restore(workdir, capsys
   for step in (1, 2, 3):
     ckpt.save(train_state(step), step=step)
   ckpt.wait_until_finished()
-  assert all(ckpt.step_details(s).checksums == "crc32c" for s in (1, 2, 3))
+  assert all(ckpt.step_details(s).checksums == "crc32c-shards" for s in (1, 2, 3))
   flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(2).path)
 
   status = cli.main(["verify", str(workdir)])
@@ -89,42 +91,76 @@ def test_without_checksums_the_same_flip_restores_other_numbers(workdir):
   ckpt.close()
 
 
-def test_checksums_need_zarr3():
-  with pytest.raises(ValueError, match="checksums=True.*use_zarr3=True"):
-    kckpt.StorageOptions(use_zarr3=False)
+def test_checksums_work_with_every_format(workdir):
+  """The checksums are kckpt's, of the bytes saved: Zarr v2 with zstd (Orbax's own format) is checked too."""
   assert not kckpt.StorageOptions.orbax_defaults().checksums
+  storage = kckpt.StorageOptions(use_zarr3=False, compression=True)
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, storage=storage)
+  saved = np.random.default_rng(0).standard_normal(1 << 18, np.float32)
+  ckpt.save({"w": jnp.asarray(saved)}, step=1)
+  ckpt.wait_until_finished()
+  assert ckpt.step_details(1).checksums == "crc32c-shards"
+  np.testing.assert_array_equal(ckpt.restore({"w": jnp.zeros(1 << 18)}, step=1)["w"], saved)
+  ckpt.close()
 
 
-def test_every_array_chunk_carries_a_crc32c_and_plain_orbax_reads_it(workdir):
+def recorded_checksums(step_path) -> dict:
+  return json.loads((step_path / "_KCKPT_CHECKSUMS.json").read_text())
+
+
+def test_each_saved_shard_has_the_crc32c_of_its_bytes_and_plain_orbax_reads_the_arrays(workdir):
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
   state = train_state(7)
   ckpt.save(state, step=1)
   ckpt.close()
-  item = ckpt.step_details(1).path / "default"
-  assert codecs_of(item, "params.dense.w") == ["bytes", "crc32c"]
-  assert codecs_of(item, "opt.count") == ["bytes", "crc32c"]  # NumPy leaves too
-  restored = ocp.PyTreeCheckpointer().restore(item)
-  np.testing.assert_array_equal(restored["params"]["dense"]["w"], state["params"]["dense"]["w"])
+  path = ckpt.step_details(1).path
+  sums = recorded_checksums(path)["default"]
+  w = np.asarray(state["params"]["dense"]["w"])
+  assert sums["params.dense.w"] == [[[[0, 256], [0, 512]], crc32c.crc32c(w.tobytes())]]
+  assert sums["opt.mu"] == [[[[0, 256], [0, 512]], crc32c.crc32c(np.asarray(state["opt"]["mu"]).tobytes())]]
+  assert "opt.count" not in sums  # a scalar: no checksum
+  # The arrays' files are Orbax's own (no codec of kckpt's): plain Orbax reads them.
+  assert codecs_of(path / "default", "params.dense.w")[-1] != "crc32c"
+  restored = ocp.PyTreeCheckpointer().restore(path / "default")
+  np.testing.assert_array_equal(restored["params"]["dense"]["w"], w)
 
 
-def test_a_large_array_is_checked_in_sub_chunks_and_a_flip_in_one_is_found(workdir):
-  """Arrays over 2 MiB: Zarr sharding with ~1 MiB sub-chunks, each with a CRC32C (read and checked in parallel)."""
+def test_a_restore_onto_another_sharding_checks_the_saved_shards(workdir):
+  """Saved as 2 shards; restored as 4 shards, as one array and as NumPy: each read is checked, a flip is found."""
+  mesh2 = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  mesh4 = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
+  saved = np.random.default_rng(3).standard_normal((1024, 512), np.float32)
+  two = jax.device_put(saved, jax.sharding.NamedSharding(mesh2, jax.sharding.PartitionSpec("x")))
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
-  saved = np.random.default_rng(3).standard_normal((1024, 4096), np.float32)  # 16 MiB
-  ckpt.save({"big": jnp.asarray(saved), "small": jnp.ones(8)}, step=1)
+  ckpt.save({"big": two}, step=1)
   ckpt.wait_until_finished()
-  item = ckpt.step_details(1).path / "default"
-  array = ts.open({"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{item}/"}, "path": "big"}).result()
-  (sharding,) = array.spec().to_json()["metadata"]["codecs"]
-  assert sharding["name"] == "sharding_indexed"
-  assert [c["name"] for c in sharding["configuration"]["codecs"]] == ["bytes", "crc32c"]
-  assert sharding["configuration"]["chunk_shape"] == [64, 4096]  # 1 MiB pieces
-  assert codecs_of(item, "small") == ["bytes", "crc32c"]
-  plain = ocp.PyTreeCheckpointer().restore(item)  # plain Orbax reads (and checks) the layout
-  np.testing.assert_array_equal(plain["big"], saved)
+  sums = recorded_checksums(ckpt.step_details(1).path)["default"]["big"]
+  assert [box for box, _ in sums] == [[[0, 512], [0, 512]], [[512, 1024], [0, 512]]]
+  four = jax.ShapeDtypeStruct(
+    saved.shape, saved.dtype, sharding=jax.sharding.NamedSharding(mesh4, jax.sharding.PartitionSpec("x"))
+  )
+  one = jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  for target in (four, one, two):
+    np.testing.assert_array_equal(np.asarray(ckpt.restore({"big": target}, step=1)["big"]), saved)
+  np.testing.assert_array_equal(ckpt.restore(step=1)["big"], saved)
   flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(1).path)
-  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*\['big'\]: checksum mismatch"):
-    ckpt.restore({"big": jnp.zeros((1024, 4096)), "small": jnp.zeros(8)}, step=1)
+  for target in (four, one, two):
+    with pytest.raises(errors.CheckpointReadError, match=r"step 1.*\['big'\]: ChecksumMismatch: checksum mismatch"):
+      ckpt.restore({"big": target}, step=1)
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*checksum mismatch"):
+    ckpt.restore(step=1)
+  ckpt.close()
+
+
+def test_a_step_that_lost_its_checksum_file_is_refused_before_the_target_is_freed(workdir):
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  ckpt.save(train_state(1), step=1)
+  ckpt.wait_until_finished()
+  (ckpt.step_details(1).path / "_KCKPT_CHECKSUMS.json").unlink()
+  target = train_state(0)
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*_KCKPT_CHECKSUMS.json is missing"):
+    ckpt.restore(target, step=1, donate=True)
+  assert not target["params"]["dense"]["w"].is_deleted()
   ckpt.close()
 
 
@@ -137,6 +173,7 @@ def test_plain_orbax_in_the_same_process_writes_its_own_format(workdir, tmp_path
     manager.save(0, args=ocp.args.PyTreeSave({"w": jnp.ones(8)}))
     manager.wait_until_finished()
   assert "crc32c" not in codecs_of(plain / "0" / "default", "w")
+  assert not (plain / "0" / "_KCKPT_CHECKSUMS.json").exists() and not (plain / "0" / "_KCKPT_LEAF_STATS.json").exists()
   ckpt.close()
 
 
@@ -309,7 +346,7 @@ def test_ls_shows_health_and_with_details_provenance(workdir, capsys):
   details = {line.split(":")[0]: line for line in out if line.startswith("step ") and ":" in line and "saved" not in line}
   assert f"jax {jax.__version__}" in details["step 1"] and f"host {socket.gethostname()}" in details["step 1"]
   assert 'config {"lr": 0.1}' in details["step 1"] and "config" not in details["step 2"]
-  assert "checksums crc32c" in details["step 3"]
+  assert "checksums crc32c-shards" in details["step 3"]
   assert cli.main(["ls", str(workdir), "--json"]) == 0
   import json  # pylint: disable=import-outside-toplevel
 

@@ -31,8 +31,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kckpt._orbax._format import (
+  CHECKSUMS_FILE,
   COMMIT_MARKER,
-  CRC32C,
+  CRC32C_CODEC,
+  CRC32C_SHARDS,
   HEALTH_FILE,
   LEAF_STATS_FILE,
   METRICS_ITEM,
@@ -47,6 +49,7 @@ from kckpt._orbax._format import (
   item_formats,
   needs_commit_marker,
   read_leaf_stats,
+  read_step_checksums,
   read_step_health,
   read_step_metadata,
   read_step_metrics,
@@ -62,6 +65,8 @@ _LAZY = {
   "StatsCollector": "_leafstats",
   "leaf_stats": "_leafstats",
   "merge_partials": "_leafstats",
+  "merge_checksums": "_leafstats",
+  "shard_checksums": "_checksums",
   "open_collector": "_leafstats",
   "close_collector": "_leafstats",
   "reduce_shards": "_leafstats",
@@ -102,6 +107,7 @@ _SUBMODULES = (
   "_patches",
   "_reaches",
   "_read_progress",
+  "_read_checks",
   "_reader",
   "_writer",
 )
@@ -119,12 +125,14 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+  from kckpt._orbax._checksums import shard_checksums
   from kckpt._orbax._commit import DurableRenameTemporaryPath, before_commit
   from kckpt._orbax._files import damaged_files
   from kckpt._orbax._handlers import MultiprocessingOptions
   from kckpt._orbax._leafstats import StatsCollector
   from kckpt._orbax._leafstats import close_collector
   from kckpt._orbax._leafstats import leaf_stats
+  from kckpt._orbax._leafstats import merge_checksums
   from kckpt._orbax._leafstats import merge_partials
   from kckpt._orbax._leafstats import open_collector
   from kckpt._orbax._leafstats import reduce_shards
@@ -149,8 +157,10 @@ if TYPE_CHECKING:
   from kckpt._orbax._writer import ItemWrite, Writer
 
 __all__ = [
+  "CHECKSUMS_FILE",
   "COMMIT_MARKER",
-  "CRC32C",
+  "CRC32C_CODEC",
+  "CRC32C_SHARDS",
   "HEALTH_FILE",
   "LEAF_STATS_FILE",
   "DurableRenameTemporaryPath",
@@ -180,6 +190,7 @@ __all__ = [
   "item_formats",
   "leaf_stats",
   "match_scalar_types",
+  "merge_checksums",
   "merge_partials",
   "metadata_as_shape_dtype",
   "needs_commit_marker",
@@ -190,6 +201,7 @@ __all__ = [
   "read_items",
   "read_leaves",
   "read_leaf_stats",
+  "read_step_checksums",
   "read_step_health",
   "read_step_metadata",
   "read_step_metrics",
@@ -200,6 +212,7 @@ __all__ = [
   "release",
   "remove_step_folder",
   "saved_leaf_specs",
+  "shard_checksums",
   "read_shardings",
   "step_checksums",
   "step_provenance",

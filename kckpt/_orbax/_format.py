@@ -23,9 +23,12 @@ from kckpt import _layout
 from kckpt._types import EPath, Step
 
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
-CRC32C = "crc32c"  # the step's ``checksums`` entry when each array chunk carries a CRC32C (`_checksums`)
+# The step's ``checksums`` entry: how its array data is checksummed.
+CRC32C_SHARDS = "crc32c-shards"  # a CRC32C of each saved shard in `CHECKSUMS_FILE`, checked by kckpt's reads
+CRC32C_CODEC = "crc32c"  # kckpt 0.1: a Zarr v3 ``crc32c`` codec on each chunk, checked by TensorStore itself
 # kckpt's own files in a step folder, written just before the commit (see `_commit.before_commit`).
 HEALTH_FILE = "_KCKPT_HEALTH.json"  # {"healthy": bool, "nonfinite_leaves": [...], "health_fn": bool | None}
+CHECKSUMS_FILE = "_KCKPT_CHECKSUMS.json"  # {item: {parameter name: [[box, crc32c], ...]}}: see `_checksums`
 LEAF_STATS_FILE = "_KCKPT_LEAF_STATS.json"  # {item: {parameter name: {"norm", "min", "max", "mean", "nonfinite", "size"}}}
 COMMIT_MARKER = "commit_success.txt"
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -169,8 +172,8 @@ def custom_metadata(
   The step's time (`time.time()` at `save`), its tag, a copy of its metrics
   (also in Orbax's ``metrics`` item: the copy saves a listing one read per
   step; None is recorded too, as "no metrics"), the items saved with
-  their dict keys escaped (`kckpt.trees.escape_dotted_keys`), the checksum of
-  its array chunks (``"crc32c"``; absent: none) and what made it.
+  their dict keys escaped (`kckpt.trees.escape_dotted_keys`), how its array
+  data is checksummed (`CRC32C_SHARDS`; absent: not) and what made it.
   """
   own: dict[str, Any] = {"time": time}
   if tag is not None:
@@ -209,8 +212,17 @@ def read_leaf_stats(path: EPath) -> dict[str, dict[str, dict[str, Any]]]:
   return value if isinstance(value, dict) else {}
 
 
+def read_step_checksums(path: EPath) -> dict[str, dict[str, list[list[Any]]]] | None:
+  """item -> parameter name -> ``[[box, crc32c], ...]`` of a step saved with `CRC32C_SHARDS`; None when the file is absent."""
+  try:
+    value = _read_json(path, CHECKSUMS_FILE)
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
 def step_checksums(metadata: Mapping[str, Any]) -> str | None:
-  """The checksum every array chunk of the step carries (``"crc32c"``), or None: saved without."""
+  """How the step's array data is checksummed (`CRC32C_SHARDS`, or `CRC32C_CODEC` in older steps), or None: not."""
   value = _kckpt_entry(metadata).get("checksums")
   return value if isinstance(value, str) else None
 

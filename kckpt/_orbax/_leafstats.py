@@ -11,6 +11,7 @@ primary process, which merges them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -130,17 +131,32 @@ class StatsCollector:
     self._on_complete = on_complete
     self._lock = threading.Lock()
     self._parts: dict[tuple[str, str], Partial] = {}
+    self._checksums: dict[tuple[str, str], list[list[Any]]] = {}  # [[box, crc32c], ...] of the shards written here
     self.on_written: Callable[[int], None] | None = None  # called with each array's bytes written here (progress)
 
-  def add(self, item: str, name: str, partial: Partial | None, *, array: bool = True, nbytes: int = 0) -> None:
-    """Adds what one array (or NumPy leaf, `array=False`) of `item` reduced to on this process."""
+  def add(
+    self,
+    item: str,
+    name: str,
+    partial: Partial | None,
+    *,
+    array: bool = True,
+    nbytes: int = 0,
+    checksums: list[list[Any]] | None = None,
+  ) -> None:
+    """Adds what one array (or NumPy leaf, `array=False`) of `item` reduced to on this process.
+
+    `checksums`: ``[[box, crc32c], ...]`` of the shards of it written here (`_checksums.shard_checksums`).
+    """
     if array and self.on_written is not None:
       self.on_written(nbytes)
     complete = False
+    key = (item, name)
     with self._lock:
       if partial is not None:
-        key = (item, name)
         self._parts[key] = partial if key not in self._parts else self._parts[key].merge(partial)
+      if checksums:
+        self._checksums.setdefault(key, []).extend(checksums)
       if array:
         self._arrays += 1
         complete = self._arrays == self.expected_arrays
@@ -154,6 +170,28 @@ class StatsCollector:
       for (item, name), part in self._parts.items():
         out.setdefault(item, {})[name] = part.as_list()
     return out
+
+  def checksums(self) -> dict[str, dict[str, list[list[Any]]]]:
+    """item -> parameter name -> ``[[box, crc32c], ...]`` of the shards written here (JSON, for another process)."""
+    out: dict[str, dict[str, list[list[Any]]]] = {}
+    with self._lock:
+      for (item, name), sums in self._checksums.items():
+        out.setdefault(item, {})[name] = list(sums)
+    return out
+
+
+def merge_checksums(tables: Iterable[Mapping[str, Mapping[str, list[list[Any]]]]]) -> dict[str, dict[str, list[list[Any]]]]:
+  """Joins `StatsCollector.checksums` of several processes: each leaf's shards, sorted by box, without repeats."""
+  merged: dict[str, dict[str, list[list[Any]]]] = {}
+  for table in tables:
+    for item, leaves in table.items():
+      for name, sums in leaves.items():
+        merged.setdefault(item, {}).setdefault(name, []).extend(sums)
+  for leaves in merged.values():
+    for name, sums in leaves.items():
+      unique = {json.dumps(entry[0]): entry for entry in sums}  # a replicated shard written by one process only
+      leaves[name] = [unique[key] for key in sorted(unique)]
+  return merged
 
 
 def merge_partials(tables: Iterable[Mapping[str, Mapping[str, list[Any]]]]) -> dict[str, dict[str, Partial]]:

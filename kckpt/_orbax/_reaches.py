@@ -19,13 +19,18 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   ``tree_metadata``, ``key_metadata``, ``value_metadata.value_type``,
   ``use_ocdbt``, ``use_zarr3`` (anything unexpected falls back to Orbax).
 - ``tensorstore_utils.build_array_write_spec``, looked up on the module by
-  ``jax_array_handlers`` and ``type_handlers`` (`_checksums`): add the Zarr v3
-  ``crc32c`` codec to arrays written under an open kckpt writer's folder.
-  Orbax has no option for codecs; its v3 chain (``sharding_indexed`` with one
-  inner chunk) is checked at each save, which fails naming the array when it
-  changes. And ``serialization.async_serialize_from_host`` (called by
+  ``jax_array_handlers`` and ``type_handlers`` (`_checksums`): tell which
+  array (item folder, parameter name) a write spec is for. And
+  ``serialization.async_serialize_from_host`` (called by
   ``jax_array_handlers`` on the host copies of an array's shards): reduce
-  them to per-leaf statistics alongside the write.
+  them to per-leaf statistics and a CRC32C per shard alongside the write.
+  Orbax has no per-array hook.
+- ``tensorstore_utils.build_array_read_spec`` and
+  ``serialization.async_deserialize``, looked up on their modules by
+  ``jax_array_handlers`` and ``type_handlers``, and
+  ``type_handlers.NumpyHandler.deserialize`` (`_read_checks`): tie each
+  array read from a step with checksums to its recorded shards, and check
+  them. Orbax has no read hook either.
 - ``serialization._read_shard``, looked up on the module by
   ``_read_array_index_and_device_put`` (`_read_progress`): report each shard
   a restore reads to its progress bar. Orbax reads a tree in one call and has
@@ -130,6 +135,23 @@ def _host_serializer_looked_up_on_the_module() -> bool:
   )
 
 
+def _read_spec_builder_and_deserializer_looked_up_on_the_modules() -> bool:
+  handlers = {
+    m: inspect.getsource(importlib.import_module(f"orbax.checkpoint._src.serialization.{m}"))
+    for m in ("jax_array_handlers", "type_handlers")
+  }
+  serialization = importlib.import_module("orbax.checkpoint._src.serialization.serialization")
+  type_handlers = importlib.import_module("orbax.checkpoint._src.serialization.type_handlers")
+  deserialize = inspect.signature(serialization.async_deserialize).parameters
+  return (
+    callable(getattr(importlib.import_module(_TS_UTILS), "build_array_read_spec", None))
+    and all("ts_utils.build_array_read_spec(" in source for source in handlers.values())
+    and "serialization.async_deserialize(" in handlers["jax_array_handlers"]
+    and list(deserialize)[:2] == ["user_sharding", "tensorstore_spec"]
+    and list(inspect.signature(type_handlers.NumpyHandler.deserialize).parameters) == ["self", "infos", "args"]
+  )
+
+
 def _shard_reader_looked_up_on_the_module() -> bool:
   serialization = importlib.import_module("orbax.checkpoint._src.serialization.serialization")
   reader = getattr(serialization, "_read_shard", None)
@@ -154,6 +176,10 @@ REACHES = (
   Reach(f"{_TS_UTILS}.build_array_write_spec (as called by the array handlers)", _array_spec_builder_looked_up_on_the_module),
   Reach("serialization.async_serialize_from_host (as called by the array handler)", _host_serializer_looked_up_on_the_module),
   Reach("serialization._read_shard (as called by the shard reader)", _shard_reader_looked_up_on_the_module),
+  Reach(
+    f"{_TS_UTILS}.build_array_read_spec, serialization.async_deserialize, NumpyHandler.deserialize",
+    _read_spec_builder_and_deserializer_looked_up_on_the_modules,
+  ),
   Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
   Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
   Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),

@@ -2,7 +2,8 @@
 
 Orbax 0.12 reads a whole tree in one call and reports nothing until it
 returns. Its module-level `serialization._read_shard` reads each array shard
-into host memory; it is wrapped (once, at the first kckpt restore) so that,
+into host memory; it is wrapped (once, at the first kckpt restore, or the
+first checked read: `check_reads_with`, see `_read_checks`) so that,
 while a kckpt restore is `reporting`, the bytes of each shard read go to that
 restore's progress bar. Reads outside a kckpt restore, and every value read,
 are exactly Orbax's. When two kckpt restores run at once in one process, no
@@ -13,9 +14,11 @@ end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
 
@@ -23,10 +26,20 @@ _lock = threading.Lock()
 _listeners: list[Callable[[int], None]] = []  # one per kckpt restore reporting now
 _original_read_shard = _serialization._read_shard  # pylint: disable=protected-access
 _installed = False
+# Reads one shard given Orbax's reader: kckpt's checked read (`_read_checks.read_shard`) once installed.
+_checked_read: Callable[..., Any] | None = None
+
+
+def check_reads_with(read: Callable[..., Any]) -> None:
+  """Every shard is read by `read(orbax_read_shard, t, **kwargs)` from now on (kckpt's checksum check)."""
+  global _checked_read
+  _checked_read = read
+  install()
 
 
 async def _read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_domain):
-  out = await _original_read_shard(
+  read = _original_read_shard if _checked_read is None else functools.partial(_checked_read, _original_read_shard)
+  out = await read(
     t, new_shard_shape=new_shard_shape, dtype=dtype, requested_domain=requested_domain, restricted_domain=restricted_domain
   )
   listeners = tuple(_listeners)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from etils import epath
 
 from kckpt import storage as storage_lib
 from kckpt import trees
-from kckpt._orbax import _handlers, _metadata, _read_progress
+from kckpt._orbax import _handlers, _metadata, _read_checks, _read_progress
 from kckpt._types import PyTree
 from kckpt.errors import LeafReadError
 
@@ -114,7 +115,7 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
     return ocp.checkpoint_utils.construct_restore_args(leaf)
 
   restore_args = jax.tree_util.tree_map_with_path(args_for, item)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+  with _read_checks.checking(epath.Path(item_dir).parent), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
     restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
 
@@ -231,6 +232,13 @@ def read_tree_into(
     if on_batch is not None:
       on_batch(nbytes, 0)
 
+  scope = contextlib.ExitStack()
+  try:  # before anything is freed: a step that lost its checksums is refused with the target intact
+    scope.enter_context(_read_checks.checking(epath.Path(item_dir).parent))
+  except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+    if not is_read_error(e):
+      raise
+    raise LeafReadError(["<checksums>"], e) from e
   if donate:
     release(list(leaves.values()))
   restored: dict[str, Any] = {}
@@ -264,6 +272,7 @@ def read_tree_into(
       if on_batch is not None:
         on_batch(max(0, sum(trees.tree_nbytes(leaves[p]) for p in batch) - reported[0]), len(batch))
   finally:
+    scope.close()
     handler.close()
   return trees.replace_leaves(target, restored)
 
@@ -327,7 +336,7 @@ def read_items(
   """
   args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
   registry = _handlers.handler_registry(storage, None) if storage is not None else None
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader:
+  with _read_checks.checking(step_path), ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader:
     restored = reader.restore(step_path, args=args)
   return {r.name: restored[r.name] for r in reads}
 

@@ -11,7 +11,7 @@ from kckpt.cli import _format
 SUMMARY = "read every array of every step (or one) and check shapes and dtypes against the metadata"
 EPILOG = """\
 Reports each problem with its step, item and leaf; exit status 1 if any.
-Steps saved by kckpt carry a CRC32C per chunk of array data, checked as
+Steps saved by kckpt carry a CRC32C of each saved shard of array data, checked as
 each chunk is read: a changed bit is a problem naming its leaf. Steps saved
 without (plain Orbax, older kckpt, StorageOptions(checksums=False)) say
 "no checksums": there a flipped bit

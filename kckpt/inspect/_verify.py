@@ -44,8 +44,8 @@ class StepCheck:
     bytes: bytes of the leaves read.
     problems: what is wrong (empty: the step is fine).
     deleted: the step went away while it was checked (by the run's retention): not checked.
-    checksums: the checksum its array chunks carry (``"crc32c"``: every
-      chunk read was checked against it), or None: saved without checksums,
+    checksums: how its array data is checksummed (``"crc32c-shards"``: every
+      shard read was checked against it), or None: saved without checksums,
       so a changed bit inside an array would go unseen.
   """
 
@@ -131,7 +131,7 @@ def verify_step(checkpoints: EPath, step: Step, *, check_finite: bool = False, p
   """Checks one step of the run at `checkpoints`: its metadata, every item, every leaf.
 
   Every leaf is read: in a step saved with checksums (kckpt's default) each
-  chunk is checked against its CRC32C as it is read, so a changed bit is a
+  saved shard is checked against its CRC32C as it is read, so a changed bit is a
   problem naming the leaf. In a step saved without (plain Orbax, older kckpt)
   a flipped bit inside an array goes unseen; a truncated, missing or
   undecodable file does not.

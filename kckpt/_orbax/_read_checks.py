@@ -1,0 +1,297 @@
+"""Checking what kckpt reads against the CRC32C of each saved shard (steps saved with `CRC32C_SHARDS`).
+
+A read of a step opens a scope (`checking(step folder)`) that loads the
+step's `CHECKSUMS_FILE` once. While it is open, three Orbax functions, wrapped
+once at the first scope (see `_reaches`), check every array of that step:
+
+- ``tensorstore_utils.build_array_read_spec`` (called per array by Orbax's
+  array and NumPy handlers) ties the read spec it builds to the array's
+  recorded shards;
+- ``serialization.async_deserialize`` (a `jax.Array` target) makes them the
+  current array's (a context variable, which Orbax's per-shard tasks inherit),
+  and kckpt's wrapper of ``serialization._read_shard`` (`read_shard`) checks
+  each shard it reads: one CRC32C of the bytes just read when the shard is a
+  saved one (a restore onto the saved sharding, or one process), else each
+  saved shard it touches is read whole and checked first (a resharded
+  restore reads those bytes twice);
+- ``type_handlers.NumpyHandler.deserialize`` (no target: arrays as saved)
+  checks each recorded shard of the whole array it returns.
+
+A mismatch raises `ChecksumMismatch` (a ``ValueError``: a read error, which
+kckpt's readers report as a damaged step naming the item and leaf). Reads
+outside a scope, and arrays without a recorded checksum (scalars, steps saved
+without checksums), are Orbax's own, unchanged. The CRC32C runs on the CPU's
+CRC instruction without the GIL (`_checksums.crc32c_of`), in a worker thread
+for shards over `INLINE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
+from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # Orbax 0.12 internal: see install
+from orbax.checkpoint._src.serialization import type_handlers as _type_handlers  # Orbax 0.12 internal: see install
+
+from kckpt._orbax import _format, _read_progress
+from kckpt._orbax._checksums import Box
+from kckpt._orbax._checksums import crc32c_of
+
+INLINE_BYTES = 1 << 20  # shards up to this size are checked on the event loop's thread (a thread hop costs more)
+SLAB_BYTES = 64 << 20  # a saved shard read whole to be checked is read (and hashed) in pieces of about this size
+
+
+class ChecksumMismatch(ValueError):
+  """The bytes read of a saved shard are not those saved: their CRC32C differs from the one recorded at save."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Expected:
+  """The recorded shards of one array, and how to reach its stored bytes."""
+
+  label: str  # "<item>/<parameter name>", for errors
+  sums: tuple[tuple[Box, int], ...]
+  base_spec: dict[str, Any] | None = None  # a cast read: the stored array's spec (its bytes are checked)
+  context: Any = None  # the TensorStore context of the read (OCDBT caches)
+
+
+_lock = threading.Lock()
+_scopes: dict[str, tuple[int, dict[str, Any]]] = {}  # step folder -> (open scopes, its checksum table)
+_read_owners: dict[int, tuple[dict[str, Any], _Expected]] = {}  # id(read spec) -> (the spec, its array's shards)
+# (label, box) -> the task checking that saved shard, read whole (a resharded read): once per scope, not per reader.
+_whole_checks: dict[tuple[str, Box], asyncio.Task] = {}
+_current: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar("kckpt_expected_shards", default=None)
+_original_build = _ts_utils.build_array_read_spec
+_original_deserialize = _serialization.async_deserialize
+_original_numpy_deserialize = _type_handlers.NumpyHandler.deserialize
+_installed = False
+
+
+def _key(path: Any) -> str:
+  return epath.Path(path).as_posix().rstrip("/")
+
+
+@contextlib.contextmanager
+def checking(step_dir: epath.Path) -> Iterator[None]:
+  """While inside, arrays read from the step at `step_dir` are checked against its recorded checksums.
+
+  A step saved without `CRC32C_SHARDS` (plain Orbax, kckpt 0.1, checksums
+  off) is read as it is. A step that says it has them but lost its checksum
+  file raises a `ValueError` (a damaged step) before anything is read.
+  """
+  metadata = _format.read_step_metadata(step_dir)
+  if _format.step_checksums(metadata) != _format.CRC32C_SHARDS:
+    yield
+    return
+  table = _format.read_step_checksums(step_dir)
+  if table is None:
+    raise ValueError(f"DATA_LOSS: the step at {step_dir} was saved with checksums but {_format.CHECKSUMS_FILE} is missing")
+  install()
+  key = _key(step_dir)
+  with _lock:
+    count, _ = _scopes.get(key, (0, table))
+    _scopes[key] = (count + 1, table)
+  try:
+    yield
+  finally:
+    with _lock:
+      count, table = _scopes[key]
+      if count == 1:
+        del _scopes[key]
+        for spec_id, (_, expected) in list(_read_owners.items()):  # specs built but never read
+          if expected.label.startswith(f"{key}/"):
+            del _read_owners[spec_id]
+        for check in [c for c in _whole_checks if c[0].startswith(f"{key}/")]:
+          del _whole_checks[check]
+      else:
+        _scopes[key] = (count - 1, table)
+
+
+def _expected_for(info: Any, spec: dict[str, Any] | None = None) -> _Expected | None:
+  """The recorded shards of the array `info` names, when a scope of its step is open."""
+  if not _scopes or getattr(info, "parent_dir", None) is None or info.name is None:
+    return None
+  item_dir = epath.Path(info.parent_dir)
+  step = _key(item_dir.parent)
+  with _lock:
+    found = _scopes.get(step)
+  if found is None:
+    return None
+  sums = found[1].get(item_dir.name, {}).get(str(info.name))
+  if not sums:
+    return None
+  base = spec.get("base") if spec is not None and spec.get("driver") == "cast" else None
+  shards = tuple((tuple((int(lo), int(hi)) for lo, hi in box), int(crc)) for box, crc in sums)
+  return _Expected(f"{step}/{item_dir.name}/{info.name}", shards, base, getattr(info, "ts_context", None))
+
+
+def _mismatch(expected: _Expected, box: Box, saved: int, read: int) -> ChecksumMismatch:
+  step, item, name = expected.label.rsplit("/", 2)
+  return ChecksumMismatch(
+    f"checksum mismatch, the data changed after it was saved: leaf {name} of item {item} of {step}, shard"
+    f" {[list(b) for b in box]}: CRC32C saved {saved:#010x}, read {read:#010x}"
+  )
+
+
+def _check(expected: _Expected, box: Box, saved: int, data: np.ndarray) -> None:
+  read = crc32c_of(data)
+  if read != saved:
+    raise _mismatch(expected, box, saved, read)
+
+
+async def _check_async(expected: _Expected, box: Box, saved: int, data: np.ndarray) -> None:
+  if data.nbytes > INLINE_BYTES:
+    await asyncio.to_thread(_check, expected, box, saved, data)
+  else:
+    _check(expected, box, saved, data)
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+  return all(lo < other_hi and other_lo < hi for (lo, hi), (other_lo, other_hi) in zip(a, b, strict=True))
+
+
+async def _check_whole(expected: _Expected, store: ts.TensorStore, box: Box, saved: int) -> None:
+  """Reads one saved shard from `store` in slabs of about `SLAB_BYTES` along its first axis, and checks it."""
+  if not box:
+    await _check_async(expected, box, saved, np.asarray(await store[()].read()))
+    return
+  row_bytes = store.dtype.numpy_dtype.itemsize * int(np.prod([hi - lo for lo, hi in box[1:]], dtype=np.int64))
+  rows = max(1, SLAB_BYTES // max(1, row_bytes))
+  rest = tuple(slice(lo, hi) for lo, hi in box[1:])
+  crc = 0
+  for start in range(box[0][0], box[0][1], rows):
+    slab = np.asarray(await store[(slice(start, min(start + rows, box[0][1])), *rest)].read())
+    crc = await asyncio.to_thread(crc32c_of, slab, crc) if slab.nbytes > INLINE_BYTES else crc32c_of(slab, crc)
+  if crc != saved:
+    raise _mismatch(expected, box, saved, crc)
+
+
+async def _check_saved_shards(expected: _Expected, store: ts.TensorStore | None, region: Box | None) -> None:
+  """Checks each recorded shard touching `region` (None: all), read whole from the stored array, once per scope.
+
+  Several readers of one saved shard (a resharded restore: each target
+  shard touches it) wait for one check.
+  """
+  if expected.base_spec is not None or store is None:
+    if expected.base_spec is None:
+      raise ValueError(f"kckpt: no stored array to check {expected.label} against")
+    context = {"context": expected.context} if expected.context is not None else {}
+    store = await ts.open(expected.base_spec, open=True, **context)
+  loop = asyncio.get_running_loop()
+  tasks = []
+  for box, saved in expected.sums:
+    if region is not None and not _overlaps(box, region):
+      continue
+    with _lock:
+      task = _whole_checks.get((expected.label, box))
+      if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+        continue  # checked already in this scope
+      if task is None or task.done() or task.get_loop() is not loop:
+        task = loop.create_task(_check_whole(expected, store, box, saved))
+        _whole_checks[(expected.label, box)] = task
+    tasks.append(task)
+  await asyncio.gather(*tasks)
+
+
+async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, restricted_domain) -> np.ndarray:
+  """Orbax's `_read_shard`, checked against the current array's recorded shards (if any)."""
+  expected = _current.get()
+  kwargs = {
+    "new_shard_shape": new_shard_shape,
+    "dtype": dtype,
+    "requested_domain": requested_domain,
+    "restricted_domain": restricted_domain,
+  }
+  if expected is None:
+    return await original(t, **kwargs)
+  region: Box = tuple(
+    zip((int(v) for v in restricted_domain.inclusive_min), (int(v) for v in restricted_domain.exclusive_max), strict=True)
+  )
+  saved = [crc for box, crc in expected.sums if box == region]
+  if not saved or expected.base_spec is not None:
+    await _check_saved_shards(expected, t, region)
+    return await original(t, **kwargs)
+  # The shard read is a saved one: Orbax's read (as in `_read_shard`), then one CRC32C of its bytes.
+  out = np.zeros(new_shard_shape, dtype=t.dtype.numpy_dtype)
+  await ts.array(out)[ts.d[:].translate_to[requested_domain.origin]][restricted_domain].write(t[restricted_domain])
+  offset = [lo - origin for (lo, _), origin in zip(region, requested_domain.origin, strict=True)]
+  view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
+  await _check_async(expected, region, saved[0], view)
+  if dtype is not None:
+    out = await asyncio.to_thread(lambda: out.astype(dtype, copy=False))
+  return out
+
+
+def _build_array_read_spec(info, *args, **kwargs):
+  spec = _original_build(info, *args, **kwargs)
+  if _scopes:
+    expected = _expected_for(info, spec.json)
+    if expected is not None:
+      with _lock:
+        _read_owners[id(spec.json)] = (spec.json, expected)
+  return spec
+
+
+async def _async_deserialize(user_sharding, tensorstore_spec, *args, **kwargs):
+  with _lock:
+    owner = _read_owners.pop(id(tensorstore_spec), None) if _read_owners else None
+  if owner is None or owner[0] is not tensorstore_spec:
+    return await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
+  token = _current.set(owner[1])  # Orbax gathers each array's read as a task of its own: a context of its own
+  try:
+    return await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
+  finally:
+    with contextlib.suppress(ValueError):  # a read abandoned unfinished is closed later, in another context
+      _current.reset(token)
+
+
+async def _numpy_deserialize(self, infos: Sequence[Any], args: Sequence[Any] | None = None):
+  values = await _original_numpy_deserialize(self, infos, args)
+  if not _scopes:
+    return values
+  checks = []
+  for i, (info, value) in enumerate(zip(infos, values, strict=True)):
+    expected = _expected_for(info)
+    if expected is None or not isinstance(value, np.ndarray):
+      continue
+    if args is not None and getattr(args[i], "dtype", None) is not None:  # read with a cast: check the stored bytes
+      stored = _original_build(info, use_ocdbt=bool(info.is_ocdbt_checkpoint), metadata_key=getattr(self, "_metadata_key", None))
+      checks.append(_check_saved_shards(dataclasses.replace(expected, base_spec=stored.json), None, None))
+      continue
+    for box, saved in expected.sums:
+      checks.append(_check_async(expected, box, saved, value[tuple(slice(lo, hi) for lo, hi in box)]))
+  await asyncio.gather(*checks)
+  return values
+
+
+def install() -> None:
+  """Wraps Orbax's read spec builder, array deserializer and NumPy reader (once; no change outside `checking`)."""
+  global _installed
+  with _lock:
+    if not _installed:
+      # Orbax 0.12 internals: `ts_utils.build_array_read_spec` and `serialization.async_deserialize` are
+      # looked up on their modules by jax_array_handlers and type_handlers; `NumpyHandler.deserialize`
+      # on the class (ScalarHandler's `super()` call included).
+      _ts_utils.build_array_read_spec = _build_array_read_spec
+      _serialization.async_deserialize = _async_deserialize
+      _type_handlers.NumpyHandler.deserialize = _numpy_deserialize  # type: ignore[method-assign]
+      _installed = True
+  _read_progress.check_reads_with(read_shard)
+
+
+def installed() -> bool:
+  return (
+    _installed
+    and _ts_utils.build_array_read_spec is _build_array_read_spec
+    and _serialization.async_deserialize is _async_deserialize
+    and _type_handlers.NumpyHandler.deserialize is _numpy_deserialize
+  )
