@@ -15,8 +15,9 @@ systems, each system:
 
 The systems:
 
-- **kckpt**: `kckpt.Checkpointer` with its defaults (Zarr v3 with a CRC32C per
-  chunk, OCDBT, no compression; health, per-leaf statistics, provenance);
+- **kckpt**: `kckpt.Checkpointer` with its defaults (Zarr v3, OCDBT, no
+  compression, a CRC32C per saved shard; health, per-leaf statistics,
+  provenance);
 - **orbax**: an Orbax `CheckpointManager` with its defaults (`StandardSave`:
   OCDBT, Zarr v2, zstd);
 - **orbax tuned**: the same manager with a `PyTreeCheckpointHandler` of

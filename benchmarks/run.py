@@ -80,9 +80,10 @@ GOAL_ASYNC_BLOCKED_FRACTION = 0.02
 SWEEP_OPTIONS: dict[str, kckpt.StorageOptions] = {
   "zstd, OCDBT, zarr2 (Orbax's format)": kckpt.StorageOptions.orbax_defaults(),
   "none, OCDBT, zarr2": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False, checksums=False),
-  "none, OCDBT, zarr3 + crc32c (kckpt's format)": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True),
+  "none, OCDBT, zarr3, CRC32C per shard (kckpt)": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True),
+  "none, OCDBT, zarr2 + CRC32C per shard": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False),
   "none, OCDBT, zarr3, no checksums": kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True, checksums=False),
-  "none, no OCDBT, zarr2": kckpt.StorageOptions(compression=False, use_ocdbt=False, use_zarr3=False, checksums=False),
+  "none, no OCDBT, zarr2, no checks": kckpt.StorageOptions(compression=False, use_ocdbt=False, use_zarr3=False, checksums=False),
   "none, no OCDBT, zarr3": kckpt.StorageOptions(compression=False, use_ocdbt=False, use_zarr3=True),
   "zstd, OCDBT, zarr3": kckpt.StorageOptions(compression=True, use_ocdbt=True, use_zarr3=True),
   "kckpt defaults, concurrency 0.25 GB": kckpt.StorageOptions(save_concurrent_gb=0.25, restore_concurrent_gb=0.25),
@@ -748,8 +749,9 @@ def _load(load: Any) -> str:
 
 def _options_str(options: kckpt.StorageOptions) -> str:
   compression = "zstd" if options.compression else "none"
-  zarr = ("zarr3 + crc32c" if options.checksums else "zarr3") if options.use_zarr3 else "zarr2"
-  return f"{compression}, {'OCDBT' if options.use_ocdbt else 'no OCDBT'}, {zarr}"
+  zarr = "zarr3" if options.use_zarr3 else "zarr2"
+  checks = ", CRC32C per shard" if options.checksums else ""
+  return f"{compression}, {'OCDBT' if options.use_ocdbt else 'no OCDBT'}, {zarr}{checks}"
 
 
 if __name__ == "__main__":

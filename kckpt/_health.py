@@ -80,7 +80,7 @@ def start(
           value = np.asarray(leaf)
           sums = None
           if checksums and isinstance(leaf, (np.ndarray, jax.Array)):
-            sums = _orbax.shard_checksums([(tuple((0, int(n)) for n in value.shape), value)])
+            sums = _orbax.leaf_checksums(value.shape, [(tuple((0, int(n)) for n in value.shape), value)])
           collector.add(item, name, _orbax.reduce_shards([value]), array=False, checksums=sums)
   return collector
 

@@ -147,6 +147,9 @@ def _restore(
         _orbax.read_items(step_path, [_orbax.ItemRead(name=r.name, format=r.format) for r in as_saved], storage=storage)
       )
   targeted = [r for r in reads if r.target is not None]
+  if targeted:  # a step whose checksums cannot be read fails here, before anything is donated
+    with reading(step, ", ".join(r.name for r in targeted), step_path):
+      _orbax.check_readable(step_path)
   for r in targeted:  # a configuration that cannot read a leaf fails here, before anything is read or donated
     if r.format == "pytree" and r.partial_paths is None:
       try:

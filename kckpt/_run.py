@@ -85,7 +85,7 @@ class StepDetails:
     tag: the user tag given to `save`, if any.
     checksums: how its array data is checksummed (``"crc32c-shards"``: a
       CRC32C of each saved shard, checked by every kckpt read; ``"crc32c"``
-      in kckpt 0.1 steps: per chunk, checked by TensorStore), or None: saved without (by plain
+      in steps of earlier development versions: per chunk, checked by TensorStore), or None: saved without (by plain
       Orbax, older kckpt, or with ``StorageOptions(checksums=False)``).
     provenance: what made the step, as recorded at `save`: the versions of
       kckpt, jax, jaxlib, orbax and tensorstore (keys ``kckpt``, ``jax``,

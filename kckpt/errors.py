@@ -95,7 +95,8 @@ class LeafReadError(Exception):
 def describe_read_error(error: BaseException, limit: int = 240) -> str:
   """One line for an error reading a checkpoint: the first error of its chain, cut before TensorStore's spec dump.
 
-  A CRC32C mismatch found by TensorStore ("Digest mismatch", in steps of kckpt 0.1) is said in words, as kckpt's own are.
+  A CRC32C mismatch found by TensorStore ("Digest mismatch", in steps of earlier
+  development versions) is said in words, as kckpt's own mismatches are.
 
   >>> describe_read_error(ValueError("DATA_LOSS: Digest mismatch, stored digest is 0x1"))
   'checksum mismatch, the data changed after it was saved: ValueError: DATA_LOSS: Digest mismatch, stored digest is 0x1'

@@ -49,6 +49,12 @@ def codecs_of(item_dir, name: str) -> list[str]:
   return [c["name"] for c in array.spec().to_json()["metadata"]["codecs"]]
 
 
+def zarr2_compressor_of(item_dir, name: str) -> object:
+  """The Zarr v2 compressor of array `name` in an OCDBT item (None: raw bytes, as Orbax writes them uncompressed)."""
+  array = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{item_dir}/"}, "path": name}).result()
+  return array.spec().to_json()["metadata"]["compressor"]
+
+
 def test_a_flipped_bit_is_found_by_verify_and_refused_by_restore(workdir, capsys):
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None)
   for step in (1, 2, 3):
@@ -116,25 +122,31 @@ def test_each_saved_shard_has_the_crc32c_of_its_bytes_and_plain_orbax_reads_the_
   path = ckpt.step_details(1).path
   sums = recorded_checksums(path)["default"]
   w = np.asarray(state["params"]["dense"]["w"])
-  assert sums["params.dense.w"] == [[[[0, 256], [0, 512]], crc32c.crc32c(w.tobytes())]]
-  assert sums["opt.mu"] == [[[[0, 256], [0, 512]], crc32c.crc32c(np.asarray(state["opt"]["mu"]).tobytes())]]
+  assert sums["params.dense.w"] == {
+    "dtype": "float32",
+    "shape": [256, 512],
+    "shards": [[[[0, 256], [0, 512]], crc32c.crc32c(w.tobytes())]],
+  }
+  mu = np.asarray(state["opt"]["mu"])
+  assert sums["opt.mu"]["shards"] == [[[[0, 256], [0, 512]], crc32c.crc32c(mu.tobytes())]]
   assert "opt.count" not in sums  # a scalar: no checksum
-  # The arrays' files are Orbax's own (no codec of kckpt's): plain Orbax reads them.
-  assert codecs_of(path / "default", "params.dense.w")[-1] != "crc32c"
+  # The arrays' files are Orbax's own Zarr v2 (no codec of kckpt's): plain Orbax reads them.
+  assert zarr2_compressor_of(path / "default", "params.dense.w") is None
   restored = ocp.PyTreeCheckpointer().restore(path / "default")
   np.testing.assert_array_equal(restored["params"]["dense"]["w"], w)
 
 
-def test_a_restore_onto_another_sharding_checks_the_saved_shards(workdir):
+@pytest.mark.parametrize("zarr3", [False, True], ids=["zarr2", "zarr3"])
+def test_a_restore_onto_another_sharding_checks_the_saved_shards(workdir, zarr3):
   """Saved as 2 shards; restored as 4 shards, as one array and as NumPy: each read is checked, a flip is found."""
   mesh2 = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
   mesh4 = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
   saved = np.random.default_rng(3).standard_normal((1024, 512), np.float32)
   two = jax.device_put(saved, jax.sharding.NamedSharding(mesh2, jax.sharding.PartitionSpec("x")))
-  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, storage=kckpt.StorageOptions(use_zarr3=zarr3))
   ckpt.save({"big": two}, step=1)
   ckpt.wait_until_finished()
-  sums = recorded_checksums(ckpt.step_details(1).path)["default"]["big"]
+  sums = recorded_checksums(ckpt.step_details(1).path)["default"]["big"]["shards"]
   assert [box for box, _ in sums] == [[[0, 512], [0, 512]], [[512, 1024], [0, 512]]]
   four = jax.ShapeDtypeStruct(
     saved.shape, saved.dtype, sharding=jax.sharding.NamedSharding(mesh4, jax.sharding.PartitionSpec("x"))
@@ -152,13 +164,47 @@ def test_a_restore_onto_another_sharding_checks_the_saved_shards(workdir):
   ckpt.close()
 
 
-def test_a_step_that_lost_its_checksum_file_is_refused_before_the_target_is_freed(workdir):
+def test_a_restore_onto_the_saved_layout_hashes_the_bytes_it_reads_once(workdir, monkeypatch):
+  """Same sharding, same dtype (Orbax casts to it anyway), or no target: no second read of a saved shard."""
+  from kckpt._orbax import _read_checks  # pylint: disable=import-outside-toplevel
+
+  whole_reads = []
+  original = _read_checks._check_whole
+  monkeypatch.setattr(_read_checks, "_check_whole", lambda *a: whole_reads.append(a[2]) or original(*a))
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  state = train_state(4)
+  ckpt.save(state, step=1)
+  ckpt.wait_until_finished()
+  out = ckpt.restore(train_state(0), step=1)
+  np.testing.assert_array_equal(out["opt"]["mu"], state["opt"]["mu"])
+  np.testing.assert_array_equal(ckpt.restore(step=1)["params"]["dense"]["w"], state["params"]["dense"]["w"])
+  assert whole_reads == []
+  # Cast on read (float32 saved, bfloat16 wanted): the stored bytes are read whole and checked, then cast.
+  target = jax.tree.map(
+    lambda x: jnp.zeros(x.shape, jnp.bfloat16) if getattr(x, "dtype", None) == jnp.float32 else x, train_state(0)
+  )
+  out = ckpt.restore(target, step=1)
+  assert out["params"]["dense"]["w"].dtype == jnp.bfloat16 and len(whole_reads) == 3
+  np.testing.assert_array_equal(out["params"]["dense"]["w"], state["params"]["dense"]["w"].astype(jnp.bfloat16))
+  flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(1).path)
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*checksum mismatch"):
+    ckpt.restore(target, step=1)
+  ckpt.close()
+
+
+@pytest.mark.parametrize("damage", ["not json", "malformed", "missing"])
+def test_a_step_whose_checksum_file_is_damaged_is_refused_before_the_target_is_freed(workdir, damage):
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
   ckpt.save(train_state(1), step=1)
   ckpt.wait_until_finished()
-  (ckpt.step_details(1).path / "_KCKPT_CHECKSUMS.json").unlink()
+  path = ckpt.step_details(1).path / "_KCKPT_CHECKSUMS.json"
+  if damage == "missing":
+    path.unlink()
+  else:
+    path.write_text("{" if damage == "not json" else json.dumps({"default": {"params.dense.w": {"dtype": "float32"}}}))
   target = train_state(0)
-  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*_KCKPT_CHECKSUMS.json is missing"):
+  wanted = {"missing": "_KCKPT_CHECKSUMS.json is missing", "not json": "is not JSON", "malformed": "is malformed"}[damage]
+  with pytest.raises(errors.CheckpointReadError, match=rf"step 1.*{wanted}"):
     ckpt.restore(target, step=1, donate=True)
   assert not target["params"]["dense"]["w"].is_deleted()
   ckpt.close()

@@ -24,6 +24,7 @@ STORAGES = {
   "orbax_defaults": ORBAX_FORMAT,
   "zarr2_without_checksums": kckpt.StorageOptions(use_zarr3=False, checksums=False),
   "no_ocdbt": kckpt.StorageOptions(use_ocdbt=False),
+  "zarr3": kckpt.StorageOptions(use_zarr3=True),
 }
 
 # Every dtype the benchmark uses (float32, bfloat16), and those of a training state.
@@ -87,15 +88,16 @@ def orbax_manager(directory, **options):
 # -- The defaults ---------------------------------------------------------------
 
 
-def test_defaults_are_uncompressed_ocdbt_zarr3_with_checksums(tmp_path):
+def test_defaults_are_uncompressed_ocdbt_zarr2_with_checksums(tmp_path):
   ckpt = kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, async_save=False)
-  assert ckpt.storage == kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=True, checksums=True)
+  assert ckpt.storage == kckpt.StorageOptions(compression=False, use_ocdbt=True, use_zarr3=False, checksums=True)
   ckpt.save({"w": jnp.ones((4, 8)), "n": np.arange(3)}, step=1)
   item_dir = tmp_path / "checkpoints" / "ckpt_1" / "default"
   assert (item_dir / "manifest.ocdbt").exists()
   meta = zarr_metadata(item_dir)
-  assert {m.zarr_format for m in meta.values()} == {3}
+  assert {m.zarr_format for m in meta.values()} == {2}
   assert all(m.compression is None for m in meta.values())
+  assert (item_dir.parent / "_KCKPT_CHECKSUMS.json").exists()
 
 
 @pytest.mark.parametrize("name", STORAGES)

@@ -66,7 +66,8 @@ _LAZY = {
   "leaf_stats": "_leafstats",
   "merge_partials": "_leafstats",
   "merge_checksums": "_leafstats",
-  "shard_checksums": "_checksums",
+  "leaf_checksums": "_checksums",
+  "check_readable": "_read_checks",
   "open_collector": "_leafstats",
   "close_collector": "_leafstats",
   "reduce_shards": "_leafstats",
@@ -125,7 +126,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-  from kckpt._orbax._checksums import shard_checksums
+  from kckpt._orbax._checksums import leaf_checksums
   from kckpt._orbax._commit import DurableRenameTemporaryPath, before_commit
   from kckpt._orbax._files import damaged_files
   from kckpt._orbax._handlers import MultiprocessingOptions
@@ -138,6 +139,7 @@ if TYPE_CHECKING:
   from kckpt._orbax._leafstats import reduce_shards
   from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, read_shardings, saved_leaf_specs
   from kckpt._orbax._patches import install_s3_support
+  from kckpt._orbax._read_checks import check_readable
   from kckpt._orbax._reader import (
     RESTORE_BATCH_BYTES,
     RESTORE_TREE_VISITS,
@@ -178,6 +180,7 @@ __all__ = [
   "Writer",
   "abstract_target",
   "before_commit",
+  "check_readable",
   "close_collector",
   "custom_metadata",
   "damaged_files",
@@ -188,6 +191,7 @@ __all__ = [
   "is_step_folder",
   "is_temporary_name",
   "item_formats",
+  "leaf_checksums",
   "leaf_stats",
   "match_scalar_types",
   "merge_checksums",
@@ -212,7 +216,6 @@ __all__ = [
   "release",
   "remove_step_folder",
   "saved_leaf_specs",
-  "shard_checksums",
   "read_shardings",
   "step_checksums",
   "step_provenance",

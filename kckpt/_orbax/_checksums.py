@@ -21,7 +21,7 @@ array is copied again, and the arrays' files are exactly Orbax's: plain Orbax
 reads them. The checksums are written into the step (`CHECKSUMS_FILE`) and
 checked by kckpt's reads (`kckpt._orbax._read_checks`).
 
-Steps of kckpt 0.1 carried a Zarr v3 ``crc32c`` codec per chunk instead,
+Earlier development versions stored a Zarr v3 ``crc32c`` codec per chunk instead,
 checked by TensorStore itself on every read (and still read so); its CRC32C is
 absl's portable code in the TensorStore wheels, which cost a GPT-2-sized save
 a third more CPU time than one without, and a restore 12-23%.
@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import crc32c as _crc32c
@@ -44,7 +44,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  
 
 from kckpt._orbax import _leafstats
 
-__all__ = ["Box", "box_of", "crc32c_of", "install", "installed", "register", "shard_checksums"]
+__all__ = ["Box", "box_of", "crc32c_of", "install", "installed", "leaf_checksums", "register"]
 
 Box = tuple[tuple[int, int], ...]  # [start, stop) along each axis of an array
 
@@ -96,15 +96,24 @@ def box_of(index: Sequence[slice], shape: Sequence[int]) -> Box:
   return tuple(tuple(int(v) for v in sl.indices(size)[:2]) for sl, size in zip(index, shape, strict=True))  # type: ignore[misc]
 
 
-def shard_checksums(shards: Iterable[tuple[Box, np.ndarray]]) -> list[list[Any]]:
-  """``[[box, crc32c], ...]`` of some shards of one array: what a step records of them (JSON)."""
-  return [[[list(axis) for axis in box], crc32c_of(data)] for box, data in shards]
+def leaf_checksums(shape: Sequence[int], shards: Sequence[tuple[Box, np.ndarray]]) -> dict[str, Any]:
+  """What a step records of some shards of one array (JSON): its dtype and shape, each shard's box and CRC32C.
+
+  >>> leaf_checksums((2,), [(((0, 2),), np.array([1, 2], np.uint8))])
+  {'dtype': 'uint8', 'shape': [2], 'shards': [[[[0, 2]], 66625362]]}
+  """
+  dtype = np.dtype(shards[0][1].dtype).name if shards else ""
+  return {
+    "dtype": dtype,
+    "shape": [int(n) for n in shape],
+    "shards": [[[list(axis) for axis in box], crc32c_of(data)] for box, data in shards],
+  }
 
 
-def _reduce(shards: list[tuple[Box, np.ndarray]], checksums: bool, what: str) -> tuple[Any, list[list[Any]] | None]:
+def _reduce(shards: list[tuple[Box, np.ndarray]], shape: Sequence[int], checksums: bool, what: str) -> tuple[Any, Any]:
   """On a worker thread: the statistics of one array's shards, and their checksums (when wanted)."""
   stats = _leafstats.reduce_shards_or_none([data for _, data in shards], what)
-  return stats, shard_checksums(shards) if checksums else None
+  return stats, leaf_checksums(shape, shards) if checksums and shards else None
 
 
 def _build_array_write_spec(info, *args, **kwargs):
@@ -133,7 +142,7 @@ async def _serialize_from_host(rslices_on_host, tensorstore_spec, *args, **kwarg
   shards = [(box_of(s.index, shape), s.unsliced_data) for s in rslices_on_host.replica_slices if s.is_on_host]
   results = await asyncio.gather(
     _original_serialize(rslices_on_host, tensorstore_spec, *args, **kwargs),
-    asyncio.to_thread(_reduce, shards, checksums, f"{item_dir}/{name}"),
+    asyncio.to_thread(_reduce, shards, shape, checksums, f"{item_dir}/{name}"),
   )
   stats, sums = results[1]
   collector.add(_leafstats.item_name(epath.Path(item_dir).name), name, stats, nbytes=int(rslices_on_host.nbytes), checksums=sums)

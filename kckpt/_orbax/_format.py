@@ -25,10 +25,11 @@ from kckpt._types import EPath, Step
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 # The step's ``checksums`` entry: how its array data is checksummed.
 CRC32C_SHARDS = "crc32c-shards"  # a CRC32C of each saved shard in `CHECKSUMS_FILE`, checked by kckpt's reads
-CRC32C_CODEC = "crc32c"  # kckpt 0.1: a Zarr v3 ``crc32c`` codec on each chunk, checked by TensorStore itself
+CRC32C_CODEC = "crc32c"  # earlier development versions: a Zarr v3 ``crc32c`` codec on each chunk, checked by TensorStore itself
 # kckpt's own files in a step folder, written just before the commit (see `_commit.before_commit`).
 HEALTH_FILE = "_KCKPT_HEALTH.json"  # {"healthy": bool, "nonfinite_leaves": [...], "health_fn": bool | None}
-CHECKSUMS_FILE = "_KCKPT_CHECKSUMS.json"  # {item: {parameter name: [[box, crc32c], ...]}}: see `_checksums`
+# {item: {parameter name: {"dtype", "shape", "shards": [[box, crc32c], ...]}}}: see `_checksums`
+CHECKSUMS_FILE = "_KCKPT_CHECKSUMS.json"
 LEAF_STATS_FILE = "_KCKPT_LEAF_STATS.json"  # {item: {parameter name: {"norm", "min", "max", "mean", "nonfinite", "size"}}}
 COMMIT_MARKER = "commit_success.txt"
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -212,8 +213,8 @@ def read_leaf_stats(path: EPath) -> dict[str, dict[str, dict[str, Any]]]:
   return value if isinstance(value, dict) else {}
 
 
-def read_step_checksums(path: EPath) -> dict[str, dict[str, list[list[Any]]]] | None:
-  """item -> parameter name -> ``[[box, crc32c], ...]`` of a step saved with `CRC32C_SHARDS`; None when the file is absent."""
+def read_step_checksums(path: EPath) -> dict[str, dict[str, dict[str, Any]]] | None:
+  """item -> parameter name -> dtype, shape and shards of a step saved with `CRC32C_SHARDS`; None when the file is absent."""
   try:
     value = _read_json(path, CHECKSUMS_FILE)
   except (FileNotFoundError, NotADirectoryError):

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -131,7 +131,7 @@ class StatsCollector:
     self._on_complete = on_complete
     self._lock = threading.Lock()
     self._parts: dict[tuple[str, str], Partial] = {}
-    self._checksums: dict[tuple[str, str], list[list[Any]]] = {}  # [[box, crc32c], ...] of the shards written here
+    self._checksums: dict[tuple[str, str], dict[str, Any]] = {}  # `leaf_checksums` of the shards written here
     self.on_written: Callable[[int], None] | None = None  # called with each array's bytes written here (progress)
 
   def add(
@@ -142,11 +142,11 @@ class StatsCollector:
     *,
     array: bool = True,
     nbytes: int = 0,
-    checksums: list[list[Any]] | None = None,
+    checksums: dict[str, Any] | None = None,
   ) -> None:
     """Adds what one array (or NumPy leaf, `array=False`) of `item` reduced to on this process.
 
-    `checksums`: ``[[box, crc32c], ...]`` of the shards of it written here (`_checksums.shard_checksums`).
+    `checksums`: `_checksums.leaf_checksums` of the shards of it written here.
     """
     if array and self.on_written is not None:
       self.on_written(nbytes)
@@ -156,7 +156,8 @@ class StatsCollector:
       if partial is not None:
         self._parts[key] = partial if key not in self._parts else self._parts[key].merge(partial)
       if checksums:
-        self._checksums.setdefault(key, []).extend(checksums)
+        known = self._checksums.setdefault(key, {**checksums, "shards": []})
+        known["shards"] = [*known["shards"], *checksums["shards"]]
       if array:
         self._arrays += 1
         complete = self._arrays == self.expected_arrays
@@ -171,27 +172,50 @@ class StatsCollector:
         out.setdefault(item, {})[name] = part.as_list()
     return out
 
-  def checksums(self) -> dict[str, dict[str, list[list[Any]]]]:
-    """item -> parameter name -> ``[[box, crc32c], ...]`` of the shards written here (JSON, for another process)."""
-    out: dict[str, dict[str, list[list[Any]]]] = {}
+  def checksums(self) -> dict[str, dict[str, dict[str, Any]]]:
+    """item -> parameter name -> `leaf_checksums` of the shards written here (JSON, for another process)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     with self._lock:
       for (item, name), sums in self._checksums.items():
-        out.setdefault(item, {})[name] = list(sums)
+        out.setdefault(item, {})[name] = dict(sums)
     return out
 
 
-def merge_checksums(tables: Iterable[Mapping[str, Mapping[str, list[list[Any]]]]]) -> dict[str, dict[str, list[list[Any]]]]:
-  """Joins `StatsCollector.checksums` of several processes: each leaf's shards, sorted by box, without repeats."""
-  merged: dict[str, dict[str, list[list[Any]]]] = {}
+def merge_checksums(tables: Iterable[Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+  """Joins `StatsCollector.checksums` of several processes, keeping the leaves whose shards tile the array.
+
+  Each leaf's shards are sorted by box, without repeats. A leaf whose boxes
+  do not cover its array exactly once (a process's part lost: a bug) is
+  left out with a warning: its reads are then unchecked, never refused.
+  """
+  merged: dict[str, dict[str, dict[str, Any]]] = {}
   for table in tables:
     for item, leaves in table.items():
       for name, sums in leaves.items():
-        merged.setdefault(item, {}).setdefault(name, []).extend(sums)
-  for leaves in merged.values():
-    for name, sums in leaves.items():
-      unique = {json.dumps(entry[0]): entry for entry in sums}  # a replicated shard written by one process only
-      leaves[name] = [unique[key] for key in sorted(unique)]
+        known = merged.setdefault(item, {}).setdefault(name, {**sums, "shards": []})
+        known["shards"] = [*known["shards"], *sums["shards"]]
+  for item, leaves in merged.items():
+    for name in list(leaves):
+      unique = {json.dumps(entry[0]): entry for entry in leaves[name]["shards"]}  # a replicated shard: once
+      leaves[name]["shards"] = [unique[key] for key in sorted(unique)]
+      if not tiles(leaves[name]["shape"], [box for box, _ in leaves[name]["shards"]]):
+        logging.getLogger("kckpt").warning("kckpt: the saved shards of %s/%s do not tile the array: no checksum kept", item, name)
+        del leaves[name]
   return merged
+
+
+def tiles(shape: Sequence[int], boxes: Sequence[Sequence[Sequence[int]]]) -> bool:
+  """Whether distinct `boxes` ([start, stop) per axis) inside `shape` cover it exactly once (by volume).
+
+  >>> tiles([4, 2], [[[0, 2], [0, 2]], [[2, 4], [0, 2]]]), tiles([4, 2], [[[0, 2], [0, 2]]])
+  (True, False)
+  """
+  total = 0
+  for box in boxes:
+    if len(box) != len(shape) or any(not 0 <= lo <= hi <= n for (lo, hi), n in zip(box, shape, strict=True)):
+      return False
+    total += math.prod(hi - lo for lo, hi in box)
+  return total == math.prod(shape)
 
 
 def merge_partials(tables: Iterable[Mapping[str, Mapping[str, list[Any]]]]) -> dict[str, dict[str, Partial]]:

@@ -31,6 +31,8 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import json
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -58,14 +60,33 @@ class ChecksumMismatch(ValueError):
 class _Expected:
   """The recorded shards of one array, and how to reach its stored bytes."""
 
-  label: str  # "<item>/<parameter name>", for errors
+  label: str  # "<step folder>/<item>/<parameter name>", for errors
+  dtype: str  # as stored (and checksummed)
   sums: tuple[tuple[Box, int], ...]
-  base_spec: dict[str, Any] | None = None  # a cast read: the stored array's spec (its bytes are checked)
+  base_spec: dict[str, Any] | None = None  # a read cast to another dtype: the stored array's spec (its bytes are checked)
   context: Any = None  # the TensorStore context of the read (OCDBT caches)
 
 
+def _parse(step_dir: epath.Path, table: Any) -> dict[tuple[str, str], _Expected]:
+  """(item, parameter name) -> its recorded shards; a malformed file is a damaged step (`ValueError`)."""
+  key = _key(step_dir)
+  out: dict[tuple[str, str], _Expected] = {}
+  try:
+    for item, leaves in table.items():
+      for name, leaf in leaves.items():
+        sums = tuple((tuple((int(lo), int(hi)) for lo, hi in box), int(crc)) for box, crc in leaf["shards"])
+        if not isinstance(leaf["dtype"], str) or any(len(box) != len(leaf["shape"]) for box, _ in sums):
+          raise ValueError(f"leaf {name}: dtype {leaf['dtype']!r}, shape {leaf['shape']!r}")
+        out[(str(item), str(name))] = _Expected(f"{key}/{item}/{name}", leaf["dtype"], sums)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(
+      f"DATA_LOSS: {_format.CHECKSUMS_FILE} of the step at {step_dir} is malformed: {type(e).__name__}: {e}"
+    ) from None
+  return out
+
+
 _lock = threading.Lock()
-_scopes: dict[str, tuple[int, dict[str, Any]]] = {}  # step folder -> (open scopes, its checksum table)
+_scopes: dict[str, tuple[int, dict[tuple[str, str], _Expected]]] = {}  # step folder -> (open scopes, its leaves)
 _read_owners: dict[int, tuple[dict[str, Any], _Expected]] = {}  # id(read spec) -> (the spec, its array's shards)
 # (label, box) -> the task checking that saved shard, read whole (a resharded read): once per scope, not per reader.
 _whole_checks: dict[tuple[str, Box], asyncio.Task] = {}
@@ -84,7 +105,7 @@ def _key(path: Any) -> str:
 def checking(step_dir: epath.Path) -> Iterator[None]:
   """While inside, arrays read from the step at `step_dir` are checked against its recorded checksums.
 
-  A step saved without `CRC32C_SHARDS` (plain Orbax, kckpt 0.1, checksums
+  A step saved without `CRC32C_SHARDS` (plain Orbax, earlier development versions, checksums
   off) is read as it is. A step that says it has them but lost its checksum
   file raises a `ValueError` (a damaged step) before anything is read.
   """
@@ -92,9 +113,13 @@ def checking(step_dir: epath.Path) -> Iterator[None]:
   if _format.step_checksums(metadata) != _format.CRC32C_SHARDS:
     yield
     return
-  table = _format.read_step_checksums(step_dir)
-  if table is None:
+  try:
+    raw = _format.read_step_checksums(step_dir)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"DATA_LOSS: {_format.CHECKSUMS_FILE} of the step at {step_dir} is not JSON: {e}") from None
+  if raw is None:
     raise ValueError(f"DATA_LOSS: the step at {step_dir} was saved with checksums but {_format.CHECKSUMS_FILE} is missing")
+  table = _parse(step_dir, raw)
   install()
   key = _key(step_dir)
   with _lock:
@@ -107,13 +132,29 @@ def checking(step_dir: epath.Path) -> Iterator[None]:
       count, table = _scopes[key]
       if count == 1:
         del _scopes[key]
-        for spec_id, (_, expected) in list(_read_owners.items()):  # specs built but never read
-          if expected.label.startswith(f"{key}/"):
-            del _read_owners[spec_id]
         for check in [c for c in _whole_checks if c[0].startswith(f"{key}/")]:
           del _whole_checks[check]
       else:
         _scopes[key] = (count - 1, table)
+    forget_unread(step_dir)
+
+
+def check_readable(step_dir: epath.Path) -> None:
+  """Raises the `ValueError` that reading the step at `step_dir` would, when its checksum file is missing or damaged."""
+  with checking(step_dir):
+    pass
+
+
+def forget_unread(step_dir: epath.Path) -> None:
+  """Drops the read specs built for arrays of `step_dir` that were not read as `jax.Array`s (NumPy reads, metadata).
+
+  Called after each Orbax call of a scope, so that a restore in many calls holds one call's specs at most.
+  """
+  prefix = f"{_key(step_dir)}/"
+  with _lock:
+    for spec_id, (_, expected) in list(_read_owners.items()):
+      if expected.label.startswith(prefix):
+        del _read_owners[spec_id]
 
 
 def _expected_for(info: Any, spec: dict[str, Any] | None = None) -> _Expected | None:
@@ -126,12 +167,12 @@ def _expected_for(info: Any, spec: dict[str, Any] | None = None) -> _Expected | 
     found = _scopes.get(step)
   if found is None:
     return None
-  sums = found[1].get(item_dir.name, {}).get(str(info.name))
-  if not sums:
+  expected = found[1].get((item_dir.name, str(info.name)))
+  if expected is None:
     return None
-  base = spec.get("base") if spec is not None and spec.get("driver") == "cast" else None
-  shards = tuple((tuple((int(lo), int(hi)) for lo, hi in box), int(crc)) for box, crc in sums)
-  return _Expected(f"{step}/{item_dir.name}/{info.name}", shards, base, getattr(info, "ts_context", None))
+  # Orbax casts every read with a target dtype, to the same dtype too: only another dtype reads other bytes.
+  cast = spec is not None and spec.get("driver") == "cast" and spec.get("dtype") != expected.dtype
+  return dataclasses.replace(expected, base_spec=spec["base"] if cast else None, context=getattr(info, "ts_context", None))  # type: ignore[index]
 
 
 def _mismatch(expected: _Expected, box: Box, saved: int, read: int) -> ChecksumMismatch:
@@ -186,6 +227,16 @@ async def _check_saved_shards(expected: _Expected, store: ts.TensorStore | None,
       raise ValueError(f"kckpt: no stored array to check {expected.label} against")
     context = {"context": expected.context} if expected.context is not None else {}
     store = await ts.open(expected.base_spec, open=True, **context)
+  if region is not None:
+    covered = sum(
+      math.prod(min(hi, r_hi) - max(lo, r_lo) for (lo, hi), (r_lo, r_hi) in zip(box, region, strict=True))
+      for box, _ in expected.sums
+      if _overlaps(box, region)
+    )
+    if covered != math.prod(hi - lo for lo, hi in region):
+      raise ChecksumMismatch(
+        f"DATA_LOSS: the recorded checksums of {expected.label} do not cover the part read, {[list(b) for b in region]}"
+      )
   loop = asyncio.get_running_loop()
   tasks = []
   for box, saved in expected.sums:
@@ -263,7 +314,8 @@ async def _numpy_deserialize(self, infos: Sequence[Any], args: Sequence[Any] | N
     expected = _expected_for(info)
     if expected is None or not isinstance(value, np.ndarray):
       continue
-    if args is not None and getattr(args[i], "dtype", None) is not None:  # read with a cast: check the stored bytes
+    dtype = getattr(args[i], "dtype", None) if args is not None else None
+    if dtype is not None and np.dtype(dtype).name != expected.dtype:  # read cast to another dtype: check the stored bytes
       stored = _original_build(info, use_ocdbt=bool(info.is_ocdbt_checkpoint), metadata_key=getattr(self, "_metadata_key", None))
       checks.append(_check_saved_shards(dataclasses.replace(expected, base_spec=stored.json), None, None))
       continue

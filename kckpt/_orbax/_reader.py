@@ -268,6 +268,7 @@ def read_tree_into(
         if not is_read_error(e):
           raise
         raise LeafReadError(_unreadable_leaves(item_dir, batch, flat), e) from e
+      _read_checks.forget_unread(epath.Path(item_dir).parent)
       restored.update({p: v for p, v in trees.flatten_with_paths(out).items() if p in wanted})
       if on_batch is not None:
         on_batch(max(0, sum(trees.tree_nbytes(leaves[p]) for p in batch) - reported[0]), len(batch))

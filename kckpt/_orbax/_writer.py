@@ -117,7 +117,7 @@ class Writer:
     self.directory = directory
     self._sync = sync
     storage = storage or storage_lib.StorageOptions()
-    self.checksums = storage.checksums  # arrays written here carry a CRC32C per chunk
+    self.checksums = storage.checksums  # arrays written here get a CRC32C per saved shard
     # Arrays written here get per-leaf statistics (and checksums): see `_checksums`.
     self._checksum_scope: Any = _checksums.register(directory, checksums=storage.checksums)
     self._manager = ocp.CheckpointManager(

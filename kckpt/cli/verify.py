@@ -12,7 +12,7 @@ SUMMARY = "read every array of every step (or one) and check shapes and dtypes a
 EPILOG = """\
 Reports each problem with its step, item and leaf; exit status 1 if any.
 Steps saved by kckpt carry a CRC32C of each saved shard of array data, checked as
-each chunk is read: a changed bit is a problem naming its leaf. Steps saved
+each shard is read: a changed bit is a problem naming its leaf. Steps saved
 without (plain Orbax, older kckpt, StorageOptions(checksums=False)) say
 "no checksums": there a flipped bit
 inside an array goes unseen; a truncated, missing or undecodable file does not.

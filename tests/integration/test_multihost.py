@@ -81,12 +81,13 @@ def test_sharded_run_saved_by_4_processes_restores_on_4_2_and_1(tmp_path):
     "params.b": multihost_run.values(12)[0],
   }.items():
     covered = np.zeros(expected.shape, np.int32)
-    for box, crc in sums[name]:
+    assert sums[name]["shape"] == list(expected.shape) and sums[name]["dtype"] == "float32"
+    for box, crc in sums[name]["shards"]:
       region = tuple(slice(lo, hi) for lo, hi in box)
       covered[region] += 1
       assert crc == crc32c.crc32c(np.ascontiguousarray(expected[region]).tobytes()), (name, box)
     assert (covered == 1).all(), name
-  assert len(sums["params.w"]) == 8  # a (4, 2) mesh of 8 devices: 8 shards
+  assert len(sums["params.w"]["shards"]) == 8  # a (4, 2) mesh of 8 devices: 8 shards
 
 
 def test_background_error_on_one_process_is_raised_on_every_process(tmp_path):
