@@ -1,6 +1,6 @@
 """What checksums cost: restores and saves of realistic train states, `StorageOptions()` against `checksums=False`.
 
-Two states, values drawn as in a trained model (weights ~ N(0, 0.02), Adam's
+Realistic states, values drawn as in a trained model (weights ~ N(0, 0.02), Adam's
 first moment ~ N(0, 1e-3), second moment |N(0, 1e-6)|, LayerNorm scales
 near 1), float32 arrays on the CPU device:
 
@@ -8,7 +8,8 @@ near 1), float32 arrays on the CPU device:
   embeddings, 12 blocks (attention, MLP, two LayerNorms), the final
   LayerNorm, and Adam's two moments of each (about 1.49 GB, 444 leaves);
 - **deep**: a deep model of many small parameter leaves (4 to 256 KB each)
-  with Adam's moments (``--deep-leaves`` parameter leaves, times 3).
+  with Adam's moments (``--deep-leaves`` parameter leaves, times 3);
+- **mixed**: the GPT-2 state with bfloat16 parameters and float32 moments.
 
 Each state is saved with each `StorageOptions` in rounds, alternating the two
 (and which goes first): a sync save until durable, and an async save (how long
@@ -108,7 +109,7 @@ def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: in
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--states", nargs="+", choices=["gpt2", "deep"], default=["gpt2", "deep"])
+  parser.add_argument("--states", nargs="+", choices=list(states.STATES), default=["gpt2", "deep"])
   parser.add_argument("--deep-leaves", type=int, default=1500)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--cold-repeats", type=int, default=3)

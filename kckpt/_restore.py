@@ -147,27 +147,29 @@ def _restore(
         _orbax.read_items(step_path, [_orbax.ItemRead(name=r.name, format=r.format) for r in as_saved], storage=storage)
       )
   targeted = [r for r in reads if r.target is not None]
+  checks = contextlib.ExitStack()  # the step's checksums, loaded once for every item read below
   if targeted:  # a step whose checksums cannot be read fails here, before anything is donated
     with reading(step, ", ".join(r.name for r in targeted), step_path):
-      _orbax.check_readable(step_path)
-  for r in targeted:  # a configuration that cannot read a leaf fails here, before anything is read or donated
-    if r.format == "pytree" and r.partial_paths is None:
-      try:
-        _orbax.read_storage(storage, trees.flatten_with_paths(_orbax.abstract_target(r.target)))
-      except ValueError as e:
-        raise ValueError(f"Cannot restore step {step}, item {r.name!r}: {e}") from None
-  progress = _progress.Transfer(
-    f"restore step {step}",
-    total_bytes=sum(trees.tree_nbytes(r.target) for r in targeted if r.format == "pytree"),
-    total_leaves=sum(len(jax.tree.leaves(r.target)) for r in targeted if r.format == "pytree"),
-  )
-  try:
-    for r in targeted:
-      with reading(step, r.name, step_path / r.name, donated=donate and _has_device_arrays(r.target)):
-        value = _read_into(step_path / r.name, r, donate, storage, on_batch=progress.advance)
-      restored[r.name] = _orbax.match_scalar_types(r.target, value)
-  finally:
-    progress.close()
+      checks.enter_context(_orbax.checking(step_path))
+  with checks:
+    for r in targeted:  # a configuration that cannot read a leaf fails here, before anything is read or donated
+      if r.format == "pytree" and r.partial_paths is None:
+        try:
+          _orbax.read_storage(storage, trees.flatten_with_paths(_orbax.abstract_target(r.target)))
+        except ValueError as e:
+          raise ValueError(f"Cannot restore step {step}, item {r.name!r}: {e}") from None
+    progress = _progress.Transfer(
+      f"restore step {step}",
+      total_bytes=sum(trees.tree_nbytes(r.target) for r in targeted if r.format == "pytree"),
+      total_leaves=sum(len(jax.tree.leaves(r.target)) for r in targeted if r.format == "pytree"),
+    )
+    try:
+      for r in targeted:
+        with reading(step, r.name, step_path / r.name, donated=donate and _has_device_arrays(r.target)):
+          value = _read_into(step_path / r.name, r, donate, storage, on_batch=progress.advance)
+        restored[r.name] = _orbax.match_scalar_types(r.target, value)
+    finally:
+      progress.close()
   for r in reads:
     if r.name in escaped and r.format == "pytree":
       restored[r.name] = trees.unescape_dotted_keys(restored[r.name])

@@ -67,7 +67,7 @@ _LAZY = {
   "merge_partials": "_leafstats",
   "merge_checksums": "_leafstats",
   "leaf_checksums": "_checksums",
-  "check_readable": "_read_checks",
+  "checking": "_read_checks",
   "open_collector": "_leafstats",
   "close_collector": "_leafstats",
   "reduce_shards": "_leafstats",
@@ -139,7 +139,7 @@ if TYPE_CHECKING:
   from kckpt._orbax._leafstats import reduce_shards
   from kckpt._orbax._metadata import SavedLeaf, metadata_as_shape_dtype, pytree_metadata, read_shardings, saved_leaf_specs
   from kckpt._orbax._patches import install_s3_support
-  from kckpt._orbax._read_checks import check_readable
+  from kckpt._orbax._read_checks import checking
   from kckpt._orbax._reader import (
     RESTORE_BATCH_BYTES,
     RESTORE_TREE_VISITS,
@@ -180,7 +180,7 @@ __all__ = [
   "Writer",
   "abstract_target",
   "before_commit",
-  "check_readable",
+  "checking",
   "close_collector",
   "custom_metadata",
   "damaged_files",

@@ -65,6 +65,11 @@ class _Expected:
   sums: tuple[tuple[Box, int], ...]
   base_spec: dict[str, Any] | None = None  # a read cast to another dtype: the stored array's spec (its bytes are checked)
   context: Any = None  # the TensorStore context of the read (OCDBT caches)
+  by_box: dict[Box, int] = dataclasses.field(default_factory=dict, compare=False)  # `sums` as a mapping
+
+  def __post_init__(self):
+    if not self.by_box:
+      self.by_box.update(self.sums)
 
 
 def _parse(step_dir: epath.Path, table: Any) -> dict[tuple[str, str], _Expected]:
@@ -91,6 +96,7 @@ _read_owners: dict[int, tuple[dict[str, Any], _Expected]] = {}  # id(read spec) 
 # (label, box) -> the task checking that saved shard, read whole (a resharded read): once per scope, not per reader.
 _whole_checks: dict[tuple[str, Box], asyncio.Task] = {}
 _current: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar("kckpt_expected_shards", default=None)
+_last_parent: tuple[Any, str, str] = (None, "", "")  # the last item folder looked up, its step and item names
 _original_build = _ts_utils.build_array_read_spec
 _original_deserialize = _serialization.async_deserialize
 _original_numpy_deserialize = _type_handlers.NumpyHandler.deserialize
@@ -105,26 +111,30 @@ def _key(path: Any) -> str:
 def checking(step_dir: epath.Path) -> Iterator[None]:
   """While inside, arrays read from the step at `step_dir` are checked against its recorded checksums.
 
-  A step saved without `CRC32C_SHARDS` (plain Orbax, earlier development versions, checksums
-  off) is read as it is. A step that says it has them but lost its checksum
-  file raises a `ValueError` (a damaged step) before anything is read.
+  A step saved without `CRC32C_SHARDS` (plain Orbax, earlier development
+  versions, checksums off) is read as it is. A step that says it has them
+  but lost or garbled its checksum file raises a `ValueError` (a damaged
+  step) on entry, before anything is read. Scopes nest: an inner scope of
+  a step already open reuses its table (one parse per restore).
   """
-  metadata = _format.read_step_metadata(step_dir)
-  if _format.step_checksums(metadata) != _format.CRC32C_SHARDS:
-    yield
-    return
-  try:
-    raw = _format.read_step_checksums(step_dir)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"DATA_LOSS: {_format.CHECKSUMS_FILE} of the step at {step_dir} is not JSON: {e}") from None
-  if raw is None:
-    raise ValueError(f"DATA_LOSS: the step at {step_dir} was saved with checksums but {_format.CHECKSUMS_FILE} is missing")
-  table = _parse(step_dir, raw)
-  install()
   key = _key(step_dir)
+  table: dict[tuple[str, str], _Expected] | None
   with _lock:
-    count, _ = _scopes.get(key, (0, table))
-    _scopes[key] = (count + 1, table)
+    if key in _scopes:
+      count, table = _scopes[key]
+      _scopes[key] = (count + 1, table)
+      table = None
+    else:
+      table = {}
+  if table is not None:  # the first scope of this step: load its table
+    table = _load(step_dir)
+    if table is None:  # saved without checksums
+      yield
+      return
+    install()
+    with _lock:
+      count, known = _scopes.get(key, (0, table))
+      _scopes[key] = (count + 1, known)
   try:
     yield
   finally:
@@ -139,10 +149,17 @@ def checking(step_dir: epath.Path) -> Iterator[None]:
     forget_unread(step_dir)
 
 
-def check_readable(step_dir: epath.Path) -> None:
-  """Raises the `ValueError` that reading the step at `step_dir` would, when its checksum file is missing or damaged."""
-  with checking(step_dir):
-    pass
+def _load(step_dir: epath.Path) -> dict[tuple[str, str], _Expected] | None:
+  """The step's recorded shards by (item, leaf); None for a step saved without checksums."""
+  if _format.step_checksums(_format.read_step_metadata(step_dir)) != _format.CRC32C_SHARDS:
+    return None
+  try:
+    raw = _format.read_step_checksums(step_dir)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"DATA_LOSS: {_format.CHECKSUMS_FILE} of the step at {step_dir} is not JSON: {e}") from None
+  if raw is None:
+    raise ValueError(f"DATA_LOSS: the step at {step_dir} was saved with checksums but {_format.CHECKSUMS_FILE} is missing")
+  return _parse(step_dir, raw)
 
 
 def forget_unread(step_dir: epath.Path) -> None:
@@ -158,21 +175,31 @@ def forget_unread(step_dir: epath.Path) -> None:
 
 
 def _expected_for(info: Any, spec: dict[str, Any] | None = None) -> _Expected | None:
-  """The recorded shards of the array `info` names, when a scope of its step is open."""
-  if not _scopes or getattr(info, "parent_dir", None) is None or info.name is None:
+  """The recorded shards of the array `info` names, when a scope of its step is open.
+
+  Called for every array read (thousands per restore): string operations on
+  the item folder, no path objects.
+  """
+  parent = getattr(info, "parent_dir", None)
+  if not _scopes or parent is None or info.name is None:
     return None
-  item_dir = epath.Path(info.parent_dir)
-  step = _key(item_dir.parent)
-  with _lock:
-    found = _scopes.get(step)
+  global _last_parent
+  last = _last_parent
+  if last[0] is parent:  # Orbax gives every array of an item the same folder object
+    _, step, item = last
+  else:
+    step, _, item = str(parent).rstrip("/").rpartition("/")
+    _last_parent = (parent, step, item)  # one tuple: other threads see the old one or this one
+  found = _scopes.get(step)
   if found is None:
     return None
-  expected = found[1].get((item_dir.name, str(info.name)))
+  expected = found[1].get((item, str(info.name)))
   if expected is None:
     return None
   # Orbax casts every read with a target dtype, to the same dtype too: only another dtype reads other bytes.
-  cast = spec is not None and spec.get("driver") == "cast" and spec.get("dtype") != expected.dtype
-  return dataclasses.replace(expected, base_spec=spec["base"] if cast else None, context=getattr(info, "ts_context", None))  # type: ignore[index]
+  if spec is None or spec.get("driver") != "cast" or spec.get("dtype") == expected.dtype:
+    return expected
+  return dataclasses.replace(expected, base_spec=spec["base"], context=getattr(info, "ts_context", None))
 
 
 def _mismatch(expected: _Expected, box: Box, saved: int, read: int) -> ChecksumMismatch:
@@ -264,19 +291,19 @@ async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, r
   }
   if expected is None:
     return await original(t, **kwargs)
-  region: Box = tuple(
-    zip((int(v) for v in restricted_domain.inclusive_min), (int(v) for v in restricted_domain.exclusive_max), strict=True)
-  )
-  saved = [crc for box, crc in expected.sums if box == region]
-  if not saved or expected.base_spec is not None:
+  region: Box = tuple(zip(restricted_domain.inclusive_min, restricted_domain.exclusive_max, strict=True))
+  saved = expected.by_box.get(region)
+  if saved is None or expected.base_spec is not None:
     await _check_saved_shards(expected, t, region)
     return await original(t, **kwargs)
   # The shard read is a saved one: Orbax's read (as in `_read_shard`), then one CRC32C of its bytes.
   out = np.zeros(new_shard_shape, dtype=t.dtype.numpy_dtype)
   await ts.array(out)[ts.d[:].translate_to[requested_domain.origin]][restricted_domain].write(t[restricted_domain])
-  offset = [lo - origin for (lo, _), origin in zip(region, requested_domain.origin, strict=True)]
-  view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
-  await _check_async(expected, region, saved[0], view)
+  view = out
+  if tuple(new_shard_shape) != tuple(hi - lo for lo, hi in region):  # a target larger than saved: the read part
+    offset = [lo - origin for (lo, _), origin in zip(region, requested_domain.origin, strict=True)]
+    view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
+  await _check_async(expected, region, saved, view)
   if dtype is not None:
     out = await asyncio.to_thread(lambda: out.astype(dtype, copy=False))
   return out
