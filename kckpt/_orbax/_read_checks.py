@@ -344,7 +344,9 @@ async def _numpy_deserialize(self, infos: Sequence[Any], args: Sequence[Any] | N
     dtype = getattr(args[i], "dtype", None) if args is not None else None
     if dtype is not None and np.dtype(dtype).name != expected.dtype:  # read cast to another dtype: check the stored bytes
       stored = _original_build(info, use_ocdbt=bool(info.is_ocdbt_checkpoint), metadata_key=getattr(self, "_metadata_key", None))
-      checks.append(_check_saved_shards(dataclasses.replace(expected, base_spec=stored.json), None, None))
+      checks.append(
+        _check_saved_shards(dataclasses.replace(expected, base_spec=stored.json, context=info.ts_context), None, None)
+      )
       continue
     for box, saved in expected.sums:
       checks.append(_check_async(expected, box, saved, value[tuple(slice(lo, hi) for lo, hi in box)]))
