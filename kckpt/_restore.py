@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 from etils import epath
 
+from kckpt import _gc
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt import _progress
@@ -101,7 +102,8 @@ def restore_step(
   """
   step_path = _layout.step_dir(checkpoints, step)
   try:
-    return _restore(step_path, step, state, donate=donate, partial=partial, storage=storage)
+    with _gc.paused():  # kckpt's and Orbax's Python per leaf: see `_gc`
+      return _restore(step_path, step, state, donate=donate, partial=partial, storage=storage)
   except (CheckpointReadError, FileNotFoundError) as e:
     if _deleted(step_path):  # e.g. the trainer's retention removed it mid-read
       freed = _FREED in str(e)

@@ -1,11 +1,13 @@
 """Restoring anything: strict errors, partial restores, other shardings and dtypes, tags."""
 
+import gc
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -293,3 +295,52 @@ def test_a_target_whose_dotted_paths_collide_is_a_mismatch_before_anything_is_fr
   with pytest.raises(kckpt.TreeMismatchError, match=r"a\.b: several target leaves have this dotted path"):
     ckpt.restore(target, donate=True)
   assert not target["a.b"].is_deleted() and not target["a"]["b"].is_deleted()
+
+
+# -- Python's garbage collector -------------------------------------------------
+
+
+def _automatic_collections(read) -> tuple[list[int], object]:
+  """The generations of the collections Python starts (none are started explicitly here) while `read()` runs."""
+  started: list[int] = []
+
+  def on_gc(phase, info):
+    if phase == "start":
+      started.append(info["generation"])
+
+  gc.callbacks.append(on_gc)
+  try:
+    out = read()
+  finally:
+    gc.callbacks.remove(on_gc)
+  return started, out
+
+
+def test_the_cyclic_gc_is_paused_while_a_restore_reads_and_resumed_after(workdir):
+  """Orbax makes many objects per leaf; their collections walk the caller's whole heap (see kckpt._gc)."""
+  state = {f"layer{i}": {"w": jnp.full((8,), float(i)), "b": jnp.zeros(2)} for i in range(150)}
+  ckpt = saved_run(workdir, state)
+  target = jax.tree.map(jnp.zeros_like, state)
+  plain = ocp.PyTreeCheckpointer()
+  item_dir = ckpt.step_details(1).path / "default"
+  # The same read by plain Orbax: the test's restore is big enough to start collections.
+  started, _ = _automatic_collections(lambda: plain.restore(item_dir, args=ocp.args.PyTreeRestore(item=target)))
+  assert len(started) > 1
+  for read in (lambda: ckpt.restore(target, step=1), lambda: ckpt.restore(step=1)):
+    started, out = _automatic_collections(read)
+    assert len(started) <= 1 and gc.isenabled()  # one, the collection put off, as the GC resumes
+    np.testing.assert_array_equal(out["layer7"]["w"], np.full(8, 7.0))
+
+
+def test_a_restore_leaves_the_gc_as_it_found_it_also_when_it_fails(workdir):
+  ckpt = saved_run(workdir, {"w": jnp.arange(1000.0)})
+  gc.disable()
+  try:
+    np.testing.assert_array_equal(ckpt.restore({"w": jnp.zeros(1000)})["w"], np.arange(1000.0))
+    assert not gc.isenabled()
+  finally:
+    gc.enable()
+  _truncate_data_files(workdir / "checkpoints" / "ckpt_1")
+  with pytest.raises(kckpt.CheckpointReadError):
+    ckpt.restore({"w": jnp.zeros(1000)})
+  assert gc.isenabled()

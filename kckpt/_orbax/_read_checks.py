@@ -44,6 +44,7 @@ from orbax.checkpoint._src.serialization import serialization as _serialization 
 from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # Orbax 0.12 internal: see install
 from orbax.checkpoint._src.serialization import type_handlers as _type_handlers  # Orbax 0.12 internal: see install
 
+from kckpt import _gc
 from kckpt._orbax import _format, _read_progress
 from kckpt._orbax._checksums import Box
 from kckpt._orbax._checksums import crc32c_of
@@ -127,7 +128,8 @@ def checking(step_dir: epath.Path) -> Iterator[None]:
     else:
       table = {}
   if table is not None:  # the first scope of this step: load its table
-    table = _load(step_dir)
+    with _gc.paused():  # ~10 objects per leaf: full collections of the caller's heap, 10x the parse
+      table = _load(step_dir)
     if table is None:  # saved without checksums
       yield
       return
@@ -180,7 +182,8 @@ def _expected_for(info: Any, spec: dict[str, Any] | None = None) -> _Expected | 
   Called for every array read (thousands per restore): string operations on
   the item folder, no path objects.
   """
-  parent = getattr(info, "parent_dir", None)
+  # Orbax's `ParamInfo.parent_dir` property checks its value against a runtime Protocol: tens of µs per call.
+  parent = getattr(info, "_parent_dir", None) or getattr(info, "parent_dir", None)
   if not _scopes or parent is None or info.name is None:
     return None
   global _last_parent
@@ -296,7 +299,7 @@ async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, r
   if saved is None or expected.base_spec is not None:
     await _check_saved_shards(expected, t, region)
     return await original(t, **kwargs)
-  # The shard read is a saved one: Orbax's read (as in `_read_shard`), then one CRC32C of its bytes.
+  # The shard read is a saved one: Orbax's read (`_read_progress.read_shard`), then one CRC32C of its bytes.
   out = np.zeros(new_shard_shape, dtype=t.dtype.numpy_dtype)
   await ts.array(out)[ts.d[:].translate_to[requested_domain.origin]][restricted_domain].write(t[restricted_domain])
   view = out
@@ -304,8 +307,8 @@ async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, r
     offset = [lo - origin for (lo, _), origin in zip(region, requested_domain.origin, strict=True)]
     view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
   await _check_async(expected, region, saved, view)
-  if dtype is not None:
-    out = await asyncio.to_thread(lambda: out.astype(dtype, copy=False))
+  if _read_progress.casts(dtype, out):
+    out = await asyncio.to_thread(out.astype, dtype, copy=False)
   return out
 
 

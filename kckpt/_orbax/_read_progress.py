@@ -13,6 +13,7 @@ end.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -20,11 +21,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+import tensorstore as ts
 from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
 
 _lock = threading.Lock()
 _listeners: list[Callable[[int], None]] = []  # one per kckpt restore reporting now
-_original_read_shard = _serialization._read_shard  # pylint: disable=protected-access
 _installed = False
 # Reads one shard given Orbax's reader: kckpt's checked read (`_read_checks.read_shard`) once installed.
 _checked_read: Callable[..., Any] | None = None
@@ -37,8 +39,28 @@ def check_reads_with(read: Callable[..., Any]) -> None:
   install()
 
 
+def casts(dtype: Any, read: np.ndarray) -> bool:
+  """Whether Orbax's cast of a shard `read` to `dtype` makes a new array (not the identity)."""
+  return dtype is not None and read.dtype != np.dtype(dtype)
+
+
+async def read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_domain) -> np.ndarray:
+  """Orbax 0.12's `_read_shard` (the same read and the same values), without its thread hop when nothing is cast.
+
+  Orbax casts every shard read into a target to the target's dtype in a
+  worker thread, the target's dtype being the saved one too;
+  ``astype(dtype, copy=False)`` then returns the array itself, and the hop
+  alone cost a restore of 9001 small leaves about 9% of its time.
+  """
+  out = np.zeros(new_shard_shape, dtype=t.dtype.numpy_dtype)
+  await ts.array(out)[ts.d[:].translate_to[requested_domain.origin]][restricted_domain].write(t[restricted_domain])
+  if casts(dtype, out):
+    out = await asyncio.to_thread(out.astype, dtype, copy=False)
+  return out
+
+
 async def _read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_domain):
-  read = _original_read_shard if _checked_read is None else functools.partial(_checked_read, _original_read_shard)
+  read = read_shard if _checked_read is None else functools.partial(_checked_read, read_shard)
   out = await read(
     t, new_shard_shape=new_shard_shape, dtype=dtype, requested_domain=requested_domain, restricted_domain=restricted_domain
   )

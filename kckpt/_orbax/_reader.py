@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kckpt import _gc
 from kckpt import storage as storage_lib
 from kckpt import trees
 from kckpt._orbax import _handlers, _metadata, _read_checks, _read_progress
@@ -115,7 +116,11 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
     return ocp.checkpoint_utils.construct_restore_args(leaf)
 
   restore_args = jax.tree_util.tree_map_with_path(args_for, item)
-  with _read_checks.checking(epath.Path(item_dir).parent), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+  with (
+    _gc.paused(),
+    _read_checks.checking(epath.Path(item_dir).parent),
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader,
+  ):
     restored = reader.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   return {path: leaf for path, leaf in trees.flatten_with_paths(restored).items() if path in wanted}
 
@@ -239,6 +244,7 @@ def read_tree_into(
     if not is_read_error(e):
       raise
     raise LeafReadError(["<checksums>"], e) from e
+  scope.enter_context(_gc.paused())
   if donate:
     release(list(leaves.values()))
   restored: dict[str, Any] = {}
@@ -337,7 +343,11 @@ def read_items(
   """
   args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
   registry = _handlers.handler_registry(storage, None) if storage is not None else None
-  with _read_checks.checking(step_path), ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader:
+  with (
+    _gc.paused(),
+    _read_checks.checking(step_path),
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader,
+  ):
     restored = reader.restore(step_path, args=args)
   return {r.name: restored[r.name] for r in reads}
 
