@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 from etils import epath
 
+from kckpt import _gc
 from kckpt import _health
 from kckpt import _layout
 from kckpt import _local_tier
@@ -176,7 +177,24 @@ class WriteSession:
     tag: str | None,
     config: Mapping[str, Any] | None = None,
   ) -> bool:
-    """Starts saving `state` as `step` (see `Checkpointer.save`); False when `force` and it exists."""
+    """Starts saving `state` as `step` (see `Checkpointer.save`); False when `force` and it exists.
+
+    Python's cyclic GC is paused while the caller waits (see `kckpt._gc`), not during an async save's
+    background part.
+    """
+    with _gc.paused():
+      return self._save(state, step=step, force=force, metrics=metrics, tag=tag, config=config)
+
+  def _save(
+    self,
+    state: Any,
+    *,
+    step: Step,
+    force: bool,
+    metrics: Mapping[str, Any] | None,
+    tag: str | None,
+    config: Mapping[str, Any] | None,
+  ) -> bool:
     started = time.perf_counter()
     self._writer.poll()
     if self._lock is not None:

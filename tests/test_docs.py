@@ -10,6 +10,7 @@ import pytest
 
 import kckpt
 from kckpt import _fs
+from kckpt import _gc
 from kckpt import _provenance
 from kckpt import _run
 from kckpt import _views
@@ -38,6 +39,7 @@ from tests.helpers import PYTHON, REPO
 MODULES = [
   kckpt,
   _fs,
+  _gc,
   _run,
   _views,
   _treeview,

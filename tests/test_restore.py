@@ -344,3 +344,16 @@ def test_a_restore_leaves_the_gc_as_it_found_it_also_when_it_fails(workdir):
   with pytest.raises(kckpt.CheckpointReadError):
     ckpt.restore({"w": jnp.zeros(1000)})
   assert gc.isenabled()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_the_cyclic_gc_is_paused_while_a_save_blocks_its_caller(workdir, async_save):
+  state = {f"layer{i}": {"w": jnp.full((8,), float(i)), "b": jnp.zeros(2)} for i in range(150)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=async_save)
+  plain = ocp.PyTreeCheckpointer()
+  started, _ = _automatic_collections(lambda: plain.save(workdir / "plain", args=ocp.args.PyTreeSave(state)))
+  assert len(started) > 1
+  started, _ = _automatic_collections(lambda: ckpt.save(state, step=1))
+  assert len(started) <= 1 and gc.isenabled()  # one, the collection put off, as the GC resumes
+  ckpt.wait_until_finished()
+  np.testing.assert_array_equal(ckpt.restore(step=1)["layer7"]["w"], np.full(8, 7.0))

@@ -68,7 +68,7 @@ _installed = False
 def _root_of(parent_dir: Any) -> tuple[str, _Root] | None:
   if parent_dir is None or not _roots:
     return None
-  path = epath.Path(parent_dir).as_posix() + "/"
+  path = (parent_dir if isinstance(parent_dir, str) else epath.Path(parent_dir).as_posix()) + "/"
   for root, wanted in tuple(_roots.items()):
     if path.startswith(root):
       return root, wanted
@@ -122,16 +122,26 @@ def _reduce(shards: list[tuple[Box, np.ndarray]], shape: Sequence[int], checksum
   return stats, leaf_checksums(shape, shards) if checksums and shards else None
 
 
+_last_parent: tuple[Any, str] = (None, "")  # the last item folder seen, as a string (one tuple: atomic for readers)
+
+
 def _build_array_write_spec(info, *args, **kwargs):
   spec = _original_build(info, *args, **kwargs)
-  found = _root_of(getattr(info, "parent_dir", None))
+  # Orbax's `ParamInfo.parent_dir` property checks its value against a runtime Protocol (tens of µs per
+  # array), and gives every array of an item the same folder object: one string per item.
+  global _last_parent
+  parent = getattr(info, "_parent_dir", None) or getattr(info, "parent_dir", None)
+  last = _last_parent
+  if last[0] is not parent and parent is not None:
+    last = _last_parent = (parent, epath.Path(parent).as_posix())
+  found = _root_of(last[1]) if parent is not None else None
   if found is not None:
     _, wanted = found
     name = str(getattr(info, "name", "?"))
     # A cast on write (`SaveArgs(dtype=...)`) stores other bytes than the host shards hold: no checksum.
     checksums = wanted.checksums and spec.json.get("driver") != "cast"
     with _lock:
-      _owners[id(spec.json)] = (spec.json, epath.Path(info.parent_dir).as_posix(), name, checksums)
+      _owners[id(spec.json)] = (spec.json, last[1], name, checksums)
   return spec
 
 
