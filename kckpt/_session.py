@@ -179,8 +179,8 @@ class WriteSession:
   ) -> bool:
     """Starts saving `state` as `step` (see `Checkpointer.save`); False when `force` and it exists.
 
-    Python's cyclic GC is paused while the caller waits (see `kckpt._gc`), not during an async save's
-    background part.
+    Python's cyclic GC is paused until it returns (see `kckpt._gc`): an async save's snapshot, a sync
+    save until durable, and the wait for a previous save still committing.
     """
     with _gc.paused():
       return self._save(state, step=step, force=force, metrics=metrics, tag=tag, config=config)

@@ -357,3 +357,47 @@ def test_the_cyclic_gc_is_paused_while_a_save_blocks_its_caller(workdir, async_s
   assert len(started) <= 1 and gc.isenabled()  # one, the collection put off, as the GC resumes
   ckpt.wait_until_finished()
   np.testing.assert_array_equal(ckpt.restore(step=1)["layer7"]["w"], np.full(8, 7.0))
+
+
+def test_kckpt_pause_gc_0_leaves_the_collector_alone(workdir, monkeypatch):
+  state = {f"layer{i}": {"w": jnp.full((8,), float(i)), "b": jnp.zeros(2)} for i in range(150)}
+  ckpt = saved_run(workdir, state)
+  monkeypatch.setenv("KCKPT_PAUSE_GC", "0")
+  started, _ = _automatic_collections(lambda: ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1))
+  assert len(started) > 1
+
+
+def test_pauses_in_two_threads_share_one_and_the_last_resumes_the_collector():
+  import threading  # pylint: disable=import-outside-toplevel
+
+  from kckpt import _gc  # pylint: disable=import-outside-toplevel
+
+  inside, leave = threading.Event(), threading.Event()
+
+  def other():
+    with _gc.paused():
+      inside.set()
+      leave.wait()
+
+  thread = threading.Thread(target=other)
+  with _gc.paused():
+    thread.start()
+    inside.wait()
+  assert not gc.isenabled()  # the other thread's pause is still open
+  leave.set()
+  thread.join()
+  assert gc.isenabled() and _gc._depth == 0  # pylint: disable=protected-access
+
+
+def test_a_restore_that_fails_after_pausing_resumes_the_collector(workdir, monkeypatch):
+  from kckpt import _gc  # pylint: disable=import-outside-toplevel
+
+  ckpt = saved_run(workdir, {"w": jnp.arange(1000.0)})
+
+  def failing_release(tree):
+    raise RuntimeError("release failed")
+
+  monkeypatch.setattr("kckpt._orbax._reader.release", failing_release)
+  with pytest.raises(kckpt.CheckpointReadError, match="release failed"):
+    ckpt.restore({"w": jnp.zeros(1000)}, donate=True)
+  assert gc.isenabled() and _gc._depth == 0  # pylint: disable=protected-access

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -130,7 +131,9 @@ def _build_array_write_spec(info, *args, **kwargs):
   # Orbax's `ParamInfo.parent_dir` property checks its value against a runtime Protocol (tens of µs per
   # array), and gives every array of an item the same folder object: one string per item.
   global _last_parent
-  parent = getattr(info, "_parent_dir", None) or getattr(info, "parent_dir", None)
+  parent = getattr(info, "_parent_dir", None)
+  if not isinstance(parent, (str, os.PathLike)):  # not a folder (yet): Orbax's property says why
+    parent = getattr(info, "parent_dir", None)
   last = _last_parent
   if last[0] is not parent and parent is not None:
     last = _last_parent = (parent, epath.Path(parent).as_posix())

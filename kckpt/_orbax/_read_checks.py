@@ -33,6 +33,7 @@ import contextvars
 import dataclasses
 import json
 import math
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -183,7 +184,9 @@ def _expected_for(info: Any, spec: dict[str, Any] | None = None) -> _Expected | 
   the item folder, no path objects.
   """
   # Orbax's `ParamInfo.parent_dir` property checks its value against a runtime Protocol: tens of µs per call.
-  parent = getattr(info, "_parent_dir", None) or getattr(info, "parent_dir", None)
+  parent = getattr(info, "_parent_dir", None)
+  if not isinstance(parent, (str, os.PathLike)):  # not a folder (yet): Orbax's property says why
+    parent = getattr(info, "parent_dir", None)
   if not _scopes or parent is None or info.name is None:
     return None
   global _last_parent

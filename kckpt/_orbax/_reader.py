@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -238,17 +239,18 @@ def read_tree_into(
       on_batch(nbytes, 0)
 
   scope = contextlib.ExitStack()
-  try:  # before anything is freed: a step that lost its checksums is refused with the target intact
-    scope.enter_context(_read_checks.checking(epath.Path(item_dir).parent))
-  except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
-    if not is_read_error(e):
-      raise
-    raise LeafReadError(["<checksums>"], e) from e
-  scope.enter_context(_gc.paused())
-  if donate:
-    release(list(leaves.values()))
+  scope.callback(handler.close)
   restored: dict[str, Any] = {}
-  try:
+  with scope:
+    try:  # before anything is freed: a step that lost its checksums is refused with the target intact
+      scope.enter_context(_read_checks.checking(epath.Path(item_dir).parent))
+    except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+      if not is_read_error(e):
+        raise
+      raise LeafReadError(["<checksums>"], e) from e
+    scope.enter_context(_gc.paused())
+    if donate:
+      release(list(leaves.values()))
     for batch in batches:
       wanted = set(batch)
       item = (
@@ -278,9 +280,6 @@ def read_tree_into(
       restored.update({p: v for p, v in trees.flatten_with_paths(out).items() if p in wanted})
       if on_batch is not None:
         on_batch(max(0, sum(trees.tree_nbytes(leaves[p]) for p in batch) - reported[0]), len(batch))
-  finally:
-    scope.close()
-    handler.close()
   return trees.replace_leaves(target, restored)
 
 
@@ -329,7 +328,10 @@ def _unreadable_leaves(item_dir: epath.Path, paths: Sequence[str], abstract: Map
     size += trees.tree_nbytes(abstract[path])
   faults: dict[str, BaseException] = {}
   for group in groups:
-    faults.update(read_each(lambda ps: read_leaves(item_dir, {p: abstract[p] for p in ps}, metadata=metadata), group)[1])
+    found = read_each(lambda ps: read_leaves(item_dir, {p: abstract[p] for p in ps}, metadata=metadata), group)[1]
+    if found:  # a failed Orbax call leaves cycles that hold arrays read; the collector is paused (`_gc`)
+      gc.collect()
+    faults.update(found)
   return sorted(faults) or list(paths)
 
 
