@@ -96,7 +96,7 @@ class Checkpointer(base.BaseCheckpointer):
       by the first `maybe_save` and removed by `close`.
     storage: `kckpt.StorageOptions`: the on-disk format (compression, OCDBT,
       Zarr version, checksums) and I/O concurrency limits of saves. The
-      default: uncompressed, OCDBT, Zarr v3, a CRC32C per saved shard;
+      default: uncompressed, OCDBT, Zarr v2, a CRC32C per saved shard;
       ``StorageOptions.orbax_defaults()`` writes what plain Orbax writes.
       Restores read any format.
     health_fn: an optional function of a step's metrics (the dict given to
