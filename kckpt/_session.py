@@ -167,6 +167,7 @@ class WriteSession:
 
   # -- Saving -------------------------------------------------------------------
 
+  @_gc.paused()  # a fresh pause per call (contextlib's decorator form)
   def save(
     self,
     state: Any,
@@ -182,19 +183,6 @@ class WriteSession:
     Python's cyclic GC is paused until it returns (see `kckpt._gc`): an async save's snapshot, a sync
     save until durable, and the wait for a previous save still committing.
     """
-    with _gc.paused():
-      return self._save(state, step=step, force=force, metrics=metrics, tag=tag, config=config)
-
-  def _save(
-    self,
-    state: Any,
-    *,
-    step: Step,
-    force: bool,
-    metrics: Mapping[str, Any] | None,
-    tag: str | None,
-    config: Mapping[str, Any] | None,
-  ) -> bool:
     started = time.perf_counter()
     self._writer.poll()
     if self._lock is not None:
