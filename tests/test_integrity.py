@@ -6,10 +6,13 @@ import json
 import os
 import platform
 import socket
+import subprocess
+from importlib import metadata as importlib_metadata
 
 import crc32c
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -18,7 +21,7 @@ import tensorstore as ts
 import kckpt
 from kckpt import cli
 from kckpt import errors
-from tests.helpers import HtmlTable
+from tests.helpers import PYTHON, HtmlTable, subprocess_env
 
 
 def train_state(seed: int) -> dict:
@@ -80,6 +83,27 @@ def test_a_flipped_bit_is_found_by_verify_and_refused_by_restore(workdir, capsys
   for step in (1, 3):
     out = ckpt.restore(train_state(0), step=step)
     np.testing.assert_array_equal(out["params"]["dense"]["w"], train_state(step)["params"]["dense"]["w"])
+  ckpt.close()
+
+
+def test_a_flipped_bit_in_a_large_array_fails_the_restore_though_its_check_overlaps_the_placement(workdir):
+  """Shards over `INLINE_BYTES` are hashed while Orbax places them: the read still waits for the check."""
+  from kckpt._orbax import _read_checks  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  big = rng.standard_normal(4 * _read_checks.INLINE_BYTES // 4, np.float32)  # 4 MiB: checked in a worker thread
+  state = {"big": jnp.asarray(big), "small": jnp.arange(16.0)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None)
+  ckpt.save(state, step=1)
+  ckpt.save(state, step=2)
+  ckpt.wait_until_finished()
+  flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(1).path)
+  target = {"big": jnp.zeros_like(big), "small": jnp.zeros(16)}
+  for _ in range(2):  # and again: a failed read leaves nothing behind that changes the next one
+    with pytest.raises(errors.CheckpointReadError, match=r"step 1.*checksum mismatch") as raised:
+      ckpt.restore(target, step=1)
+    assert "unreadable leaves ['big']" in str(raised.value)
+  np.testing.assert_array_equal(ckpt.restore(target, step=2)["big"], big)
   ckpt.close()
 
 
@@ -255,6 +279,46 @@ def test_provenance_records_the_running_process_and_the_config(workdir):
   assert prov["shardings"] == {"SingleDeviceSharding": 3}  # the NumPy counter is a host value
   assert prov["config"] == {"lr": 3e-4, "model": {"width": 512}}
   assert "config" not in ckpt.step_details(2).provenance
+  assert prov["jaxlib"] == jaxlib.__version__
+  assert prov["tensorstore"] == importlib_metadata.version("tensorstore")
+
+
+_TRAIN_SCRIPT = """
+import sys
+import jax.numpy as jnp
+import kckpt
+ckpt = kckpt.Checkpointer(workdir=sys.argv[1], save_interval_steps=1)
+ckpt.save({"w": jnp.ones(4)}, step=int(sys.argv[2]))
+ckpt.close()
+"""
+
+
+def test_provenance_records_the_git_commit_of_the_training_script_and_whether_its_tree_is_dirty(tmp_path):
+  repo, workdir = tmp_path / "project", str(tmp_path / "run")
+  repo.mkdir()
+  script = repo / "train.py"
+  script.write_text(_TRAIN_SCRIPT)
+
+  def git(*args):
+    command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+  git("init", "-q")
+  git("add", "train.py")
+  git("commit", "-q", "-m", "train")
+  commit = git("rev-parse", "HEAD")
+
+  def train(script, step):
+    subprocess.run([PYTHON, str(script), workdir, str(step)], env=subprocess_env(), check=True, timeout=120)
+    return kckpt.Checkpointer.open(workdir).step_details(step).provenance["git"]
+
+  assert train(script, 1) == {"commit": commit, "dirty": False}
+  script.write_text(_TRAIN_SCRIPT + "# an uncommitted change\n")
+  assert train(script, 2) == {"commit": commit, "dirty": True}
+  outside = tmp_path / "elsewhere" / "train.py"  # not in a git work tree
+  outside.parent.mkdir()
+  outside.write_text(_TRAIN_SCRIPT)
+  assert train(outside, 3) is None
 
 
 def test_a_config_that_is_not_json_is_refused_and_nothing_is_saved(workdir):

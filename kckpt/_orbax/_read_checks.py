@@ -22,7 +22,11 @@ kckpt's readers report as a damaged step naming the item and leaf). Reads
 outside a scope, and arrays without a recorded checksum (scalars, steps saved
 without checksums), are Orbax's own, unchanged. The CRC32C runs on the CPU's
 CRC instruction without the GIL (`_checksums.crc32c_of`), in a worker thread
-for shards over `INLINE_BYTES`.
+for shards over `INLINE_BYTES`. A read shard's check does not hold up its
+placement on the device: the array's read awaits its shards' checks at the
+end (`_async_deserialize`), before Orbax gets the array, so a mismatch still
+fails the read (measured on GPT-2, 2 cores: a restore from disk +5% with the
+check in line, -4% to +1% with it overlapped).
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ _read_owners: dict[int, tuple[dict[str, Any], _Expected]] = {}  # id(read spec) 
 # (label, box) -> the task checking that saved shard, read whole (a resharded read): once per scope, not per reader.
 _whole_checks: dict[tuple[str, Box], asyncio.Task] = {}
 _current: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar("kckpt_expected_shards", default=None)
+# The checks of the current array's shards still running in worker threads, awaited before the array is returned.
+_pending: contextvars.ContextVar[list[asyncio.Future] | None] = contextvars.ContextVar("kckpt_pending_checks", default=None)
 _last_parent: tuple[Any, str, str] = (None, "", "")  # the last item folder looked up, its step and item names
 _original_build = _ts_utils.build_array_read_spec
 _original_deserialize = _serialization.async_deserialize
@@ -309,7 +315,12 @@ async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, r
   if tuple(new_shard_shape) != tuple(hi - lo for lo, hi in region):  # a target larger than saved: the read part
     offset = [lo - origin for (lo, _), origin in zip(region, requested_domain.origin, strict=True)]
     view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
-  await _check_async(expected, region, saved, view)
+  pending = _pending.get()
+  if pending is not None and view.nbytes > INLINE_BYTES:
+    # Hashed in a worker thread while Orbax places the shard (and reads the others); awaited before the array is returned.
+    pending.append(asyncio.ensure_future(asyncio.to_thread(_check, expected, region, saved, view)))
+  else:
+    await _check_async(expected, region, saved, view)
   if _read_progress.casts(dtype, out):
     out = await asyncio.to_thread(out.astype, dtype, copy=False)
   return out
@@ -330,12 +341,22 @@ async def _async_deserialize(user_sharding, tensorstore_spec, *args, **kwargs):
     owner = _read_owners.pop(id(tensorstore_spec), None) if _read_owners else None
   if owner is None or owner[0] is not tensorstore_spec:
     return await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
+  pending: list[asyncio.Future] = []
   token = _current.set(owner[1])  # Orbax gathers each array's read as a task of its own: a context of its own
+  pending_token = _pending.set(pending)
   try:
-    return await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
+    try:
+      array = await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
+    except BaseException:
+      await asyncio.gather(*pending, return_exceptions=True)  # the read's error is raised; no check outlives it
+      raise
+    await asyncio.gather(*pending)  # a mismatch raises: the array built from those bytes is dropped
+    return array
   finally:
     with contextlib.suppress(ValueError):  # a read abandoned unfinished is closed later, in another context
       _current.reset(token)
+    with contextlib.suppress(ValueError):
+      _pending.reset(pending_token)
 
 
 async def _numpy_deserialize(self, infos: Sequence[Any], args: Sequence[Any] | None = None):
