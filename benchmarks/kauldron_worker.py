@@ -18,17 +18,18 @@ the other fields at their defaults.
 
 Each round, after one untimed warm-up round of the same steps:
 
-1. sync save: `save(state, step=)` then `wait_until_finished()` (Kauldron has
-   no switch to turn Orbax's async saving off: a save is durable once
-   `wait_until_finished` returns), on the Checkpointer of ``ROOT/sync``;
+1. after a ``sync`` of the machine (untimed), sync save: `save(state, step=)`
+   then `wait_until_finished()` (Kauldron has no switch to turn Orbax's async
+   saving off) and an fsync of the files (Orbax does not fsync), on the
+   Checkpointer of ``ROOT/sync``: timed until durable, like the others;
 2. the step's files are fsynced and dropped from the page cache;
 3. restore into a target of zeros of the same structure (`restore(target, step=)`,
    Kauldron's default `donate=True` deletes the target's arrays first), until
    `jax.block_until_ready`; the first and last leaf are checked;
 4. the step is deleted;
 5. async save on the Checkpointer of ``ROOT/async``: the time the call blocked
-   the caller, and the time until `wait_until_finished` returned; the step is
-   deleted.
+   the caller, and the time until `wait_until_finished` returned and the files
+   were fsynced; the step is deleted.
 
 So the disk holds at most one state. Writes JSON:
 ``{"system", "state", "bytes", "leaves", "save_s", "restore_s", "async_blocked_s", "async_durable_s"}``
@@ -59,6 +60,8 @@ from kauldron import kd  # noqa: E402
 
 from benchmarks import states  # noqa: E402
 from benchmarks.pagecache import evict  # noqa: E402
+from benchmarks.pagecache import flush_all  # noqa: E402
+from benchmarks.pagecache import make_durable  # noqa: E402
 
 
 @flax.struct.dataclass
@@ -88,9 +91,11 @@ def check_restored(restored: TrainState, tree: dict[str, Any]) -> None:
 
 
 def one_round(sync: Any, async_: Any, state: TrainState, tree: dict[str, Any], step: int, root: Path) -> dict[str, float]:
+  flush_all()  # no save pays for the write-back of an earlier one's files
   start = time.perf_counter()
   sync.save(state, step=step)
   sync.wait_until_finished()
+  make_durable(root / "sync")  # Orbax does not fsync
   save_s = time.perf_counter() - start
   evict(root / "sync")
 
@@ -103,10 +108,12 @@ def one_round(sync: Any, async_: Any, state: TrainState, tree: dict[str, Any], s
   sync.delete(step)
   gc.collect()
 
+  flush_all()
   start = time.perf_counter()
   async_.save(state, step=step)
   blocked_s = time.perf_counter() - start
   async_.wait_until_finished()
+  make_durable(root / "async")
   durable_s = time.perf_counter() - start
   async_.delete(step)
   gc.collect()
