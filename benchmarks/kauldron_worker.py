@@ -20,8 +20,9 @@ Each round, after one untimed warm-up round of the same steps:
 
 1. after a ``sync`` of the machine (untimed), sync save: `save(state, step=)`
    then `wait_until_finished()` (Kauldron has no switch to turn Orbax's async
-   saving off) and an fsync of the files (Orbax does not fsync), on the
-   Checkpointer of ``ROOT/sync``: timed until durable, like the others;
+   saving off) and an fsync of the step's files and folders (TensorStore
+   fsyncs Orbax's array data, not its metadata), on the Checkpointer of
+   ``ROOT/sync``: timed until durable, like the others;
 2. the step's files are fsynced and dropped from the page cache;
 3. restore into a target of zeros of the same structure (`restore(target, step=)`,
    Kauldron's default `donate=True` deletes the target's arrays first), until
@@ -95,7 +96,7 @@ def one_round(sync: Any, async_: Any, state: TrainState, tree: dict[str, Any], s
   start = time.perf_counter()
   sync.save(state, step=step)
   sync.wait_until_finished()
-  make_durable(root / "sync")  # Orbax does not fsync
+  make_durable(root / "sync")  # Orbax fsyncs its array data (TensorStore), not its metadata
   save_s = time.perf_counter() - start
   evict(root / "sync")
 

@@ -3,8 +3,10 @@
 - `flush_all` before a timed save: no system pays for the write-back of the
   files an earlier one left dirty.
 - `make_durable` at the end of a timed save of a system that does not fsync
-  (Orbax, Kauldron): every saver is timed until its files are on disk, as
-  kckpt's saves (``durable=True``) and the plain files are.
+  all of a step (Orbax, Kauldron: TensorStore fsyncs their array data, not
+  their JSON metadata nor their folders): every saver is timed until its
+  files are on disk, as kckpt's saves (``durable=True``) and the plain files
+  are.
 - `evict` before a timed restore: the restore reads the disk.
 """
 
@@ -30,11 +32,18 @@ def _fsync(path: str, *, drop: bool = False) -> None:
 
 
 def make_durable(path: Path) -> None:
-  """Fsyncs every file and folder under `path`, and `path` itself."""
+  """Fsyncs every file and folder under `path`, `path` itself and its parent (which holds its name).
+
+  Raises FileNotFoundError when `path` is not a folder: a step that is not
+  where the caller expects it would otherwise be timed without its fsync.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no folder to make durable at {path}")
   for root, _, files in os.walk(path):
     for name in files:
       _fsync(os.path.join(root, name))
     _fsync(root)
+  _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def evict(path: Path) -> None:

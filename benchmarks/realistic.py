@@ -6,9 +6,10 @@ leaves), a deep model of ``--deep-leaves`` small parameter leaves with Adam
 float32 optimizer. In one process, in rounds that rotate the order of the
 systems, each system:
 
-- saves synchronously, timed until durable (Orbax's saves do not fsync:
-  its files are fsynced inside the timed span; before each timed save, a
-  ``sync`` writes back what earlier saves left dirty);
+- saves synchronously, timed until durable (TensorStore fsyncs Orbax's
+  array data, not its metadata files nor its folders: those are fsynced
+  inside the timed span; before each timed save, a ``sync`` writes back
+  what earlier saves left dirty);
 - restores that step into `jax.ShapeDtypeStruct` targets (a training job's
   resume) and with no target (an eval job or a notebook: arrays as saved),
   each after the step's files were dropped from the page cache;
@@ -166,7 +167,7 @@ class Orbax(System):
 
 
 class Files(System):
-  """One raw file per leaf, fsynced, and a JSON manifest of shapes and dtypes; read with ``np.fromfile``.
+  """One raw file per leaf and a JSON manifest of shapes and dtypes, all fsynced; read with ``np.fromfile``.
 
   Into a target, each array is placed with ``jax.device_put``; with no
   target, the arrays are NumPy, shaped by the manifest.
@@ -184,18 +185,22 @@ class Files(System):
     folder = self._folder(step)
     folder.mkdir()
     leaves, self._treedef = jax.tree.flatten(state)
-    (folder / "manifest.json").write_text(json.dumps([[list(x.shape), str(x.dtype)] for x in leaves]))
+    with open(folder / "manifest.json", "w") as f:
+      f.write(json.dumps([[list(x.shape), str(x.dtype)] for x in leaves]))
+      f.flush()
+      os.fsync(f.fileno())
     for i, leaf in enumerate(leaves):
       path = folder / str(i)
       with open(path, "wb") as f:
         np.asarray(leaf).tofile(f)
         f.flush()
         os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+    for durable in (folder, self.root):  # the files' names, then the step folder's
+      fd = os.open(durable, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
 
   def restore(self, abstract, step):
     leaves, treedef = jax.tree.flatten(abstract)

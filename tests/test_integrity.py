@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 from importlib import metadata as importlib_metadata
@@ -294,14 +295,20 @@ ckpt.close()
 
 
 def test_provenance_records_the_git_commit_of_the_training_script_and_whether_its_tree_is_dirty(tmp_path):
+  if shutil.which("git") is None:
+    pytest.skip("git is not installed")
   repo, workdir = tmp_path / "project", str(tmp_path / "run")
   repo.mkdir()
   script = repo / "train.py"
   script.write_text(_TRAIN_SCRIPT)
+  # git stops at tmp_path (which may lie inside another work tree) and ignores the caller's GIT_* settings.
+  env = {k: v for k, v in subprocess_env().items() if not k.startswith("GIT_")}
+  env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
+  settings = ["user.name=t", "user.email=t@example.com", "commit.gpgsign=false", "core.hooksPath=/dev/null"]
 
   def git(*args):
-    command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+    command = ["git", "-C", str(repo), *(arg for kv in settings for arg in ("-c", kv)), *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.strip()
 
   git("init", "-q")
   git("add", "train.py")
@@ -309,7 +316,7 @@ def test_provenance_records_the_git_commit_of_the_training_script_and_whether_it
   commit = git("rev-parse", "HEAD")
 
   def train(script, step):
-    subprocess.run([PYTHON, str(script), workdir, str(step)], env=subprocess_env(), check=True, timeout=120)
+    subprocess.run([PYTHON, str(script), workdir, str(step)], env=env, check=True, timeout=120)
     return kckpt.Checkpointer.open(workdir).step_details(step).provenance["git"]
 
   assert train(script, 1) == {"commit": commit, "dirty": False}

@@ -26,7 +26,10 @@ for shards over `INLINE_BYTES`. A read shard's check does not hold up its
 placement on the device: the array's read awaits its shards' checks at the
 end (`_async_deserialize`), before Orbax gets the array, so a mismatch still
 fails the read (measured on GPT-2, 2 cores: a restore from disk +5% with the
-check in line, -4% to +1% with it overlapped).
+check in line, -4% to +1% with it overlapped). A shard waiting for its
+check is no longer counted by Orbax's byte limiter (`restore_concurrent_gb`),
+which it left once read: the host memory above that limit is the backlog of
+unfinished checks, each at about 16 GB/s.
 """
 
 from __future__ import annotations
@@ -102,8 +105,25 @@ _read_owners: dict[int, tuple[dict[str, Any], _Expected]] = {}  # id(read spec) 
 # (label, box) -> the task checking that saved shard, read whole (a resharded read): once per scope, not per reader.
 _whole_checks: dict[tuple[str, Box], asyncio.Task] = {}
 _current: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar("kckpt_expected_shards", default=None)
-# The checks of the current array's shards still running in worker threads, awaited before the array is returned.
-_pending: contextvars.ContextVar[list[asyncio.Future] | None] = contextvars.ContextVar("kckpt_pending_checks", default=None)
+
+
+class _PendingChecks:
+  """The checks of one array's shards still running in worker threads, awaited before the array is returned."""
+
+  def __init__(self) -> None:
+    self.futures: list[asyncio.Future] = []
+    self.closed = False  # once the array's read ended (or failed): later shards are checked in line
+
+  async def wait(self) -> None:
+    """Waits for every check (none outlives the read), then raises the first failure."""
+    self.closed = True
+    results = await asyncio.gather(*self.futures, return_exceptions=True)
+    for result in results:
+      if isinstance(result, BaseException):
+        raise result
+
+
+_pending: contextvars.ContextVar[_PendingChecks | None] = contextvars.ContextVar("kckpt_pending_checks", default=None)
 _last_parent: tuple[Any, str, str] = (None, "", "")  # the last item folder looked up, its step and item names
 _original_build = _ts_utils.build_array_read_spec
 _original_deserialize = _serialization.async_deserialize
@@ -316,9 +336,9 @@ async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, r
     offset = [lo - origin for (lo, _), origin in zip(region, requested_domain.origin, strict=True)]
     view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
   pending = _pending.get()
-  if pending is not None and view.nbytes > INLINE_BYTES:
+  if pending is not None and not pending.closed and view.nbytes > INLINE_BYTES:
     # Hashed in a worker thread while Orbax places the shard (and reads the others); awaited before the array is returned.
-    pending.append(asyncio.ensure_future(asyncio.to_thread(_check, expected, region, saved, view)))
+    pending.futures.append(asyncio.ensure_future(asyncio.to_thread(_check, expected, region, saved, view)))
   else:
     await _check_async(expected, region, saved, view)
   if _read_progress.casts(dtype, out):
@@ -341,16 +361,20 @@ async def _async_deserialize(user_sharding, tensorstore_spec, *args, **kwargs):
     owner = _read_owners.pop(id(tensorstore_spec), None) if _read_owners else None
   if owner is None or owner[0] is not tensorstore_spec:
     return await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
-  pending: list[asyncio.Future] = []
+  pending = _PendingChecks()
   token = _current.set(owner[1])  # Orbax gathers each array's read as a task of its own: a context of its own
   pending_token = _pending.set(pending)
   try:
     try:
       array = await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
-    except BaseException:
-      await asyncio.gather(*pending, return_exceptions=True)  # the read's error is raised; no check outlives it
+    except GeneratorExit:  # the coroutine is being closed: nothing may be awaited
+      pending.closed = True
       raise
-    await asyncio.gather(*pending)  # a mismatch raises: the array built from those bytes is dropped
+    except BaseException:
+      with contextlib.suppress(Exception):
+        await pending.wait()  # the read's own error is the one raised
+      raise
+    await pending.wait()  # a mismatch raises: the array built from those bytes is dropped
     return array
   finally:
     with contextlib.suppress(ValueError):  # a read abandoned unfinished is closed later, in another context
