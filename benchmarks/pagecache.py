@@ -21,7 +21,8 @@ def flush_all() -> None:
   os.sync()
 
 
-def _fsync(path: str, *, drop: bool = False) -> None:
+def fsync(path: str, *, drop: bool = False) -> None:
+  """Fsyncs one file or folder; with `drop`, then drops it from the page cache."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -41,13 +42,13 @@ def make_durable(path: Path) -> None:
     raise FileNotFoundError(f"no folder to make durable at {path}")
   for root, _, files in os.walk(path):
     for name in files:
-      _fsync(os.path.join(root, name))
-    _fsync(root)
-  _fsync(os.path.dirname(os.path.abspath(path)))
+      fsync(os.path.join(root, name))
+    fsync(root)
+  fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def evict(path: Path) -> None:
   """Makes every file under `path` durable and drops it from the page cache."""
   for root, _, files in os.walk(path):
     for name in files:
-      _fsync(os.path.join(root, name), drop=True)
+      fsync(os.path.join(root, name), drop=True)

@@ -18,7 +18,7 @@ systems, each system:
 
 The systems:
 
-- **kckpt**: `kckpt.Checkpointer` with its defaults (Zarr v3, OCDBT, no
+- **kckpt**: `kckpt.Checkpointer` with its defaults (Zarr v2, OCDBT, no
   compression, a CRC32C per saved shard; health, per-leaf statistics,
   provenance);
 - **orbax**: an Orbax `CheckpointManager` with its defaults (`StandardSave`:
@@ -64,6 +64,7 @@ import kckpt
 from benchmarks import states as states_lib
 from benchmarks.pagecache import evict
 from benchmarks.pagecache import flush_all
+from benchmarks.pagecache import fsync
 from benchmarks.pagecache import make_durable
 
 MEASURES = ("save_s", "restore_s", "restore_no_target_s", "async_blocked_s", "async_durable_s")
@@ -196,11 +197,7 @@ class Files(System):
         f.flush()
         os.fsync(f.fileno())
     for durable in (folder, self.root):  # the files' names, then the step folder's
-      fd = os.open(durable, os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
+      fsync(str(durable))
 
   def restore(self, abstract, step):
     leaves, treedef = jax.tree.flatten(abstract)
