@@ -69,6 +69,15 @@ class LocalStep:
   unusable: str | None  # why this run cannot restore it, or None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+  """The local save in flight: its step, its background work (collecting the peers' copies, writing), the copy."""
+
+  step: Step
+  future: concurrent.futures.Future[None]
+  copy: _peers.PeerCopy | None
+
+
 class LocalTier:
   """The local tier of one `Checkpointer` in this process: its folder, a background writer, retention."""
 
@@ -95,7 +104,7 @@ class LocalTier:
     self.timeout_secs = timeout_secs
     self._shifts: list[int] | None = None  # where the copies go (decided at the first save, by every process)
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._pending: tuple[Step, concurrent.futures.Future[None]] | None = None
+    self._pending: _Pending | None = None
     self._last_saved: Step | None = None
     self._spare: np.ndarray | None = None  # the last save's own buffer, reused once it is written
 
@@ -229,43 +238,85 @@ class LocalTier:
       healthy = fmt.healthy(fmt.unpack(buffer)) and (health_fn is None or bool(health_fn(metrics)))
     except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
       error = f"process {me}: {type(e).__name__}: {e}"
-    if n > 1:  # one exchange: every process's error, and whether its shards are healthy
-      got = self._exchange("local_tier_pack", {"error": error, "healthy": healthy})
+    size = 0 if buffer is None else int(buffer.size)
+    if n > 1:  # one exchange: every process's error, whether its shards are healthy, its buffer's size
+      got = self._exchange("local_tier_pack", {"error": error, "healthy": healthy, "size": size})
       errors = [got[p]["error"] for p in sorted(got) if got[p]["error"]]
       healthy = all(v["healthy"] for v in got.values())
+      sizes = {p: int(v["size"]) for p, v in got.items()}
     else:
-      errors = [error] if error else []
+      errors, sizes = ([error] if error else []), {me: size}
     if errors:
       raise ValueError(f"The local-tier save of step {step} failed: {'; '.join(errors)}")
     assert buffer is not None
-    buffers = {me: buffer}
-    for by in self._shifts:
-      buffers[(me - by) % n] = _peers.shift(buffer, by, timeout_secs=self.timeout_secs)
     self._last_saved = step
-    if async_save:
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kckpt-local-tier")
-      self._pending = (step, self._pool.submit(self._write, step, buffers, healthy))
-      return
-    try:
-      self._write(step, buffers, healthy)
-      error = None
-    except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
-      error = f"process {me}: {type(e).__name__}: {e}"
-    if errors := self._agree(error):
-      raise BackgroundSaveError(f"The local-tier save of step {step} into {self.folder} failed: {'; '.join(errors)}", step=step)
+    copy = _peers.PeerCopy(buffer, self._shifts, sizes) if self._shifts else None
+    if copy is not None:
+      copy.advance(_peers.IN_FLIGHT)  # dispatched only: the rest at the next `maybe_save` calls (`advance`)
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kckpt-local-tier")
+    self._pending = _Pending(step, self._pool.submit(self._collect_and_write, step, buffer, copy, healthy), copy)
+    if not async_save:
+      self.wait()
 
-  def _write(self, step: Step, buffers: Mapping[int, np.ndarray], healthy: bool) -> None:
-    me, n = multihost.process_index(), multihost.process_count()
+  @property
+  def in_flight_step(self) -> Step | None:
+    """The step of the local save in flight (its peer copy or its writes not yet waited for), or None."""
+    return None if self._pending is None else self._pending.step
+
+  def advance(self, collected: int | None) -> None:
+    """At each `maybe_save`, on every process: dispatches more chunks of the copy to peers in flight, if any.
+
+    `collected` is the fewest chunks of it any process has copied to host
+    memory (agreed at the call), so that every process dispatches the same
+    chunks and none holds more than `IN_FLIGHT` on its devices. Never waits.
+    """
+    pending = self._pending
+    if pending is not None and pending.copy is not None and collected is not None:
+      pending.copy.advance(collected + _peers.IN_FLIGHT)
+
+  def copy_progress(self) -> int | None:
+    """Chunks of the copy to peers in flight that this process has copied to host memory; None without one."""
+    pending = self._pending
+    return None if pending is None or pending.copy is None else pending.copy.collected
+
+  def _collect_and_write(self, step: Step, own: np.ndarray, copy: _peers.PeerCopy | None, healthy: bool) -> None:
+    """The background part of a local save: this process's buffer is written while the peers' copies arrive."""
+    me = multihost.process_index()
+    tmp = self._begin(step)
+    if copy is None:
+      self._write_owner(tmp, me, own)
+      received = {}
+    else:
+      with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kckpt-local-tier-own") as pool:
+        own_written = pool.submit(self._write_owner, tmp, me, own)
+        try:
+          received = copy.collect()
+        finally:
+          concurrent.futures.wait([own_written])
+        own_written.result()
+      for owner, buffer in received.items():
+        self._write_owner(tmp, owner, buffer)
+    self._commit(tmp, step, owners=sorted({me, *received}), healthy=healthy)
+    self._spare = own.base if isinstance(own.base, np.ndarray) else own
+
+  def _begin(self, step: Step) -> Path:
+    """A fresh temporary folder for `step` (leftovers of a crash removed: this process is its folder's only writer)."""
     self.folder.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(self.folder):
-      if name.startswith(_TMP_PREFIX):  # left by a crash; this process is the only writer of its folder
+      if name.startswith(_TMP_PREFIX):
         shutil.rmtree(self.folder / name, ignore_errors=True)
     tmp = self.folder / f"{_TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    for owner, buffer in buffers.items():
-      parts = fmt.write_parts(tmp, owner, buffer, durable=self.durable)
-      self._write_file(tmp / f"p{owner}.crc.json", json.dumps({"parts": parts, **fmt.checksums(buffer)}).encode())
+    return tmp
+
+  def _write_owner(self, tmp: Path, owner: int, buffer: np.ndarray) -> None:
+    parts = fmt.write_parts(tmp, owner, buffer, durable=self.durable)
+    self._write_file(tmp / f"p{owner}.crc.json", json.dumps({"parts": parts, **fmt.checksums(buffer)}).encode())
+
+  def _commit(self, tmp: Path, step: Step, *, owners: list[int], healthy: bool) -> None:
+    """Writes STEP.json into `tmp` and renames it to the step's folder; then retention."""
+    me, n = multihost.process_index(), multihost.process_count()
     record = {
       "format": fmt.FORMAT,
       "step": step,
@@ -273,7 +324,7 @@ class LocalTier:
       "run_id": self._run_id,
       "process_count": n,
       "process_index": me,
-      "owners": sorted(buffers),
+      "owners": owners,
       "healthy": healthy,  # every process's shards finite, and health_fn said so
       "time": time.time(),
     }
@@ -295,7 +346,6 @@ class LocalTier:
     for name in os.listdir(self.folder):
       if name.startswith(_TMP_PREFIX) and "-replaced-" in name:
         shutil.rmtree(self.folder / name, ignore_errors=True)
-    self._spare = buffers[me].base if isinstance(buffers[me].base, np.ndarray) else buffers[me]
     self._apply_retention()
 
   def _write_file(self, path: Path, data: bytes) -> None:
@@ -326,9 +376,11 @@ class LocalTier:
     pending, self._pending = self._pending, None
     if pending is None:
       return
-    step, future = pending
+    step, future = pending.step, pending.future
     error = None
     try:
+      if pending.copy is not None:
+        pending.copy.finish()  # a collective: every process dispatches what is left, in the same order
       future.result()
     except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
       error = f"process {multihost.process_index()}: {type(e).__name__}: {e}"

@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kckpt")
 
-# Sessions with a writer open, finished before the interpreter exits (see _finish_at_exit).
+# Sessions with a writer open, and local tiers, finished before the interpreter exits (see _finish_at_exit).
 _open_sessions: weakref.WeakSet[WriteSession] = weakref.WeakSet()
+_open_tiers: weakref.WeakSet[_local_tier.LocalTier] = weakref.WeakSet()
 _exit_hook_lock = threading.Lock()
 _exit_hook_installed = False
 
@@ -56,8 +57,13 @@ def _finish_at_exit() -> None:
   shutdown") and its signalling threads wait forever. Errors are logged
   (there is no caller left to raise them to).
   """
-  # Only sessions with a save in flight, in one order on every process (a
-  # multi-process close exchanges with the others).
+  # Only those with a save in flight, in one order on every process (a
+  # multi-process close exchanges with the others): the local tiers first, as `wait_until_finished`.
+  for tier in sorted((t for t in _open_tiers if t.in_flight_step is not None), key=lambda t: t.run):
+    try:
+      tier.close()
+    except Exception:  # pylint: disable=broad-exception-caught  # at exit: report, never mask the exit
+      log.exception("kckpt: finishing the local-tier save in flight of %s at exit failed", tier.folder)
   for session in sorted((s for s in _open_sessions if s.in_flight_step is not None), key=lambda s: str(s.directory)):
     try:
       session.close()
@@ -407,6 +413,8 @@ class Runtime:
     with self.lock:
       if self.local_tier is None:
         self.local_tier = make()
+        _open_tiers.add(self.local_tier)
+        _install_exit_hook()
       return self.local_tier
 
   def wait(self) -> None:
@@ -415,6 +423,11 @@ class Runtime:
     if tier is not None:
       tier.wait()
     if session is not None:
+      session.wait()
+
+  def wait_persistent(self) -> None:
+    """The persistent tier's pending save only (a local save's copy to peers goes on at the next calls)."""
+    if (session := self.session) is not None:
       session.wait()
 
   def time_due(self, policy: policies.SavePolicy, step: Step) -> bool:
@@ -454,6 +467,7 @@ class Runtime:
         time_due=time_due,
         save_done=self.session is not None and self.session.background_save_done(),
         exit_after=self.preemption.will_exit,
+        peer_copy=self.local_tier.copy_progress() if self.local_tier is not None else None,
       ),
       timeout_secs=timeout_secs,
       what=f"maybe_save(step={step})",

@@ -404,8 +404,10 @@ class Checkpointer(base.BaseCheckpointer):
     if self.handle_sigterm and self.create:
       rt.preemption.handle_sigterm(self)
     decision = rt.vote(step, time_due=self._time_due(step), timeout_secs=self.barrier_timeout_secs)
+    if rt.local_tier is not None:
+      rt.local_tier.advance(decision.peer_copy)  # the local tier's copy to peers, a few chunks more
     if decision.save_done:
-      self.wait_until_finished()  # raises a background error, on every process
+      rt.wait_persistent()  # raises a background error, on every process
     if decision.preempt:
       saved = self.save(state, step=step, force=True, metrics=metrics, tag=tag, config=config)
       self.wait_until_finished()

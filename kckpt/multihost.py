@@ -173,25 +173,34 @@ class StepVote:
     exit_after: this process will end after the preemption save (SIGTERM's
       default action); decided: any process will, so they all end at the
       same call instead of leaving the others waiting for it.
+    peer_copy: how many chunks of the local tier's copy to peers in flight
+      this process has received (None: none in flight); decided: the fewest
+      of any process, so that they all dispatch the same next chunks.
   """
 
   preempt: bool = False
   time_due: bool = False
   save_done: bool = False
   exit_after: bool = False
+  peer_copy: int | None = None
 
 
 def vote(mine: StepVote, *, timeout_secs: float, what: str) -> StepVote:
   """Shares every process's `StepVote` at one call and returns the decision."""
   if process_count() == 1:
     return mine
-  posted = {k for k, v in dataclasses.asdict(mine).items() if v and (k != "time_due" or is_primary())}
-  values = exchange("vote", sorted(posted) or None, timeout_secs=timeout_secs, what=what)
+  flags = ("preempt", "time_due", "save_done", "exit_after")
+  posted: list[Any] = sorted(k for k in flags if getattr(mine, k) and (k != "time_due" or is_primary()))
+  if mine.peer_copy is not None:
+    posted.append(mine.peer_copy)
+  values = exchange("vote", posted or None, timeout_secs=timeout_secs, what=what)
+  copied = [x for v in values.values() for x in v if isinstance(x, int)]
   return StepVote(
     preempt=any("preempt" in v for v in values.values()),
     time_due="time_due" in values.get(0, ()),
     save_done=any("save_done" in v for v in values.values()),
     exit_after=any("exit_after" in v for v in values.values()),
+    peer_copy=min(copied) if len(copied) == process_count() else None,  # every process has one in flight
   )
 
 

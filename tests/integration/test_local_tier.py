@@ -68,3 +68,19 @@ def test_a_local_save_failing_on_one_process_is_raised_on_every_process(tmp_path
     caught = r["caught"]
     assert caught is not None and caught["error_step"] == 2 and caught["step_at_raise"] == 4, caught
     assert "process 1" in caught["message"] and "local-tier save of step 2" in caught["message"], caught
+
+
+def test_the_copy_to_peers_goes_on_over_the_next_calls_and_is_finished_at_exit(tmp_path):
+  trained = Cluster([*PROGRAM, "exit"], num_processes=2, workdir=tmp_path).run()  # a plain exit, no close()
+  for r in trained:
+    (after_4,) = [p for p in r["progress"] if p["step"] == 4]
+    # The call that saved step 4 only dispatched the first chunks: the rest move at later calls.
+    assert after_4["dispatched"] == r["in_flight"] < after_4["chunks"], r["progress"]
+    (after_5,) = [p for p in r["progress"] if p["step"] == 5]
+    assert after_4["dispatched"] <= after_5["dispatched"] <= after_5["chunks"], r["progress"]
+  for p, peer in ((0, 1), (1, 0)):  # the exit finished the copy: each folder holds its peer's files, unchanged
+    copy, original = (tmp_path / "local" / f"host{q}" / "ckpt_4" / f"p{peer}.0.bin" for q in (p, peer))
+    assert copy.read_bytes() == original.read_bytes()
+  shutil.rmtree(tmp_path / "local" / "host0")
+  for r in resume(tmp_path):  # process 0's shards of step 4 come back from process 1's copy
+    assert (r["step"], r["tier"], r["exact"]) == (4, "local", True), r["log"]

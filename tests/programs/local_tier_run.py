@@ -10,6 +10,10 @@ Usage: python -m tests.programs.local_tier_run SCENARIO
   process 0's exit does not abort the others).
 * ``fails``: the local folder of process 1 cannot be made; every process
   raises the same `BackgroundSaveError` at its next local save.
+* ``exit``: the copy to peers cut in chunks of 64 bytes, the local tier
+  every 2 steps, steps 0-5; reports after each `maybe_save` how far the copy
+  in flight has got, then ends without `wait_until_finished` or `close` (a
+  plain interpreter exit).
 * ``resume``: a new process restores ``-1`` into a target on this cluster's
   mesh, as a resumed training does, and reports the step, the tier it came
   from and whether every shard holds that step's values bit for bit.
@@ -26,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 import kckpt
+from kckpt import _peers
 from tests.programs import _cluster
 from tests.programs._cluster import report
 from tests.programs.multihost_run import check_restored
@@ -71,6 +76,20 @@ def scenario_resume(workdir: str) -> None:
   ckpt.close()
 
 
+def scenario_exit(workdir: str) -> None:
+  """The copy to peers goes on over the next `maybe_save` calls, and is finished at exit."""
+  _peers.CHUNK_BYTES = 64  # a few dozen chunks for this small state
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  ckpt = checkpointer(workdir)
+  progress = []
+  for step in range(6):
+    ckpt.maybe_save(state_at(step, mesh), step=step)
+    copy = ckpt._rt.local_tier._pending.copy  # pylint: disable=protected-access  # the copy in flight
+    progress.append({"step": step, "dispatched": copy.dispatched, "chunks": copy.chunks})
+  report(progress=progress, in_flight=_peers.IN_FLIGHT)
+  # No wait_until_finished, no close: the exit finishes the local save of step 4.
+
+
 def scenario_fails(workdir: str) -> None:
   """Process 1's local folder cannot be made (the test put a file there): every process raises, none hangs."""
   mesh = Mesh(np.array(jax.devices()), ("d",))
@@ -87,4 +106,5 @@ def scenario_fails(workdir: str) -> None:
 
 if __name__ == "__main__":
   _cluster.init()
-  {"train": scenario_train, "resume": scenario_resume, "fails": scenario_fails}[sys.argv[1]](_cluster.workdir())
+  scenarios = {"train": scenario_train, "resume": scenario_resume, "fails": scenario_fails, "exit": scenario_exit}
+  scenarios[sys.argv[1]](_cluster.workdir())
