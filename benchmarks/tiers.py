@@ -12,12 +12,19 @@ alternating:
   ``local_save_interval_steps=1`` (each process's shards in its own folder,
   plus one peer copy when there are several processes): the same two times;
 * a restore of each (``restore()`` onto the same shardings), after the
-  files were dropped from the page cache.
+  files were dropped from the page cache;
+* the same saves **in a training loop**: `maybe_save` at a due step, then
+  ``--loop-steps`` training steps (a jitted matrix product over the same
+  devices, with a collective, its result read back as a loss would be), each
+  followed by `maybe_save`, then `wait_until_finished`: the time spent in
+  those `maybe_save` calls (what the loop lost to the save), and what was
+  left for `wait_until_finished`. A training step alone is timed for scale.
 
 A time is the primary's wall clock between two barriers (so the slowest
 process counts); medians of ``--repeats``.
 
-    python -m benchmarks.tiers [--megabytes 256] [--processes 1 2 4] [--devices 4] [--repeats 3] [--s3] [--json out.json]
+    python -m benchmarks.tiers [--megabytes 256] [--processes 1 2 4] [--devices 4] [--repeats 3] [--loop-steps 8]
+                               [--step-size 2048] [--s3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ KINDS = ("persistent", "local")
 
 def worker(args: argparse.Namespace) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -70,13 +78,33 @@ def worker(args: argparse.Namespace) -> None:
       **common,
     ),
   }
+  loop_every = args.loop_steps + 1
+  looped = {
+    "persistent": kckpt.Checkpointer(workdir=root / "looped_persistent", save_interval_steps=loop_every, **common),
+    "local": kckpt.Checkpointer(
+      workdir=root / "looped_tiered",
+      save_interval_steps=None,
+      local_workdir=root / "looped_local" / "host{process_index}",
+      local_save_interval_steps=loop_every,
+      **common,
+    ),
+  }
+  # A training step's stand-in: a product of two square matrices sharded over every device, and a sum (a collective).
+  x = jax.device_put(rng.normal(0, 0.02, (args.step_size, args.step_size)).astype(np.float32), sharding)
+  train_step = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T)))
   count = [0]
 
   def barrier() -> None:
     count[0] += 1
     multihost_utils.sync_global_devices(f"tiers_{count[0]}")
 
-  times: dict[str, dict[str, list[float]]] = {k: {"blocked": [], "durable": [], "restore": []} for k in KINDS}
+  phases = ("blocked", "durable", "restore", "loop_blocked", "loop_left")
+  times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in phases} for k in KINDS}
+  step_times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    float(train_step(x))
+    step_times.append(time.perf_counter() - start)
   for repeat in range(args.repeats):
     step = repeat + 1
     for kind in KINDS if repeat % 2 == 0 else KINDS[::-1]:
@@ -106,10 +134,25 @@ def worker(args: argparse.Namespace) -> None:
         i = int(k[1:])
         assert all(np.array_equal(np.asarray(s.data), host[i][s.index]) for s in v.addressable_shards), f"{kind}: {k}"
       del restored
-  for ckpt in ckpts.values():
+    for kind in KINDS if repeat % 2 == 0 else KINDS[::-1]:
+      ckpt = looped[kind]
+      barrier()
+      lost = 0.0
+      for step in range((repeat + 1) * loop_every, (repeat + 2) * loop_every - 1):  # a due step, then the others
+        if step % loop_every:
+          float(train_step(x))
+        start = time.perf_counter()
+        ckpt.maybe_save(state, step=step)
+        lost += time.perf_counter() - start
+      start = time.perf_counter()
+      ckpt.wait_until_finished()
+      times[kind]["loop_left"].append(time.perf_counter() - start)
+      times[kind]["loop_blocked"].append(lost)
+      barrier()
+  for ckpt in [*ckpts.values(), *looped.values()]:
     ckpt.close()
   if jax.process_index() == 0:
-    result = {"megabytes": NUM_ARRAYS * rows * cols * 4 / 2**20, "times": times}
+    result = {"megabytes": NUM_ARRAYS * rows * cols * 4 / 2**20, "times": times, "step_s": statistics.median(step_times[1:])}
     sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
     sys.stdout.flush()
 
@@ -159,6 +202,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
   parser.add_argument("--devices", type=int, default=4, help="total CPU devices, split between the processes")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--loop-steps", type=int, default=8, help="training steps after a save in the loop measurement")
+  parser.add_argument("--step-size", type=int, default=2048, help="the training step's matrices are this square")
   parser.add_argument("--s3", action="store_true", help="the persistent tier on s3:// (a local moto server)")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per cluster")
   parser.add_argument("--json", type=Path, default=None)
@@ -182,11 +227,12 @@ def main(argv=None) -> dict:
       for n in args.processes:
         root = base / f"p{n}"
         root.mkdir()
-        extra = ["--megabytes", str(args.megabytes), "--repeats", str(args.repeats)]
+        extra = ["--megabytes", str(args.megabytes), "--repeats", str(args.repeats), "--loop-steps", str(args.loop_steps)]
+        extra += ["--step-size", str(args.step_size)]
         if args.s3:
           extra += ["--persistent", f"s3://{S3_BUCKET}/p{n}"]
         measured = multihost.run_cluster(n, args, root, module="benchmarks.tiers", extra_args=extra, extra_env=env)
-        row: dict = {"processes": n, "megabytes": measured["megabytes"]}
+        row: dict = {"processes": n, "megabytes": measured["megabytes"], "step_s": measured["step_s"]}
         for kind, phases in measured["times"].items():
           for phase, samples in phases.items():
             row[f"{kind}_{phase}_s"] = statistics.median(samples)
@@ -198,12 +244,16 @@ def main(argv=None) -> dict:
   print(
     f"{mb:.0f} MB in {NUM_ARRAYS} arrays over {args.devices} CPU devices; persistent tier on {where}; median of {args.repeats}"
   )
-  print(f"{'processes':>9} | {'tier':>10} | {'blocked':>8} {'durable':>8} {'restore':>8}")
+  print(
+    f"{'processes':>9} | {'tier':>10} | {'blocked':>8} {'durable':>8} {'restore':>8} | "
+    f"{'in a loop of':>12} {'lost':>8} {'left':>8}"
+  )
   for r in results:
     for kind in KINDS:
       print(
         f"{r['processes']:>9} | {kind:>10} | {r[f'{kind}_blocked_s']:>7.3f}s {r[f'{kind}_durable_s']:>7.3f}s "
-        f"{r[f'{kind}_restore_s']:>7.3f}s"
+        f"{r[f'{kind}_restore_s']:>7.3f}s | {args.loop_steps:>3} x {r['step_s']:.3f}s "
+        f"{r[f'{kind}_loop_blocked_s']:>7.3f}s {r[f'{kind}_loop_left_s']:>7.3f}s"
       )
   report = {"benchmark": "tiers", "persistent": where, "median_of": args.repeats, "devices": args.devices, "results": results}
   if args.json:

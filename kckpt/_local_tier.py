@@ -17,9 +17,13 @@ it was saved) and each of those processes' packed shards
 an abandoned continuation: newer than the step a writer last restored into a
 target. They are never restored, and the next local save removes them.
 
-Every method that moves data or decides (`save`, `wait`, `restore_newest`)
-is a collective: every process calls it, and an error on one process is
-raised on all of them, so that none waits for the others' next exchange.
+Every method that moves data or decides (`save`, `advance`, `wait`,
+`restore_newest`) is a collective: every process calls it, and an error on
+one process is raised on all of them, so that none waits for the others'
+next exchange. (The exception: a chunk of the copy to peers that cannot be
+dispatched at all, not even as zeros, as when a device cannot run any
+program; the others' collectives then wait for it as they would for the
+training step's own.)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -103,7 +108,6 @@ class LocalTier:
     self.durable = durable
     self.timeout_secs = timeout_secs
     self._shifts: list[int] | None = None  # where the copies go (decided at the first save, by every process)
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._pending: _Pending | None = None
     self._last_saved: Step | None = None
     self._spare: np.ndarray | None = None  # the last save's own buffer, reused once it is written
@@ -221,9 +225,11 @@ class LocalTier:
     metrics: Mapping[str, Any] | None = None,
     health_fn: Callable[[Any], bool] | None = None,
   ) -> None:
-    """Saves this process's shards of `tree` (and its peers' copies) as local `step`; every process calls it.
+    """Starts saving this process's shards of `tree` (and its peers' copies) as local `step`; every process calls it.
 
-    The step is unhealthy when a floating leaf holds NaN or infinity, or
+    The shards are on the host when it returns; the copy to peers moves at
+    the next `advance` calls and ends at `wait` (at once with
+    ``async_save=False``). The step is unhealthy when a floating leaf holds NaN or infinity, or
     `health_fn(metrics)` says so (as for the persistent tier).
     """
     self.wait()
@@ -250,12 +256,10 @@ class LocalTier:
       raise ValueError(f"The local-tier save of step {step} failed: {'; '.join(errors)}")
     assert buffer is not None
     self._last_saved = step
-    copy = _peers.PeerCopy(buffer, self._shifts, sizes) if self._shifts else None
+    copy = _peers.PeerCopy(buffer, self._shifts, sizes, timeout_secs=self.timeout_secs) if self._shifts else None
     if copy is not None:
       copy.advance(_peers.IN_FLIGHT)  # dispatched only: the rest at the next `maybe_save` calls (`advance`)
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kckpt-local-tier")
-    self._pending = _Pending(step, self._pool.submit(self._collect_and_write, step, buffer, copy, healthy), copy)
+    self._pending = _Pending(step, _in_background(self._collect_and_write, step, buffer, copy, healthy), copy)
     if not async_save:
       self.wait()
 
@@ -283,20 +287,27 @@ class LocalTier:
   def _collect_and_write(self, step: Step, own: np.ndarray, copy: _peers.PeerCopy | None, healthy: bool) -> None:
     """The background part of a local save: this process's buffer is written while the peers' copies arrive."""
     me = multihost.process_index()
-    tmp = self._begin(step)
-    if copy is None:
-      self._write_owner(tmp, me, own)
-      received = {}
-    else:
-      with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kckpt-local-tier-own") as pool:
-        own_written = pool.submit(self._write_owner, tmp, me, own)
-        try:
-          received = copy.collect()
-        finally:
-          concurrent.futures.wait([own_written])
-        own_written.result()
-      for owner, buffer in received.items():
-        self._write_owner(tmp, owner, buffer)
+    received: dict[int, np.ndarray] = {}
+    collecting = False
+    try:
+      tmp = self._begin(step)
+      if copy is None:
+        self._write_owner(tmp, me, own)
+      else:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kckpt-local-tier-own") as pool:
+          own_written = pool.submit(self._write_owner, tmp, me, own)
+          try:
+            collecting = True
+            received = copy.collect()
+          finally:
+            concurrent.futures.wait([own_written])
+          own_written.result()
+    except BaseException:
+      if copy is not None and not collecting:
+        copy.abandon()  # else `wait` would wait for chunks this process never collects
+      raise
+    for owner, buffer in received.items():
+      self._write_owner(tmp, owner, buffer)
     self._commit(tmp, step, owners=sorted({me, *received}), healthy=healthy)
     self._spare = own.base if isinstance(own.base, np.ndarray) else own
 
@@ -372,15 +383,19 @@ class LocalTier:
       self._set_hidden([h for h in hidden if h in keep])
 
   def wait(self) -> None:
-    """Waits for the local save in flight; raises its error (naming the step) on every process."""
+    """Waits for the local save in flight (sending what is left of its copy to peers); raises its error on every process."""
     pending, self._pending = self._pending, None
     if pending is None:
       return
-    step, future = pending.step, pending.future
+    step, future, copy = pending.step, pending.future, pending.copy
     error = None
     try:
-      if pending.copy is not None:
-        pending.copy.finish()  # a collective: every process dispatches what is left, in the same order
+      if copy is not None:
+        try:
+          copy.finish()  # a collective: every process dispatches what is left, in the same order
+        except BaseException:
+          copy.cancel()  # the background work stops waiting for chunks that will not come
+          raise
       future.result()
     except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
       error = f"process {multihost.process_index()}: {type(e).__name__}: {e}"
@@ -388,12 +403,7 @@ class LocalTier:
       raise BackgroundSaveError(f"The local-tier save of step {step} into {self.folder} failed: {'; '.join(errors)}", step=step)
 
   def close(self) -> None:
-    try:
-      self.wait()
-    finally:
-      if self._pool is not None:
-        self._pool.shutdown(wait=True)
-        self._pool = None
+    self.wait()
 
   def clear(self) -> list[Step]:
     """Deletes this run's local steps in this process's folder (`delete_all_steps`); returns them."""
@@ -500,6 +510,27 @@ class LocalTier:
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise fmt.LocalTierUnusable(f"{where}: {e}") from e
     return buffer, fmt.verify(buffer, index, where=where)
+
+
+def _in_background(fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+  """Runs `fn(*args)` in a new daemon thread: a copy stuck on a dead peer never holds up the interpreter's exit.
+
+  (A normal exit still waits for it: the exit hook of `kckpt._session` calls `close`.)
+  """
+  future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+  def run() -> None:
+    if not future.set_running_or_notify_cancel():
+      return
+    try:
+      fn(*args)
+    except BaseException as e:  # pylint: disable=broad-exception-caught  # handed to the waiter
+      future.set_exception(e)
+    else:
+      future.set_result(None)
+
+  threading.Thread(target=run, name="kckpt-local-tier", daemon=True).start()
+  return future
 
 
 def _read_json(path: Path) -> dict[str, Any]:

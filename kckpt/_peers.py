@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kckpt import multihost
@@ -76,30 +78,32 @@ class PeerCopy:
   the same order everywhere, by `advance` and `finish` on the caller's thread;
   `collect`, on another thread, waits for each and copies it into the buffers
   received. A chunk that cannot be placed on this process is sent as zeros
-  (the collective still matches the others') and its error is raised by
-  `collect`.
+  with a flag that says so (the collective still matches the others'), so
+  that `collect` raises on this process and on the one receiving it.
 
-      copy = PeerCopy(buffer, [1], sizes)
+      copy = PeerCopy(buffer, [1], sizes, timeout_secs=600)
       copy.advance(IN_FLIGHT)            # caller: returns at once
       ... thread: received = copy.collect()
       copy.finish()                      # caller, later: the rest, in bounded memory
   """
 
-  def __init__(self, buffer: np.ndarray, shifts_: Sequence[int], sizes: Mapping[int, int]):
+  def __init__(self, buffer: np.ndarray, shifts_: Sequence[int], sizes: Mapping[int, int], *, timeout_secs: float):
     self._n, self._me = multihost.process_count(), multihost.process_index()
     n, me = self._n, self._me
     longest = max(sizes.values(), default=0)
     self._width = min(max(longest, 1), CHUNK_BYTES)
     self._buffer = buffer
+    self._timeout_secs = timeout_secs
     self._plan = [(by, at) for by in shifts_ for at in range(0, max(longest, 1), self._width)]
     self.received = {(me - by) % n: np.empty(sizes[(me - by) % n], dtype=np.uint8) for by in shifts_}
     self._devices = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id) for p in range(n)]
     mesh = jax.sharding.Mesh(np.array(self._devices), ("p",))
     self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("p"))
     self._permutes = {by: _permute(mesh, tuple((i, (i + by) % n) for i in range(n))) for by in shifts_}
-    self._results: list[Any] = []  # by chunk: the dispatched result, None once collected
+    self._results: list[Any] = []  # by chunk: the dispatched (data, flag), None once collected
     self._collected = 0
-    self._collector_stopped = False
+    self._collector_stopped = False  # `collect` ended (or will never run here: `abandon`)
+    self._cancelled = False  # the caller gave up: `collect` stops waiting for dispatches
     self._cond = threading.Condition()
     self._errors: list[str] = []
 
@@ -116,8 +120,12 @@ class PeerCopy:
     """Chunks copied into host memory here (the progress each process reports at `maybe_save`)."""
     return self._collected
 
+  @property
+  def errors(self) -> list[str]:
+    return list(self._errors)
+
   def advance(self, upto: int) -> None:
-    """Caller's thread: dispatches the chunks before `upto`; never waits for a transfer.
+    """Caller's thread: dispatches the chunks before `upto`; does not wait for their transfer.
 
     Every process must pass the same `upto` at the same call, at most
     `IN_FLIGHT` past the fewest chunks any process has collected.
@@ -126,18 +134,50 @@ class PeerCopy:
       self._dispatch()
 
   def finish(self) -> None:
-    """Caller's thread: dispatches every chunk left, each once this process holds fewer than `IN_FLIGHT`."""
+    """Caller's thread: dispatches every chunk left and waits until every chunk was collected here.
+
+    A chunk is dispatched once this process holds fewer than `IN_FLIGHT`.
+    Raises `PeerTransferError` when no chunk arrived for `timeout_secs` (a
+    peer that died, or never dispatched its part).
+    """
     while self.dispatched < self.chunks:
       j = self.dispatched
-      with self._cond:
-        while not (self._collected > j - IN_FLIGHT or self._collector_stopped):
-          self._cond.wait()
-        orphan = self._collector_stopped
+      # (Only this thread dispatches: `self.dispatched` stays j while it waits.)
+      orphan = self._wait_until(lambda: self._collected > self.dispatched - IN_FLIGHT or self._collector_stopped)
       out = self._dispatch()
       if orphan:  # no one collects here any more: the chunk still moves (the peers wait for it), then goes
-        out.block_until_ready()
+        jax.block_until_ready(out)
         with self._cond:
           self._results[j] = None
+    self._wait_until(lambda: self._collected == self.chunks or self._collector_stopped)
+
+  def _wait_until(self, done: Callable[[], bool]) -> bool:
+    """Waits (under the lock) until `done()`, raising if the chunks collected do not move for `timeout_secs`."""
+    with self._cond:
+      seen, deadline = self._collected, time.monotonic() + self._timeout_secs
+      while not done():
+        if self._collected != seen:
+          seen, deadline = self._collected, time.monotonic() + self._timeout_secs
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise PeerTransferError(
+            f"process {self._me}: no chunk of the copy between processes arrived for {self._timeout_secs:.0f} s "
+            f"({self._collected} of {self.chunks} here): a peer may have died"
+          )
+        self._cond.wait(timeout=min(left, 5.0))
+      return self._collector_stopped
+
+  def abandon(self) -> None:
+    """No `collect` will run here (the background work failed first): `finish` moves the rest without waiting for it."""
+    with self._cond:
+      self._collector_stopped = True
+      self._cond.notify_all()
+
+  def cancel(self) -> None:
+    """The caller gave up on this copy: `collect` raises instead of waiting for chunks that will not be dispatched."""
+    with self._cond:
+      self._cancelled = True
+      self._cond.notify_all()
 
   def _dispatch(self) -> Any:
     j = self.dispatched
@@ -147,12 +187,14 @@ class PeerCopy:
       chunk = self._buffer[at : at + width]
       if chunk.size < width:
         chunk = np.concatenate([chunk, np.zeros(width - chunk.size, np.uint8)])
-      mine = jax.device_put(chunk.reshape(1, width), device)
-    except Exception as e:  # pylint: disable=broad-exception-caught  # raised by `collect`; zeros keep the peers going
-      self._errors.append(f"process {self._me}: {type(e).__name__}: {e}")
-      mine = jax.device_put(np.zeros((1, width), np.uint8), device)
+      mine, ok = jax.device_put(chunk.reshape(1, width), device), 1
+    except Exception as e:  # pylint: disable=broad-exception-caught  # zeros keep the peers going; the flag tells
+      self._errors.append(f"process {self._me}: chunk {j} could not be placed: {type(e).__name__}: {e}")
+      mine, ok = jax.device_put(np.zeros((1, width), np.uint8), device), 0
+    flag = jax.device_put(np.full((1, 1), ok, np.int32), device)
     glob = jax.make_array_from_single_device_arrays((self._n, width), self._sharding, [mine])
-    out = self._permutes[by](glob)
+    flags = jax.make_array_from_single_device_arrays((self._n, 1), self._sharding, [flag])
+    out = self._permutes[by](glob, flags)
     with self._cond:
       self._results.append(out)
       self._cond.notify_all()
@@ -161,15 +203,19 @@ class PeerCopy:
   def collect(self) -> dict[int, np.ndarray]:
     """Another thread: waits for each chunk in turn; returns ``{process: its buffer}`` of the processes sending here.
 
-    Raises `PeerTransferError` when a chunk could not be placed here.
+    Raises `PeerTransferError` when a chunk could not be placed here or by
+    the process sending it, or when the caller cancelled the copy.
     """
     try:
       for j, (by, at) in enumerate(self._plan):
         with self._cond:
-          while self.dispatched <= j:
+          while self.dispatched <= j and not self._cancelled:
             self._cond.wait()
+          if self.dispatched <= j:
+            raise PeerTransferError(f"process {self._me}: the copy between processes was cancelled at chunk {j} of {self.chunks}")
           out = self._results[j]
         self._take(j, by, at, out)
+        out = None  # not held while waiting for the next dispatch
     finally:
       with self._cond:
         self._collector_stopped = True
@@ -179,8 +225,12 @@ class PeerCopy:
     return self.received
 
   def _take(self, j: int, by: int, at: int, out: Any) -> None:
-    moved = np.asarray(out.addressable_shards[0].data)[0]
-    received = self.received[(self._me - by) % self._n]
+    data, flag = out
+    source = (self._me - by) % self._n
+    moved = np.asarray(data.addressable_shards[0].data)[0]
+    if not int(np.asarray(flag.addressable_shards[0].data)[0, 0]):
+      self._errors.append(f"process {self._me}: process {source} sent zeros for chunk {j} (it could not place it)")
+    received = self.received[source]
     take = max(0, min(self._width, received.size - at))
     received[at : at + take] = moved[:take]
     with self._cond:
@@ -198,10 +248,6 @@ class PeerCopy:
       self._take(k, *self._plan[k], self._results[k])
     return self.received
 
-  @property
-  def errors(self) -> list[str]:
-    return list(self._errors)
-
 
 def shift(buffer: np.ndarray, by: int, *, timeout_secs: float) -> np.ndarray:
   """Sends `buffer` (uint8) to process ``(me + by) % n``; returns the buffer of process ``(me - by) % n``.
@@ -211,7 +257,7 @@ def shift(buffer: np.ndarray, by: int, *, timeout_secs: float) -> np.ndarray:
   """
   n, me = multihost.process_count(), multihost.process_index()
   sizes = _exchange("local_tier_size", int(buffer.size), timeout_secs)
-  copy = PeerCopy(buffer, [by], sizes)
+  copy = PeerCopy(buffer, [by], sizes, timeout_secs=timeout_secs)
   received = copy.run()[(me - by) % n]
   errors = _exchange("local_tier_chunk", "; ".join(copy.errors) or None, timeout_secs)
   if errors:
@@ -220,6 +266,7 @@ def shift(buffer: np.ndarray, by: int, *, timeout_secs: float) -> np.ndarray:
 
 
 _PERMUTES: dict[Any, Any] = {}
+_NOT_INLINE = 4096  # elements summed beside each chunk's ppermute (see `_permute`)
 
 
 def _shard_map() -> Any:
@@ -231,9 +278,17 @@ def _shard_map() -> Any:
 
 
 def _permute(mesh: jax.sharding.Mesh, perm: tuple[tuple[int, int], ...]) -> Any:
+  """The jitted `ppermute` by `perm` of a ``(processes, width)`` uint8 array and a ``(processes, 1)`` flag over `mesh`."""
   key = (tuple(d.id for d in mesh.devices.flat), perm)
   if key not in _PERMUTES:
     spec = jax.sharding.PartitionSpec("p")
-    body = _shard_map()(lambda x: jax.lax.ppermute(x, "p", perm=list(perm)), mesh=mesh, in_specs=spec, out_specs=spec)
-    _PERMUTES[key] = jax.jit(body)
+
+    def body(x: jax.Array, ok: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+      # The sum is there for XLA's CPU client only: it runs a program of under 1000 flops in the calling
+      # thread when its inputs are ready, so a bare ppermute would block the caller for the whole transfer.
+      moved = jax.lax.ppermute((x, ok), "p", perm=list(perm))
+      return moved[0], moved[1], jnp.sum(x[:, :_NOT_INLINE].astype(jnp.int32), axis=1)
+
+    program = jax.jit(_shard_map()(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec, spec)))
+    _PERMUTES[key] = lambda x, ok: program(x, ok)[:2]
   return _PERMUTES[key]

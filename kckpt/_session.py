@@ -49,7 +49,7 @@ _exit_hook_installed = False
 
 
 def _finish_at_exit() -> None:
-  """Waits for the async save of every open session, before Python joins threads at exit.
+  """Waits for the async saves in flight of every open session and local tier, before Python joins threads at exit.
 
   A script that ends right after an async `save` without `close()` would
   otherwise lose the step and hang: Orbax's background save then finds the
@@ -75,8 +75,12 @@ def _install_exit_hook() -> None:
   global _exit_hook_installed
   with _exit_hook_lock:
     if not _exit_hook_installed:
-      # Python 3.9+ internal, used by concurrent.futures itself: called before non-daemon
-      # threads are joined, and (registered after them) before the thread pools shut down.
+      # Python 3.9+ internal, used by concurrent.futures itself: called before non-daemon threads
+      # are joined, and in reverse order of registration. concurrent.futures registers its own
+      # (which shuts the thread pools down) when its thread module is first imported: import it
+      # now, so that ours comes after it and runs first, while the pools still take work.
+      import concurrent.futures.thread  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
       try:
         threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]  # pylint: disable=protected-access
       except RuntimeError:  # opened while Python is already shutting down: too late for the hook
@@ -460,7 +464,7 @@ class Runtime:
     self.preemption.honour_undelivered()
 
   def vote(self, step: Step, *, time_due: bool, timeout_secs: float) -> multihost.StepVote:
-    """What every process agrees on at `maybe_save(step)`: preemption, the primary's clock, a finished save."""
+    """What every process agrees on at `maybe_save(step)`: preemption, the primary's clock, a finished save, the peer copy."""
     return multihost.vote(
       multihost.StepVote(
         preempt=self.preemption.pending,

@@ -393,8 +393,9 @@ class Checkpointer(base.BaseCheckpointer):
 
     In a multi-process run every process must call it at every step: the
     processes share at each call whether any was preempted, the primary's
-    clock for `save_interval_secs` and whether a background save failed (one
-    small exchange through JAX's coordination service).
+    clock for `save_interval_secs`, whether a background save failed and how
+    far the local tier's copy to peers has got (one small exchange through
+    JAX's coordination service).
     """
     step = _run.check_step(step)
     rt = self._rt

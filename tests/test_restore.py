@@ -2,6 +2,7 @@
 
 import gc
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -301,11 +302,16 @@ def test_a_target_whose_dotted_paths_collide_is_a_mismatch_before_anything_is_fr
 
 
 def _automatic_collections(read) -> tuple[list[int], object]:
-  """The generations of the collections Python starts (none are started explicitly here) while `read()` runs."""
+  """The generations of the collections Python starts in this thread (none explicitly) while `read()` runs.
+
+  Only this thread's: the collector is process-wide, and once a pause ends the
+  allocations of a background thread (an async save's commit) start theirs.
+  """
   started: list[int] = []
+  caller = threading.get_ident()
 
   def on_gc(phase, info):
-    if phase == "start":
+    if phase == "start" and threading.get_ident() == caller:
       started.append(info["generation"])
 
   gc.callbacks.append(on_gc)
@@ -353,6 +359,9 @@ def test_the_cyclic_gc_is_paused_while_a_save_blocks_its_caller(workdir, async_s
   plain = ocp.PyTreeCheckpointer()
   started, _ = _automatic_collections(lambda: plain.save(workdir / "plain", args=ocp.args.PyTreeSave(state)))
   assert len(started) > 1
+  ckpt.save(state, step=0)  # the writer opened (not paused: once per run) before the save that is watched
+  ckpt.wait_until_finished()
+  gc.collect()  # the count of allocations since the last collection starts from 0
   started, _ = _automatic_collections(lambda: ckpt.save(state, step=1))
   assert len(started) <= 1 and gc.isenabled()  # one, the collection put off, as the GC resumes
   ckpt.wait_until_finished()

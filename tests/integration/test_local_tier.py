@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 
+import kckpt
 from tests.multiprocess import Cluster
 
 PROGRAM = ["-m", "tests.programs.local_tier_run"]
@@ -73,14 +74,32 @@ def test_a_local_save_failing_on_one_process_is_raised_on_every_process(tmp_path
 def test_the_copy_to_peers_goes_on_over_the_next_calls_and_is_finished_at_exit(tmp_path):
   trained = Cluster([*PROGRAM, "exit"], num_processes=2, workdir=tmp_path).run()  # a plain exit, no close()
   for r in trained:
-    (after_4,) = [p for p in r["progress"] if p["step"] == 4]
-    # The call that saved step 4 only dispatched the first chunks: the rest move at later calls.
-    assert after_4["dispatched"] == r["in_flight"] < after_4["chunks"], r["progress"]
-    (after_5,) = [p for p in r["progress"] if p["step"] == 5]
-    assert after_4["dispatched"] <= after_5["dispatched"] <= after_5["chunks"], r["progress"]
-  for p, peer in ((0, 1), (1, 0)):  # the exit finished the copy: each folder holds its peer's files, unchanged
-    copy, original = (tmp_path / "local" / f"host{q}" / "ckpt_4" / f"p{peer}.0.bin" for q in (p, peer))
+    (after_8,) = [p for p in r["progress"] if p["step"] == 8]
+    # The call that saved step 8 only dispatched the first chunks: the rest move at later calls.
+    assert after_8["dispatched"] == r["in_flight"] < after_8["chunks"], r["progress"]
+    (after_9,) = [p for p in r["progress"] if p["step"] == 9]
+    assert after_8["dispatched"] <= after_9["dispatched"] <= after_9["chunks"], r["progress"]
+  # The exit finished both tiers' saves of step 10 (the local tier's made before Python shut its thread pools).
+  assert kckpt.Checkpointer.open(tmp_path / "run").all_steps == [0, 10]
+  for p, peer in ((0, 1), (1, 0)):  # each folder holds its peer's files, unchanged
+    copy, original = (tmp_path / "local" / f"host{q}" / "ckpt_10" / f"p{peer}.0.bin" for q in (p, peer))
     assert copy.read_bytes() == original.read_bytes()
   shutil.rmtree(tmp_path / "local" / "host0")
-  for r in resume(tmp_path):  # process 0's shards of step 4 come back from process 1's copy
-    assert (r["step"], r["tier"], r["exact"]) == (4, "local", True), r["log"]
+  for r in resume(tmp_path):  # process 0's shards of step 10 come back from process 1's copy
+    assert (r["step"], r["tier"], r["exact"]) == (10, "local", True), r["log"]
+
+
+def test_a_chunk_one_process_cannot_place_fails_the_save_on_every_process_and_commits_nothing(tmp_path):
+  # Process 1 sends zeros for chunk 5 of step 2's copy (flagged): process 0 must not keep them as process 1's shards.
+  for r in Cluster([*PROGRAM, "zeros"], num_processes=2, workdir=tmp_path).run():
+    caught = r["caught"]
+    assert caught is not None and caught["error_step"] == 2 and caught["step_at_raise"] == 4, caught
+    assert "process 1 sent zeros for chunk 5" in caught["message"] and "injected" in caught["message"], caught
+    assert 2 not in r["local_steps"]
+  assert not list((tmp_path / "local").glob("host*/ckpt_2"))
+
+
+def test_a_peer_that_dies_with_a_copy_in_flight_does_not_hang_the_others(tmp_path):
+  # Process 1 ends (as a crash) right after the local save of step 2 started: process 0 raises within its 5 s timeout.
+  survivor, _ = Cluster([*PROGRAM, "peer_dies"], num_processes=2, workdir=tmp_path).run()
+  assert survivor["caught"] is not None and "[1] did not get there within 5 s" in survivor["caught"], survivor

@@ -22,10 +22,12 @@ def test_tiers_benchmark_runs(tmp_path):
   from benchmarks import tiers  # pylint: disable=import-outside-toplevel
 
   out = tmp_path / "tiers.json"
-  report = tiers.main(["--megabytes", "1", "--processes", "1", "2", "--devices", "2", "--repeats", "1", "--json", str(out)])
+  small = ["--megabytes", "1", "--step-size", "64", "--loop-steps", "2"]
+  report = tiers.main([*small, "--processes", "1", "2", "--devices", "2", "--repeats", "1", "--json", str(out)])
   assert [r["processes"] for r in report["results"]] == [1, 2]
   assert json.loads(out.read_text())["benchmark"] == "tiers"
   for row in report["results"]:
     for tier in tiers.KINDS:
-      for phase in ("blocked", "durable", "restore"):
+      for phase in ("blocked", "durable", "restore", "loop_blocked", "loop_left"):
         assert row[f"{tier}_{phase}_s"] > 0, (tier, phase, row)
+    assert row["step_s"] > 0

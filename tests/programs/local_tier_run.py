@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 import kckpt
+from kckpt import _local_format
 from kckpt import _peers
 from tests.programs import _cluster
 from tests.programs._cluster import report
@@ -38,14 +39,14 @@ from tests.programs.multihost_run import state_at
 from tests.programs.multihost_run import target_on
 
 
-def checkpointer(workdir: str, local: str = "local") -> kckpt.Checkpointer:
+def checkpointer(workdir: str, local: str = "local", timeout: float = 60) -> kckpt.Checkpointer:
   return kckpt.Checkpointer(
     workdir=os.path.join(workdir, "run"),
     save_interval_steps=10,
     max_to_keep=None,
     local_workdir=os.path.join(workdir, local, "host{process_index}"),
     local_save_interval_steps=2,
-    barrier_timeout_secs=60,
+    barrier_timeout_secs=timeout,
   )
 
 
@@ -77,21 +78,76 @@ def scenario_resume(workdir: str) -> None:
 
 
 def scenario_exit(workdir: str) -> None:
-  """The copy to peers goes on over the next `maybe_save` calls, and is finished at exit."""
+  """The copy to peers goes on over the next `maybe_save` calls, and is finished at exit.
+
+  As a resumed run does, it first restores (nothing there yet), then saves
+  steps 0-10; the last call starts both tiers' saves of step 10.
+  """
   _peers.CHUNK_BYTES = 64  # a few dozen chunks for this small state
   mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir)
+  ckpt.restore(target_on(mesh, P("d"), P("d")), noop_if_missing=True)
   progress = []
-  for step in range(6):
+  for step in range(11):
     ckpt.maybe_save(state_at(step, mesh), step=step)
     copy = ckpt._rt.local_tier._pending.copy  # pylint: disable=protected-access  # the copy in flight
     progress.append({"step": step, "dispatched": copy.dispatched, "chunks": copy.chunks})
   report(progress=progress, in_flight=_peers.IN_FLIGHT)
-  # No wait_until_finished, no close: the exit finishes the local save of step 4.
+  # No wait_until_finished, no close: the exit finishes both saves of step 10.
+
+
+class _FailingChunk(np.ndarray):
+  """A packed buffer whose chunk 5 of the copy to peers cannot be read (as a device out of memory would fail it)."""
+
+  def __getitem__(self, key):
+    if isinstance(key, slice) and (key.start, key.stop) == (5 * 64, 6 * 64):
+      raise MemoryError("injected: chunk 5 cannot be placed")
+    return super().__getitem__(key)
+
+
+def scenario_zeros(workdir: str) -> None:
+  """Process 1 cannot place chunk 5 of its copy at step 2: it sends zeros; both raise, and no folder commits step 2."""
+  _peers.CHUNK_BYTES = 64
+  pack = _local_format.pack
+  if jax.process_index() == 1:
+    _local_format.pack = lambda *a, **k: pack(*a, **k).view(_FailingChunk) if k["step"] == 2 else pack(*a, **k)
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  ckpt = checkpointer(workdir)
+  caught = None
+  try:
+    for step in range(1, 6):
+      ckpt.maybe_save(state_at(step, mesh), step=step)
+  except kckpt.BackgroundSaveError as e:
+    caught = {"step_at_raise": step, "error_step": e.step, "message": str(e)}
+  report(caught=caught, local_steps=ckpt.local_steps)
+  ckpt.close()
+
+
+def scenario_peer_dies(workdir: str) -> None:
+  """Process 1 dies with the copy of step 2 in flight: process 0 raises within its timeout instead of hanging."""
+  _peers.CHUNK_BYTES = 64
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  ckpt = checkpointer(workdir, timeout=5)
+  for step in range(3):
+    ckpt.maybe_save(state_at(step, mesh), step=step)
+  if jax.process_index() == 1:
+    os._exit(0)  # a crash: nothing closed, the cluster not shut down
+  caught = None
+  try:
+    ckpt.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-exception-caught  # reported to the test
+    caught = f"{type(e).__name__}: {e}"
+  report(caught=caught)
+  os._exit(0)  # the cluster cannot be shut down cleanly without process 1
 
 
 def scenario_fails(workdir: str) -> None:
-  """Process 1's local folder cannot be made (the test put a file there): every process raises, none hangs."""
+  """Process 1's local folder cannot be made (the test put a file there): every process raises, none hangs.
+
+  The copy to peers is cut in chunks of 64 bytes, so that most of it is still
+  to move when process 1's write fails (before it collected any chunk).
+  """
+  _peers.CHUNK_BYTES = 64
   mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir, local="broken")
   caught = None
@@ -106,5 +162,12 @@ def scenario_fails(workdir: str) -> None:
 
 if __name__ == "__main__":
   _cluster.init()
-  scenarios = {"train": scenario_train, "resume": scenario_resume, "fails": scenario_fails, "exit": scenario_exit}
+  scenarios = {
+    "train": scenario_train,
+    "resume": scenario_resume,
+    "fails": scenario_fails,
+    "exit": scenario_exit,
+    "zeros": scenario_zeros,
+    "peer_dies": scenario_peer_dies,
+  }
   scenarios[sys.argv[1]](_cluster.workdir())
