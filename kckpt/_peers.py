@@ -34,6 +34,7 @@ from kckpt import multihost
 log = logging.getLogger("kckpt")
 
 CHUNK_BYTES = 64 * 2**20
+_WIDTH_STEP = 64 * 2**10
 # Chunks dispatched and not yet copied to host memory, at most (each holds its input and output on a device).
 IN_FLIGHT = 4
 
@@ -91,10 +92,15 @@ class PeerCopy:
     self._n, self._me = multihost.process_count(), multihost.process_index()
     n, me = self._n, self._me
     longest = max(sizes.values(), default=0)
-    self._width = min(max(longest, 1), CHUNK_BYTES)
     self._buffer = buffer
     self._timeout_secs = timeout_secs
-    self._plan = [(by, at) for by in shifts_ for at in range(0, max(longest, 1), self._width)]
+    # (shift, offset, width): chunks of CHUNK_BYTES, the last one only as wide as what is left (rounded up, so
+    # that a buffer a few bytes longer than the last save's compiles no new program, and padding stays small).
+    self._plan = [
+      (by, at, min(CHUNK_BYTES, -(-(max(longest, 1) - at) // _WIDTH_STEP) * _WIDTH_STEP))
+      for by in shifts_
+      for at in range(0, max(longest, 1), CHUNK_BYTES)
+    ]
     self.received = {(me - by) % n: np.empty(sizes[(me - by) % n], dtype=np.uint8) for by in shifts_}
     self._devices = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id) for p in range(n)]
     mesh = jax.sharding.Mesh(np.array(self._devices), ("p",))
@@ -181,12 +187,14 @@ class PeerCopy:
 
   def _dispatch(self) -> Any:
     j = self.dispatched
-    by, at = self._plan[j]
-    width, device = self._width, self._devices[self._me]
+    by, at, width = self._plan[j]
+    device = self._devices[self._me]
     try:
       chunk = self._buffer[at : at + width]
       if chunk.size < width:
-        chunk = np.concatenate([chunk, np.zeros(width - chunk.size, np.uint8)])
+        padded = np.zeros(width, np.uint8)
+        padded[: chunk.size] = chunk
+        chunk = padded
       mine, ok = jax.device_put(chunk.reshape(1, width), device), 1
     except Exception as e:  # pylint: disable=broad-exception-caught  # zeros keep the peers going; the flag tells
       self._errors.append(f"process {self._me}: chunk {j} could not be placed: {type(e).__name__}: {e}")
@@ -207,14 +215,14 @@ class PeerCopy:
     the process sending it, or when the caller cancelled the copy.
     """
     try:
-      for j, (by, at) in enumerate(self._plan):
+      for j, (by, at, width) in enumerate(self._plan):
         with self._cond:
           while self.dispatched <= j and not self._cancelled:
             self._cond.wait()
           if self.dispatched <= j:
             raise PeerTransferError(f"process {self._me}: the copy between processes was cancelled at chunk {j} of {self.chunks}")
           out = self._results[j]
-        self._take(j, by, at, out)
+        self._take(j, by, at, width, out)
         out = None  # not held while waiting for the next dispatch
     finally:
       with self._cond:
@@ -224,14 +232,14 @@ class PeerCopy:
       raise PeerTransferError("; ".join(self._errors))
     return self.received
 
-  def _take(self, j: int, by: int, at: int, out: Any) -> None:
+  def _take(self, j: int, by: int, at: int, width: int, out: Any) -> None:
     data, flag = out
     source = (self._me - by) % self._n
     moved = np.asarray(data.addressable_shards[0].data)[0]
     if not int(np.asarray(flag.addressable_shards[0].data)[0, 0]):
       self._errors.append(f"process {self._me}: process {source} sent zeros for chunk {j} (it could not place it)")
     received = self.received[source]
-    take = max(0, min(self._width, received.size - at))
+    take = max(0, min(width, received.size - at))
     received[at : at + take] = moved[:take]
     with self._cond:
       self._results[j] = None
