@@ -29,6 +29,7 @@ training step's own.)
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,7 +49,7 @@ from kckpt import _local_format as fmt
 from kckpt import _peers
 from kckpt import multihost
 from kckpt._types import PyTree, Step
-from kckpt.errors import BackgroundSaveError
+from kckpt.errors import BackgroundSaveError, ProcessTimeoutError
 
 log = logging.getLogger("kckpt")
 
@@ -308,7 +309,8 @@ class LocalTier:
       raise
     for owner, buffer in received.items():
       self._write_owner(tmp, owner, buffer)
-    self._commit(tmp, step, owners=sorted({me, *received}), healthy=healthy)
+    with copy.committing() if copy is not None else contextlib.nullcontext():  # never once the caller gave up
+      self._commit(tmp, step, owners=sorted({me, *received}), healthy=healthy)
     self._spare = own.base if isinstance(own.base, np.ndarray) else own
 
   def _begin(self, step: Step) -> Path:
@@ -383,19 +385,33 @@ class LocalTier:
       self._set_hidden([h for h in hidden if h in keep])
 
   def wait(self) -> None:
-    """Waits for the local save in flight (sending what is left of its copy to peers); raises its error on every process."""
+    """Waits for the local save in flight (sending what is left of its copy to peers); raises its error on every process.
+
+    When the copy between processes itself stops part-way (a timeout, a
+    chunk that could not be dispatched), the processes may have dispatched
+    different chunks: this process raises at once (`ProcessTimeoutError`, or
+    `BackgroundSaveError` saying the run cannot go on), the others once no
+    chunk arrived for `timeout_secs`, and the step is never committed.
+    """
     pending, self._pending = self._pending, None
     if pending is None:
       return
     step, future, copy = pending.step, pending.future, pending.copy
+    if copy is not None:
+      try:
+        copy.finish()  # a collective: every process dispatches what is left, in the same order
+      except BaseException as e:
+        copy.cancel()  # the background work stops, and never commits the step
+        if isinstance(e, Exception) and not isinstance(e, ProcessTimeoutError):
+          raise BackgroundSaveError(
+            f"The local-tier save of step {step} into {self.folder} failed: process {multihost.process_index()}: "
+            f"the copy between processes stopped part-way ({type(e).__name__}: {e}); the processes' collectives may "
+            "no longer match: the run cannot go on. Exit this process and restart the job.",
+            step=step,
+          ) from e
+        raise
     error = None
     try:
-      if copy is not None:
-        try:
-          copy.finish()  # a collective: every process dispatches what is left, in the same order
-        except BaseException:
-          copy.cancel()  # the background work stops waiting for chunks that will not come
-          raise
       future.result()
     except Exception as e:  # pylint: disable=broad-exception-caught  # shared with every process below
       error = f"process {multihost.process_index()}: {type(e).__name__}: {e}"

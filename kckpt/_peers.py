@@ -18,11 +18,12 @@ to its end at once (for a restore).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kckpt import multihost
+from kckpt.errors import ProcessTimeoutError
 
 log = logging.getLogger("kckpt")
 
@@ -109,8 +111,9 @@ class PeerCopy:
     self._results: list[Any] = []  # by chunk: the dispatched (data, flag), None once collected
     self._collected = 0
     self._collector_stopped = False  # `collect` ended (or will never run here: `abandon`)
-    self._cancelled = False  # the caller gave up: `collect` stops waiting for dispatches
+    self._cancelled = False  # the caller gave up: `collect` stops, `committing` refuses
     self._cond = threading.Condition()
+    self._commit_lock = threading.Lock()
     self._errors: list[str] = []
 
   @property
@@ -143,8 +146,9 @@ class PeerCopy:
     """Caller's thread: dispatches every chunk left and waits until every chunk was collected here.
 
     A chunk is dispatched once this process holds fewer than `IN_FLIGHT`.
-    Raises `PeerTransferError` when no chunk arrived for `timeout_secs` (a
-    peer that died, or never dispatched its part).
+    Raises `ProcessTimeoutError` when no chunk arrived (or, with no collector
+    here, no chunk finished moving) for `timeout_secs`: a peer died or is
+    stuck, or stopped dispatching.
     """
     while self.dispatched < self.chunks:
       j = self.dispatched
@@ -152,7 +156,11 @@ class PeerCopy:
       orphan = self._wait_until(lambda: self._collected > self.dispatched - IN_FLIGHT or self._collector_stopped)
       out = self._dispatch()
       if orphan:  # no one collects here any more: the chunk still moves (the peers wait for it), then goes
-        jax.block_until_ready(out)
+        deadline = time.monotonic() + self._timeout_secs
+        while not all(a.is_ready() for a in out):
+          if time.monotonic() > deadline:
+            raise self._timed_out()
+          time.sleep(0.01)  # JAX has no wait with a timeout
         with self._cond:
           self._results[j] = None
     self._wait_until(lambda: self._collected == self.chunks or self._collector_stopped)
@@ -166,12 +174,17 @@ class PeerCopy:
           seen, deadline = self._collected, time.monotonic() + self._timeout_secs
         left = deadline - time.monotonic()
         if left <= 0:
-          raise PeerTransferError(
-            f"process {self._me}: no chunk of the copy between processes arrived for {self._timeout_secs:.0f} s "
-            f"({self._collected} of {self.chunks} here): a peer may have died"
-          )
+          raise self._timed_out()
         self._cond.wait(timeout=min(left, 5.0))
       return self._collector_stopped
+
+  def _timed_out(self) -> ProcessTimeoutError:
+    return ProcessTimeoutError(
+      f"process {self._me}: no chunk of the local tier's copy between processes moved for {self._timeout_secs:g} s "
+      f"({self._collected} of {self.chunks} received here; Checkpointer.barrier_timeout_secs). A process died or is "
+      "stuck, and the processes' collectives may no longer match: the run cannot go on. Exit this process "
+      "(os._exit: JAX's shutdown would wait for the missing ones) and restart the job."
+    )
 
   def abandon(self) -> None:
     """No `collect` will run here (the background work failed first): `finish` moves the rest without waiting for it."""
@@ -180,10 +193,22 @@ class PeerCopy:
       self._cond.notify_all()
 
   def cancel(self) -> None:
-    """The caller gave up on this copy: `collect` raises instead of waiting for chunks that will not be dispatched."""
-    with self._cond:
+    """The caller gave up on this copy: `collect` raises instead of going on, and `committing` refuses.
+
+    Waits for a commit under way (`committing`) to end: once it returns, the
+    step of this copy is either committed already or never will be.
+    """
+    with self._commit_lock, self._cond:
       self._cancelled = True
       self._cond.notify_all()
+
+  @contextlib.contextmanager
+  def committing(self) -> Iterator[None]:
+    """Held while the step of this copy is committed; raises `PeerTransferError` once the copy was cancelled."""
+    with self._commit_lock:
+      if self._cancelled:
+        raise PeerTransferError(f"process {self._me}: the copy between processes was given up; the step is not committed")
+      yield
 
   def _dispatch(self) -> Any:
     j = self.dispatched
@@ -219,8 +244,8 @@ class PeerCopy:
         with self._cond:
           while self.dispatched <= j and not self._cancelled:
             self._cond.wait()
-          if self.dispatched <= j:
-            raise PeerTransferError(f"process {self._me}: the copy between processes was cancelled at chunk {j} of {self.chunks}")
+          if self._cancelled:
+            raise PeerTransferError(f"process {self._me}: the copy between processes was given up at chunk {j} of {self.chunks}")
           out = self._results[j]
         self._take(j, by, at, width, out)
         out = None  # not held while waiting for the next dispatch

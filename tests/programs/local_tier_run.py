@@ -10,10 +10,14 @@ Usage: python -m tests.programs.local_tier_run SCENARIO
   process 0's exit does not abort the others).
 * ``fails``: the local folder of process 1 cannot be made; every process
   raises the same `BackgroundSaveError` at its next local save.
-* ``exit``: the copy to peers cut in chunks of 64 bytes, the local tier
-  every 2 steps, steps 0-5; reports after each `maybe_save` how far the copy
-  in flight has got, then ends without `wait_until_finished` or `close` (a
-  plain interpreter exit).
+* ``exit``: the copy to peers cut in chunks of 4 KiB; a restore, then
+  steps 0-10; reports after each `maybe_save` how far the copy in flight has
+  got, then ends without `wait_until_finished` or `close` (a plain
+  interpreter exit) with both tiers' saves of step 10 in flight.
+* ``zeros``: process 1 cannot place chunk 5 of its copy of step 2; every
+  process raises at its next local save, and no folder commits step 2.
+* ``peer_dies``: process 1 ends with the copy of step 2 in flight; process
+  0 reports what `wait_until_finished` raised.
 * ``resume``: a new process restores ``-1`` into a target on this cluster's
   mesh, as a resumed training does, and reports the step, the tier it came
   from and whether every shard holds that step's values bit for bit.
@@ -27,16 +31,40 @@ import sys
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import kckpt
 from kckpt import _local_format
 from kckpt import _peers
 from tests.programs import _cluster
+from tests.programs import multihost_run
 from tests.programs._cluster import report
-from tests.programs.multihost_run import check_restored
-from tests.programs.multihost_run import state_at
-from tests.programs.multihost_run import target_on
+from tests.programs.multihost_run import sharded
+
+# Chunks of the copy to peers in the scenarios that watch it move: 4 KiB (XLA's CPU client runs a smaller
+# one in the caller's thread, see kckpt._peers), so that the 64 KiB "pad" leaf makes a few dozen of them.
+CHUNK = 4096
+PAD_SHAPE = (128, 128)
+
+
+def pad(step: int) -> np.ndarray:
+  return np.arange(np.prod(PAD_SHAPE), dtype=np.float32).reshape(PAD_SHAPE) * 0.5 + step
+
+
+def state_at(step: int, mesh: Mesh) -> dict:
+  """`multihost_run.state_at` and a 64 KiB leaf sharded over every device."""
+  return {**multihost_run.state_at(step, mesh), "pad": sharded(pad(step), NamedSharding(mesh, P("d")))}
+
+
+def target(mesh: Mesh) -> dict:
+  spec = jax.ShapeDtypeStruct(PAD_SHAPE, np.float32, sharding=NamedSharding(mesh, P("d")))
+  return {**multihost_run.target_on(mesh, P("d"), P("d")), "pad": spec}
+
+
+def check_restored(restored: dict, step: int) -> bool:
+  """Every shard this process holds has the values of `step`."""
+  pad_exact = all(np.array_equal(np.asarray(s.data), pad(step)[s.index]) for s in restored["pad"].addressable_shards)
+  return pad_exact and multihost_run.check_restored(restored, step)
 
 
 def checkpointer(workdir: str, local: str = "local", timeout: float = 60) -> kckpt.Checkpointer:
@@ -70,7 +98,7 @@ def scenario_resume(workdir: str) -> None:
   logging.getLogger("kckpt").setLevel(logging.INFO)
   mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir)
-  restored = ckpt.restore(target_on(mesh, P("d"), P("d")), noop_if_missing=True)
+  restored = ckpt.restore(target(mesh), noop_if_missing=True)
   step = int(restored["step"])
   stats = ckpt.last_restore_stats
   report(step=step, tier=stats.tier if stats else None, exact=check_restored(restored, step), all_steps=ckpt.all_steps)
@@ -83,10 +111,10 @@ def scenario_exit(workdir: str) -> None:
   As a resumed run does, it first restores (nothing there yet), then saves
   steps 0-10; the last call starts both tiers' saves of step 10.
   """
-  _peers.CHUNK_BYTES = 64  # a few dozen chunks for this small state
+  _peers.CHUNK_BYTES = CHUNK
   mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir)
-  ckpt.restore(target_on(mesh, P("d"), P("d")), noop_if_missing=True)
+  ckpt.restore(target(mesh), noop_if_missing=True)
   progress = []
   for step in range(11):
     ckpt.maybe_save(state_at(step, mesh), step=step)
@@ -100,14 +128,14 @@ class _FailingChunk(np.ndarray):
   """A packed buffer whose chunk 5 of the copy to peers cannot be read (as a device out of memory would fail it)."""
 
   def __getitem__(self, key):
-    if isinstance(key, slice) and (key.start, key.stop) == (5 * 64, 6 * 64):
+    if isinstance(key, slice) and (key.start, key.stop) == (5 * CHUNK, 6 * CHUNK):
       raise MemoryError("injected: chunk 5 cannot be placed")
     return super().__getitem__(key)
 
 
 def scenario_zeros(workdir: str) -> None:
   """Process 1 cannot place chunk 5 of its copy at step 2: it sends zeros; both raise, and no folder commits step 2."""
-  _peers.CHUNK_BYTES = 64
+  _peers.CHUNK_BYTES = CHUNK
   pack = _local_format.pack
   if jax.process_index() == 1:
     _local_format.pack = lambda *a, **k: pack(*a, **k).view(_FailingChunk) if k["step"] == 2 else pack(*a, **k)
@@ -125,7 +153,7 @@ def scenario_zeros(workdir: str) -> None:
 
 def scenario_peer_dies(workdir: str) -> None:
   """Process 1 dies with the copy of step 2 in flight: process 0 raises within its timeout instead of hanging."""
-  _peers.CHUNK_BYTES = 64
+  _peers.CHUNK_BYTES = CHUNK
   mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir, timeout=5)
   for step in range(3):
@@ -144,10 +172,10 @@ def scenario_peer_dies(workdir: str) -> None:
 def scenario_fails(workdir: str) -> None:
   """Process 1's local folder cannot be made (the test put a file there): every process raises, none hangs.
 
-  The copy to peers is cut in chunks of 64 bytes, so that most of it is still
+  The copy to peers is cut in chunks of 4 KiB, so that most of it is still
   to move when process 1's write fails (before it collected any chunk).
   """
-  _peers.CHUNK_BYTES = 64
+  _peers.CHUNK_BYTES = CHUNK
   mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir, local="broken")
   caught = None
