@@ -20,10 +20,11 @@ target. They are never restored, and the next local save removes them.
 Every method that moves data or decides (`save`, `advance`, `wait`,
 `restore_newest`) is a collective: every process calls it, and an error on
 one process is raised on all of them, so that none waits for the others'
-next exchange. (The exception: a chunk of the copy to peers that cannot be
-dispatched at all, not even as zeros, as when a device cannot run any
-program; the others' collectives then wait for it as they would for the
-training step's own.)
+next exchange. The exception is a copy to peers that stops part-way (a
+process died, is stuck, or could not dispatch a chunk): the processes may
+then have different collectives in flight, so each raises on its own
+(`ProcessTimeoutError` once no chunk moved for `timeout_secs`) with an
+error that says the run cannot go on.
 """
 
 from __future__ import annotations

@@ -60,6 +60,27 @@ def test_four_processes_restore_a_lost_host_from_its_peer(tmp_path):
   shutil.rmtree(tmp_path / "local" / "host2")
   for r in resume(tmp_path, num_processes=4, devices_per_process=1):
     assert (r["step"], r["tier"], r["exact"]) == (16, "local", True), r["log"]
+  shutil.rmtree(tmp_path / "local")  # every local disk lost
+  for r in resume(tmp_path, num_processes=4, devices_per_process=1):
+    assert (r["step"], r["tier"], r["exact"]) == (10, "persistent", True), r["log"]
+
+
+def test_one_process_killed_after_step_17_resumes_from_its_local_tier(tmp_path):
+  (trained,) = Cluster([*PROGRAM, "train"], num_processes=1, devices_per_process=4, workdir=tmp_path).run()
+  assert (trained["all_steps"], trained["local_steps"]) == ([0, 10], [14, 16])
+  (r,) = resume(tmp_path, num_processes=1, devices_per_process=4)
+  assert (r["step"], r["tier"], r["exact"]) == (16, "local", True), r["log"]
+  shutil.rmtree(tmp_path / "local")
+  (r,) = resume(tmp_path, num_processes=1, devices_per_process=4)
+  assert (r["step"], r["tier"], r["exact"]) == (10, "persistent", True), r["log"]
+
+
+def test_a_crash_with_a_copy_to_peers_in_flight_never_exposes_its_step(tmp_path):
+  for r in Cluster([*PROGRAM, "crash_mid_copy"], num_processes=2, workdir=tmp_path).run():
+    assert r["dispatched"] < r["chunks"], r  # step 18's copy was part-way when the processes ended
+  assert not list((tmp_path / "local").glob("host*/ckpt_18"))
+  for r in resume(tmp_path):  # the newest complete local step, on every process
+    assert (r["step"], r["tier"], r["exact"]) == (16, "local", True), r["log"]
 
 
 def test_a_local_save_failing_on_one_process_is_raised_on_every_process(tmp_path):

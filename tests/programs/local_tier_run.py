@@ -16,6 +16,8 @@ Usage: python -m tests.programs.local_tier_run SCENARIO
   interpreter exit) with both tiers' saves of step 10 in flight.
 * ``zeros``: process 1 cannot place chunk 5 of its copy of step 2; every
   process raises at its next local save, and no folder commits step 2.
+* ``crash_mid_copy``: as ``train`` to step 18, whose local save has only
+  dispatched the first chunks of its copy to peers when every process ends.
 * ``peer_dies``: process 1 ends with the copy of step 2 in flight; process
   0 reports what `wait_until_finished` raised.
 * ``resume``: a new process restores ``-1`` into a target on this cluster's
@@ -89,6 +91,21 @@ def scenario_train(workdir: str) -> None:
   if jax.process_count() > 1:  # the cluster itself ends cleanly (else process 0's exit aborts the others)...
     jax.distributed.shutdown()
   os._exit(0)  # ...but kckpt sees a crash right after step 17: nothing closed
+
+
+def scenario_crash_mid_copy(workdir: str) -> None:
+  """As ``train``, then step 18's local save starts and every process ends at once, its copy to peers part-way."""
+  _peers.CHUNK_BYTES = CHUNK
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  ckpt = checkpointer(workdir)
+  for step in range(19):
+    ckpt.maybe_save(state_at(step, mesh), step=step)
+  copy = ckpt._rt.local_tier._pending.copy  # pylint: disable=protected-access  # the copy of step 18
+  report(dispatched=copy.dispatched, chunks=copy.chunks)
+  sys.stdout.flush()
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+  os._exit(0)  # a crash with the copy of step 18 in flight
 
 
 def scenario_resume(workdir: str) -> None:
@@ -197,5 +214,6 @@ if __name__ == "__main__":
     "exit": scenario_exit,
     "zeros": scenario_zeros,
     "peer_dies": scenario_peer_dies,
+    "crash_mid_copy": scenario_crash_mid_copy,
   }
   scenarios[sys.argv[1]](_cluster.workdir())
