@@ -464,8 +464,11 @@ class Runtime:
     self.preemption.honour_undelivered()
 
   def vote(self, step: Step, *, time_due: bool, timeout_secs: float) -> multihost.StepVote:
-    """What every process agrees on at `maybe_save(step)`: preemption, the primary's clock, a finished save, the peer copy."""
-    return multihost.vote(
+    """What every process agrees on at `maybe_save(step)`: preemption, the primary's clock, a finished save, the peer copy.
+
+    Then dispatches the chunks of the local tier's copy to peers in flight that the decision allows.
+    """
+    decision = multihost.vote(
       multihost.StepVote(
         preempt=self.preemption.pending,
         time_due=time_due,
@@ -476,3 +479,6 @@ class Runtime:
       timeout_secs=timeout_secs,
       what=f"maybe_save(step={step})",
     )
+    if self.local_tier is not None:
+      self.local_tier.advance(decision.peer_copy)
+    return decision

@@ -393,9 +393,8 @@ class Checkpointer(base.BaseCheckpointer):
 
     In a multi-process run every process must call it at every step: the
     processes share at each call whether any was preempted, the primary's
-    clock for `save_interval_secs`, whether a background save failed and how
-    far the local tier's copy to peers has got (one small exchange through
-    JAX's coordination service).
+    clock, failed saves and the local tier's copy to peers (one small
+    exchange through JAX's coordination service).
     """
     step = _run.check_step(step)
     rt = self._rt
@@ -404,9 +403,7 @@ class Checkpointer(base.BaseCheckpointer):
       return False
     if self.handle_sigterm and self.create:
       rt.preemption.handle_sigterm(self)
-    decision = rt.vote(step, time_due=self._time_due(step), timeout_secs=self.barrier_timeout_secs)
-    if rt.local_tier is not None:
-      rt.local_tier.advance(decision.peer_copy)  # the local tier's copy to peers, a few chunks more
+    decision = rt.vote(step, time_due=self._time_due(step), timeout_secs=self.barrier_timeout_secs)  # moves the copy on
     if decision.save_done:
       rt.wait_persistent()  # raises a background error, on every process
     if decision.preempt:
