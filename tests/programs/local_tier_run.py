@@ -80,6 +80,17 @@ def checkpointer(workdir: str, local: str = "local", timeout: float = 60) -> kck
   )
 
 
+def save_until_it_raises(ckpt: kckpt.Checkpointer) -> dict | None:
+  """`maybe_save` of steps 1-5 until a `BackgroundSaveError`: which step raised, for which step, and why."""
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  try:
+    for step in range(1, 6):
+      ckpt.maybe_save(state_at(step, mesh), step=step)
+  except kckpt.BackgroundSaveError as e:
+    return {"step_at_raise": step, "error_step": e.step, "message": str(e)}
+  return None
+
+
 def scenario_train(workdir: str) -> None:
   mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir)
@@ -156,15 +167,8 @@ def scenario_zeros(workdir: str) -> None:
   pack = _local_format.pack
   if jax.process_index() == 1:
     _local_format.pack = lambda *a, **k: pack(*a, **k).view(_FailingChunk) if k["step"] == 2 else pack(*a, **k)
-  mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir)
-  caught = None
-  try:
-    for step in range(1, 6):
-      ckpt.maybe_save(state_at(step, mesh), step=step)
-  except kckpt.BackgroundSaveError as e:
-    caught = {"step_at_raise": step, "error_step": e.step, "message": str(e)}
-  report(caught=caught, local_steps=ckpt.local_steps)
+  report(caught=save_until_it_raises(ckpt), local_steps=ckpt.local_steps)
   ckpt.close()
 
 
@@ -193,15 +197,8 @@ def scenario_fails(workdir: str) -> None:
   to move when process 1's write fails (before it collected any chunk).
   """
   _peers.CHUNK_BYTES = CHUNK
-  mesh = Mesh(np.array(jax.devices()), ("d",))
   ckpt = checkpointer(workdir, local="broken")
-  caught = None
-  try:
-    for step in range(1, 6):
-      ckpt.maybe_save(state_at(step, mesh), step=step)
-  except kckpt.BackgroundSaveError as e:
-    caught = {"step_at_raise": step, "error_step": e.step, "message": str(e)}
-  report(caught=caught)
+  report(caught=save_until_it_raises(ckpt))
   ckpt.close()
 
 
