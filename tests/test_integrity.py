@@ -86,6 +86,30 @@ def test_a_flipped_bit_is_found_by_verify_and_refused_by_restore(workdir, capsys
   ckpt.close()
 
 
+def test_verify_names_the_arrays_a_checksummed_step_has_no_checksum_for(workdir, capsys):
+  """A read of such an array is not checked: verify says which, and that is not a problem of the step."""
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None)
+  for step in (1, 2):
+    ckpt.save(train_state(step), step=step)
+  ckpt.wait_until_finished()
+  table_file = ckpt.step_details(2).path / "_KCKPT_CHECKSUMS.json"
+  table = json.loads(table_file.read_text())
+  del table["default"]["params.dense.b"]
+  table_file.write_text(json.dumps(table))
+
+  assert kckpt.inspect.verify_step(ckpt.directory, 1).unchecked == []
+  report = kckpt.inspect.verify_step(ckpt.directory, 2)
+  assert report.ok and report.unchecked == ["default/params.dense.b"]
+  status = cli.main(["verify", str(workdir)])
+  out = capsys.readouterr().out
+  assert status == 0
+  line = {int(text.split(":")[0].split()[1]): text for text in out.splitlines() if text.startswith("step ")}
+  assert "without one" not in line[1]
+  assert line[2].startswith("step 2: ok") and "1 array without one: default/params.dense.b" in line[2]
+  assert "1 with arrays that have no checksum" in out.splitlines()[-1]
+  ckpt.close()
+
+
 def test_a_flipped_bit_in_a_large_array_fails_the_restore_though_its_check_overlaps_the_placement(workdir):
   """Shards over `INLINE_BYTES` are hashed while Orbax places them: the read still waits for the check."""
   from kckpt._orbax import _read_checks  # pylint: disable=import-outside-toplevel

@@ -16,6 +16,8 @@ each shard is read: a changed bit is a problem naming its leaf. Steps saved
 without (plain Orbax, older kckpt, StorageOptions(checksums=False)) say
 "no checksums": there a flipped bit
 inside an array goes unseen; a truncated, missing or undecodable file does not.
+An array a checksummed step has no checksum for (its shards did not tile it at
+save, a warning then, or the checksum file edited) is named on the step's line.
 
 examples:
   kckpt verify /tmp/run                 # every step
@@ -67,9 +69,14 @@ def run(args: argparse.Namespace) -> int:
   leaves = sum(r.leaves for r in checked)
   unchecked = sum(1 for r in checked if r.checksums is None)
   note = f"; {unchecked} without checksums" if unchecked else ""
+  partly = sum(1 for r in checked if r.unchecked)
+  note += f"; {partly} with arrays that have no checksum" if partly else ""
   nbytes = _format.human_bytes(sum(r.bytes for r in checked))
   print(f"OK: {_format.plural(len(checked), 'step')}, {leaves} leaves, {nbytes} read{note}")
   return status
+
+
+_NAMED_UNCHECKED = 5  # arrays without a checksum named on a step's line
 
 
 def _verify_line(report: inspect.StepCheck) -> str:
@@ -78,6 +85,9 @@ def _verify_line(report: inspect.StepCheck) -> str:
   n = len(report.problems)
   status = "ok" if not n else _format.plural(n, "problem")
   checksums = f"{report.checksums} checksums" if report.checksums else "no checksums"
+  if report.unchecked:
+    shown = ", ".join(report.unchecked[:_NAMED_UNCHECKED]) + (", ..." if len(report.unchecked) > _NAMED_UNCHECKED else "")
+    checksums += f"; {_format.plural(len(report.unchecked), 'array')} without one: {shown}"
   return (
     f"step {report.step}: {status} ({report.items} items, {report.leaves} leaves,"
     f" {_format.human_bytes(report.bytes)}, {checksums})"

@@ -47,6 +47,9 @@ class StepCheck:
     checksums: how its array data is checksummed (``"crc32c-shards"``: every
       shard read was checked against it), or None: saved without checksums,
       so a changed bit inside an array would go unseen.
+    unchecked: ``"item/leaf"`` of each array the step's checksums leave out
+      (its saved shards did not tile it, or the file was edited): read, but a changed bit in
+      it would go unseen. Empty in a step kckpt saved with its defaults.
   """
 
   step: Step
@@ -56,6 +59,7 @@ class StepCheck:
   problems: list[Problem] = dataclasses.field(default_factory=list)
   deleted: bool = False
   checksums: str | None = None
+  unchecked: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def ok(self) -> bool:
@@ -102,12 +106,20 @@ def verify_pytree_item(
   step: Step, name: str, item_dir: EPath, *, check_finite: bool = False, progress: ProgressFn | None = None
 ) -> tuple[list[Problem], int, int]:
   """Reads every leaf of one item, a batch at a time; (problems, leaves read, bytes read)."""
+  problems, leaves_read, bytes_read, _ = _verify_item(step, name, item_dir, check_finite=check_finite, progress=progress)
+  return problems, leaves_read, bytes_read
+
+
+def _verify_item(
+  step: Step, name: str, item_dir: EPath, *, check_finite: bool, progress: ProgressFn | None
+) -> tuple[list[Problem], int, int, list[str]]:
+  """`verify_pytree_item`, and the paths of the item's array leaves (from its metadata)."""
   try:
     reader = _orbax.LeafReader(item_dir)
   except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
     if not _orbax.is_read_error(e):
       raise
-    return [Problem(step, name, "<metadata>", f"unreadable: {short_error(e)}")], 0, 0
+    return [Problem(step, name, "<metadata>", f"unreadable: {short_error(e)}")], 0, 0, []
   problems: list[Problem] = []
   leaves_read = bytes_read = 0
   total = len(reader.leaves)
@@ -124,7 +136,7 @@ def verify_pytree_item(
       bytes_read += leaf.nbytes or 0
     if progress:
       progress(f"{name}: {leaves_read}/{total} leaves")
-  return problems, leaves_read, bytes_read
+  return problems, leaves_read, bytes_read, [leaf.path for leaf in reader.leaves.values() if leaf.kind == "array"]
 
 
 def verify_step(checkpoints: EPath, step: Step, *, check_finite: bool = False, progress: ProgressFn | None = None) -> StepCheck:
@@ -149,6 +161,7 @@ def verify_step(checkpoints: EPath, step: Step, *, check_finite: bool = False, p
   except (FileNotFoundError, NotADirectoryError):
     report.deleted = True
     return report
+  recorded: dict[str, Any] | None = None  # the step's checksum table, item -> leaf -> ..., read once
   for name, fmt in formats.items():
     item_dir = step_path / name
     if not item_dir.exists():
@@ -169,10 +182,23 @@ def verify_step(checkpoints: EPath, step: Step, *, check_finite: bool = False, p
           raise
         report.problems.append(Problem(step, name, "<json>", f"unreadable: {short_error(e)}"))
       continue
-    problems, leaves, nbytes = verify_pytree_item(step, name, item_dir, check_finite=check_finite, progress=progress)
+    problems, leaves, nbytes, arrays = _verify_item(step, name, item_dir, check_finite=check_finite, progress=progress)
     report.problems.extend(problems)
     report.leaves += leaves
     report.bytes += nbytes
+    if report.checksums == _orbax.CRC32C_SHARDS:
+      if recorded is None:
+        recorded = _recorded_leaves(step_path)
+      report.unchecked.extend(f"{name}/{path}" for path in arrays if path not in recorded.get(name, {}))
   if report.problems and not step_path.exists():  # removed by the run's retention while we read it
     report.deleted, report.problems = True, []
   return report
+
+
+def _recorded_leaves(step_path: EPath) -> dict[str, Any]:
+  """The step's checksum table (item -> leaf -> its shards); empty when unreadable (its reads failed already)."""
+  try:
+    table = _orbax.read_step_checksums(step_path)
+  except (OSError, ValueError):  # ValueError: not JSON
+    return {}
+  return {item: leaves for item, leaves in (table or {}).items() if isinstance(leaves, dict)}

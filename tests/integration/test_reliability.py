@@ -88,8 +88,8 @@ def _data_file(item_dir):
   "fault, expected",
   [
     ("truncate", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
-    # Orbax stores no checksums: overwritten data is caught when chunks are compressed (zstd
-    # checks its frames), not in kckpt's default uncompressed format (see docs/guides/integrity.md).
+    # Compressed chunks: zstd checks its frames. In kckpt's default uncompressed format the
+    # step's CRC32Cs catch overwritten data (tests/test_integrity.py).
     ("overwrite compressed", r"Cannot read step 2, item 'default' .*unreadable leaves \['w'\]"),
     ("delete _METADATA", r"Cannot read step 2, item 'default' .*_METADATA"),
     ("garbage folder", r"Cannot read step 2 .*ckpt_2 holds no checkpoint item"),
