@@ -33,7 +33,8 @@ Each round, after one untimed warm-up round of the same steps:
    were fsynced; the step is deleted.
 
 So the disk holds at most one state. Writes JSON:
-``{"system", "state", "bytes", "leaves", "save_s", "restore_s", "async_blocked_s", "async_durable_s"}``
+``{"system", "state", "bytes", "leaves", "save_s", "restore_s", "async_blocked_s", "async_durable_s",
+"save_user_s", "save_kernel_s"}`` (the last two: the process's CPU time of each sync save)
 (bytes and leaves of `benchmarks.states.make`, without the wrapper's `step`).
 """
 
@@ -45,6 +46,7 @@ import gc
 import importlib.metadata
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -63,6 +65,7 @@ from benchmarks import states  # noqa: E402
 from benchmarks.pagecache import evict  # noqa: E402
 from benchmarks.pagecache import flush_all  # noqa: E402
 from benchmarks.pagecache import make_durable  # noqa: E402
+from benchmarks.pagecache import settle  # noqa: E402
 
 
 @flax.struct.dataclass
@@ -91,16 +94,21 @@ def check_restored(restored: TrainState, tree: dict[str, Any]) -> None:
       raise AssertionError(f"kauldron restored different values in leaf {i}")
 
 
-def one_round(sync: Any, async_: Any, state: TrainState, tree: dict[str, Any], step: int, root: Path) -> dict[str, float]:
+def one_round(
+  sync: Any, async_: Any, state: TrainState, tree: dict[str, Any], step: int, root: Path, settle_secs: float
+) -> dict[str, float]:
   flush_all()  # no save pays for the write-back of an earlier one's files
-  start = time.perf_counter()
+  settle(settle_secs)  # as `benchmarks.realistic` does
+  cpu, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   sync.save(state, step=step)
   sync.wait_until_finished()
   make_durable(root / "sync")  # Orbax fsyncs its array data (TensorStore), not its metadata
   save_s = time.perf_counter() - start
+  cpu_after = resource.getrusage(resource.RUSAGE_SELF)
   evict(root / "sync")
 
   target = jax.block_until_ready(jax.tree.map(jnp.zeros_like, state))
+  settle(settle_secs)
   start = time.perf_counter()
   restored = jax.block_until_ready(sync.restore(target, step=step))
   restore_s = time.perf_counter() - start
@@ -110,6 +118,7 @@ def one_round(sync: Any, async_: Any, state: TrainState, tree: dict[str, Any], s
   gc.collect()
 
   flush_all()
+  settle(settle_secs)
   start = time.perf_counter()
   async_.save(state, step=step)
   blocked_s = time.perf_counter() - start
@@ -118,7 +127,14 @@ def one_round(sync: Any, async_: Any, state: TrainState, tree: dict[str, Any], s
   durable_s = time.perf_counter() - start
   async_.delete(step)
   gc.collect()
-  return {"save_s": save_s, "restore_s": restore_s, "async_blocked_s": blocked_s, "async_durable_s": durable_s}
+  return {
+    "save_s": save_s,
+    "restore_s": restore_s,
+    "async_blocked_s": blocked_s,
+    "async_durable_s": durable_s,
+    "save_user_s": cpu_after.ru_utime - cpu.ru_utime,
+    "save_kernel_s": cpu_after.ru_stime - cpu.ru_stime,
+  }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--root", type=Path, required=True, help="a folder for the two workdirs (emptied first)")
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds, after one untimed warm-up round")
   parser.add_argument("--json", type=Path, required=True)
+  parser.add_argument("--settle-secs", type=float, default=3.0, help="pause before each timed call")
   args = parser.parse_args(argv)
 
   shutil.rmtree(args.root, ignore_errors=True)
@@ -139,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
   sync = kd.ckpts.Checkpointer(workdir=args.root / "sync", save_interval_steps=1)
   async_ = kd.ckpts.Checkpointer(workdir=args.root / "async", save_interval_steps=1)
 
-  samples: dict[str, list[float]] = {"save_s": [], "restore_s": [], "async_blocked_s": [], "async_durable_s": []}
+  samples: dict[str, list[float]] = {
+    m: [] for m in ("save_s", "restore_s", "async_blocked_s", "async_durable_s", "save_user_s", "save_kernel_s")
+  }
   for r in range(args.rounds + 1):
-    got = one_round(sync, async_, state, tree, step=r + 1, root=args.root)
+    got = one_round(sync, async_, state, tree, step=r + 1, root=args.root, settle_secs=args.settle_secs)
     if r == 0:
       continue  # warm-up: the first save creates Orbax's CheckpointManager and compiles
     for key, value in got.items():

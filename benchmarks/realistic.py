@@ -3,8 +3,8 @@
 The states are `benchmarks.states`: GPT-2 small with Adam (1.49 GB, 445
 leaves), a deep model of ``--deep-leaves`` small parameter leaves with Adam
 (three times as many leaves), and GPT-2 with bfloat16 parameters and a
-float32 optimizer. In one process, in rounds that rotate the order of the
-systems, each system:
+float32 optimizer. In one process, in rounds that shuffle the order of the
+systems (seeded), each system:
 
 - saves synchronously, timed until durable (TensorStore fsyncs Orbax's
   array data, not its metadata files nor its folders: those are fsynced
@@ -15,6 +15,12 @@ systems, each system:
   each after the step's files were dropped from the page cache;
 - saves asynchronously: the time the call blocked the caller, and the time
   until durable.
+
+Each timed call starts after a pause of 3 s (`benchmarks.pagecache.settle`:
+on this machine's hypervisor, a save that started right after another
+system freed its memory wrote faster than one that started later). Each
+sync save also records the process's CPU time (all threads) in user space
+and in the kernel (mostly copying the bytes into the page cache).
 
 The systems:
 
@@ -46,6 +52,8 @@ import gc
 import json
 import logging
 import os
+import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,12 +70,14 @@ import orbax.checkpoint as ocp
 
 import kckpt
 from benchmarks import states as states_lib
+from benchmarks.pagecache import SETTLE_SECS
 from benchmarks.pagecache import evict
 from benchmarks.pagecache import flush_all
 from benchmarks.pagecache import fsync
 from benchmarks.pagecache import make_durable
+from benchmarks.pagecache import settle
 
-MEASURES = ("save_s", "restore_s", "restore_no_target_s", "async_blocked_s", "async_durable_s")
+MEASURES = ("save_s", "restore_s", "restore_no_target_s", "async_blocked_s", "async_durable_s", "save_user_s", "save_kernel_s")
 
 
 class System:
@@ -243,24 +253,45 @@ def _check(restored: Any, state: Any, who: str) -> None:
       raise AssertionError(f"{who}: leaf {i} restored other values")
 
 
-def measure_state(name: str, state: Any, systems: Sequence[System], *, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
-  """Times each system on `state`, `rounds` times; the first system of a round rotates."""
+def measure_state(
+  name: str,
+  state: Any,
+  systems: Sequence[System],
+  *,
+  rounds: int,
+  log: Callable[[str], None],
+  settle_secs: float = SETTLE_SECS,
+) -> dict[str, Any]:
+  """Times each system on `state`, `rounds` times, in a new (seeded) order each round.
+
+  A shuffle rather than a rotation: a rotation keeps each system after the
+  same other one every round, and what that one left behind (memory freed,
+  page cache dropped) then weighs on the same system each time.
+  """
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   samples: dict[str, dict[str, list[float]]] = {s.name: {m: [] for m in MEASURES} for s in systems}
+  shuffle = random.Random(0)
   step = 0
   for r in range(rounds + 1):  # round 0 warms up (compilation, first-use costs), untimed
-    order = list(systems[r % len(systems) :]) + list(systems[: r % len(systems)])
+    # A new order each round: no system always comes first, nor always after the same one.
+    order = shuffle.sample(list(systems), len(systems))
     for system in order:
       got = samples[system.name] if r else {m: [] for m in MEASURES}
       step += 1
       flush_all()  # no system pays for the write-back of another's files
+      settle(settle_secs)
+      cpu = resource.getrusage(resource.RUSAGE_SELF)
       seconds, _ = _timed(lambda s=system, st=step: (s.save(state, st), s.make_durable(st, saved_async=False)))
       got["save_s"].append(seconds)
+      cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+      got["save_user_s"].append(cpu_after.ru_utime - cpu.ru_utime)
+      got["save_kernel_s"].append(cpu_after.ru_stime - cpu.ru_stime)
       for measure, read in (
         ("restore_s", lambda s=system, st=step: s.restore(abstract, st)),
         ("restore_no_target_s", lambda s=system, st=step: s.restore_no_target(st)),
       ):
         evict(system.root)
+        settle(settle_secs)
         seconds, restored = _timed(lambda read=read: jax.block_until_ready(read()))
         got[measure].append(seconds)
         _check(restored, state, f"{system.name} {measure}")
@@ -270,6 +301,7 @@ def measure_state(name: str, state: Any, systems: Sequence[System], *, rounds: i
       if not isinstance(system, Files):
         step += 1
         flush_all()
+        settle(settle_secs)
         start = time.perf_counter()
         system.save_async(state, step)
         got["async_blocked_s"].append(time.perf_counter() - start)
@@ -295,6 +327,7 @@ def run_kauldron(python: str, name: str, args: argparse.Namespace, root: Path, l
   workdir = root / f"kauldron_{name}"
   command = [python, "-m", "benchmarks.kauldron_worker", "--state", name, "--scale", str(args.scale)]
   command += ["--deep-leaves", str(args.deep_leaves), "--root", str(workdir), "--rounds", str(args.rounds), "--json", str(out)]
+  command += ["--settle-secs", str(args.settle_secs)]
   log(f"  {name}: kauldron in {python} ...")
   subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
   shutil.rmtree(workdir, ignore_errors=True)
@@ -389,16 +422,24 @@ def _mbps(row: dict[str, Any], system: str, measure: str) -> str:
 
 def _ms(row: dict[str, Any], system: str, measure: str) -> str:
   value = _median(row["samples"].get(system, {}).get(measure) or [])
-  return "–" if value is None else (f"{value * 1e3:.0f} ms" if measure == "async_blocked_s" else f"{value:.2f} s")
+  if value is None:
+    return "–"
+  if measure == "async_blocked_s":
+    return f"{value * 1e3:.0f} ms"
+  return f"{value:.2f}" if measure in ("save_user_s", "save_kernel_s") else f"{value:.2f} s"
 
 
 def print_tables(rows: Sequence[dict[str, Any]]) -> None:
   for row in rows:
     print(f"\n{row['state']}: {row['leaves']} leaves, {row['bytes'] / 1e9:.2f} GB, {row['rounds']} rounds")
-    print("| system | save MB/s | restore MB/s | restore, no target, MB/s | async: caller blocked | async: until durable |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+      "| system | save MB/s | save CPU s: user / kernel | restore MB/s | restore, no target, MB/s"
+      " | async: caller blocked | async: until durable |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for system in row["samples"]:
-      cells = [_mbps(row, system, m) for m in ("save_s", "restore_s", "restore_no_target_s")]
+      cells = [_mbps(row, system, "save_s"), f"{_ms(row, system, 'save_user_s')} / {_ms(row, system, 'save_kernel_s')}"]
+      cells += [_mbps(row, system, m) for m in ("restore_s", "restore_no_target_s")]
       cells += [_ms(row, system, m) for m in ("async_blocked_s", "async_durable_s")]
       print(f"| {system} | " + " | ".join(cells) + " |")
     print("  " + "; ".join(f"{k} {v:.2f}" for k, v in ratios(row).items() if v is not None))
@@ -410,6 +451,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--deep-leaves", type=int, default=3000, help="parameter leaves of the deep state (x3 with Adam)")
   parser.add_argument("--scale", type=float, default=1.0, help="shrink the states (smoke runs)")
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--settle-secs", type=float, default=SETTLE_SECS, help="pause before each timed call (0: smoke runs)")
   parser.add_argument("--systems", nargs="+", default=["kckpt", "orbax", "orbax tuned", "files"])
   parser.add_argument("--kauldron-python", default=None, help="the side environment's python (benchmarks/kauldron_venv.sh)")
   parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
@@ -440,7 +482,7 @@ def main(argv: Sequence[str] | None = None, *, print_report: bool = True) -> lis
       }
       systems = [makers[s](root / f"{name}_{s.replace(' ', '_')}") for s in args.systems]
       try:
-        row = measure_state(name, state, systems, rounds=args.rounds, log=log)
+        row = measure_state(name, state, systems, rounds=args.rounds, log=log, settle_secs=args.settle_secs)
       finally:
         for system in systems:
           system.close()

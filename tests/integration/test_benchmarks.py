@@ -55,7 +55,8 @@ def test_realistic_benchmark_runs(tmp_path, capsys):
 
   out = tmp_path / "realistic.json"
   rows = realistic.main(
-    ["--states", "deep", "--deep-leaves", "16", "--rounds", "1", "--dir", str(tmp_path), "--quiet", "--json", str(out)]
+    ["--states", "deep", "--deep-leaves", "16", "--rounds", "1", "--settle-secs", "0", "--dir", str(tmp_path), "--quiet"]
+    + ["--json", str(out)]
   )
   (row,) = rows
   assert row["leaves"] == 3 * 16 + 1  # params, mu, nu and the step count
@@ -63,11 +64,12 @@ def test_realistic_benchmark_runs(tmp_path, capsys):
   for system, got in row["samples"].items():
     assert len(got["save_s"]) == 1 and len(got["restore_s"]) == 1 and len(got["restore_no_target_s"]) == 1
     assert len(got["async_blocked_s"]) == (0 if system == "files" else 1)
+    assert got["save_user_s"][0] + got["save_kernel_s"][0] > 0  # the CPU time of the save, beside its wall time
   assert row["ratios"]["restore vs files"] > 0
   assert json.loads(out.read_text())[0]["state"] == "deep"
   assert list(tmp_path.iterdir()) == [out]
   printed = capsys.readouterr().out
-  assert "| kckpt |" in printed and "| restore >= 0.8 of plain files |" in printed
+  assert "| kckpt |" in printed and "| restore >= 0.8 of plain files |" in printed and "save CPU s: user / kernel" in printed
   assert {g["goal"] for g in realistic.goals(rows)} >= {"save >= 1.0x tuned Orbax", "async: blocked <= 2% of a sync save"}
 
 
