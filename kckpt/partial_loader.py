@@ -43,7 +43,7 @@ from kckpt import multihost
 from kckpt import policies
 from kckpt import trees
 from kckpt._types import PathLike, PyTree, StepSpec
-from kckpt.errors import CheckpointNotFoundError, TransplantError
+from kckpt.errors import CheckpointNotFoundError, CheckpointReadError, TransplantError, describe_read_error
 
 # -- Names --------------------------------------------------------------------------
 #
@@ -195,10 +195,11 @@ class _Names:
 class _CheckpointSource:
   """One pytree item of a saved step."""
 
-  def __init__(self, item_dir: epath.Path, *, escaped: bool):
+  def __init__(self, item_dir: epath.Path, *, escaped: bool, step: int | None = None):
     self.item_dir = item_dir
+    self.step = step
     self.kind = "the checkpoint"
-    self.what = f"the checkpoint {item_dir}"
+    self.what = f"the checkpoint {item_dir}" if step is None else f"step {step}, item {item_dir.name!r} at {item_dir}"
     self.specs = _orbax.saved_leaf_specs(item_dir)  # saved name -> spec
     if escaped:  # saved names are escaped names
       self.names = _Names({name: name for name in self.specs})
@@ -219,7 +220,14 @@ class _CheckpointSource:
     values = {}
     for round_ in rounds:
       wanted = {source: _orbax.abstract_target(targets[target]) for target, source in round_.items()}
-      read = _orbax.read_leaves(self.item_dir, wanted)
+      try:
+        read = _orbax.read_leaves(self.item_dir, wanted)
+      except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+        if not _orbax.is_read_error(e):
+          raise
+        raise CheckpointReadError(
+          f"PartialLoader: cannot read {self.what}: {describe_read_error(e)}", step=self.step, item=self.item_dir.name
+        ) from e
       values.update({target: read[source] for target, source in round_.items()})
     return values
 
@@ -389,6 +397,13 @@ class PartialLoader:
 
     In a multi-process run every process must call it: a step name (``-1``,
     ``"best"``, a tag) resolves to the primary process's step on all of them.
+
+    Raises:
+      TransplantError: as `mapping` does.
+      CheckpointNotFoundError: no such step, item or file.
+      CheckpointReadError: a file of the step is missing, truncated or
+        corrupted, or a leaf's bytes are not those saved (its checksum);
+        the message names the step, the item and the leaves.
     """
     source = self._open_source()
     targets = _Names({_leaf_name(kp): _leaf_name(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]})
@@ -423,4 +438,4 @@ class PartialLoader:
       raise CheckpointNotFoundError(f"PartialLoader: no item {self.item!r} at step {step} in {checkpoints}")
     # Saved with escaped keys ({"a.b": x, "a": {"b": y}}): its saved names are escaped names.
     escaped = self.item in _orbax.escaped_items(_orbax.read_step_metadata(path.parent))
-    return _CheckpointSource(path, escaped=escaped)
+    return _CheckpointSource(path, escaped=escaped, step=step)

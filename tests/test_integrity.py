@@ -86,6 +86,30 @@ def test_a_flipped_bit_is_found_by_verify_and_refused_by_restore(workdir, capsys
   ckpt.close()
 
 
+def test_a_flipped_bit_in_a_numpy_leaf_is_refused_by_restore_verify_export_and_the_partial_loader(workdir, tmp_path, capsys):
+  """NumPy leaves are checksummed on the caller's thread at save; every kckpt reader checks them."""
+  rng = np.random.default_rng(0)
+  state = {"big": rng.standard_normal(1 << 18).astype(np.float32), "w": jnp.arange(4.0)}  # 1 MiB of NumPy, 16 B of JAX
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None)
+  ckpt.save(state, step=1)
+  ckpt.wait_until_finished()
+  flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(1).path)
+
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*unreadable leaves \['big'\].*checksum mismatch"):
+    ckpt.restore({"big": np.zeros_like(state["big"]), "w": jnp.zeros(4)}, step=1)
+  with pytest.raises(errors.CheckpointReadError, match="checksum mismatch"):
+    ckpt.restore(step=1)  # no target: arrays as saved
+  assert cli.main(["verify", str(workdir)]) == 1
+  assert "leaf big: " in capsys.readouterr().out
+  assert cli.main(["export", str(workdir), str(tmp_path / "out"), "--step", "1", "--items", "default"]) != 0
+  assert "checksum mismatch" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+  loader = kckpt.PartialLoader(workdir=workdir, new_to_old={"big": "big"})
+  with pytest.raises(errors.CheckpointReadError, match="checksum mismatch"):
+    loader.transform({"big": np.zeros_like(state["big"]), "w": jnp.zeros(4)})
+  ckpt.close()
+
+
 def test_verify_names_the_arrays_a_checksummed_step_has_no_checksum_for(workdir, capsys):
   """A read of such an array is not checked: verify says which, and that is not a problem of the step."""
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, max_to_keep=None)
