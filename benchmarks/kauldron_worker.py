@@ -62,6 +62,7 @@ import numpy as np  # noqa: E402
 from kauldron import kd  # noqa: E402
 
 from benchmarks import states  # noqa: E402
+from benchmarks.pagecache import SETTLE_SECS  # noqa: E402
 from benchmarks.pagecache import evict  # noqa: E402
 from benchmarks.pagecache import flush_all  # noqa: E402
 from benchmarks.pagecache import make_durable  # noqa: E402
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--root", type=Path, required=True, help="a folder for the two workdirs (emptied first)")
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds, after one untimed warm-up round")
   parser.add_argument("--json", type=Path, required=True)
-  parser.add_argument("--settle-secs", type=float, default=3.0, help="pause before each timed call")
+  parser.add_argument("--settle-secs", type=float, default=SETTLE_SECS, help="pause before each timed call")
   args = parser.parse_args(argv)
 
   shutil.rmtree(args.root, ignore_errors=True)
