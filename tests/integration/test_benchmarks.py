@@ -86,3 +86,32 @@ def test_realistic_states_hold_realistic_values():
   assert (nu >= 0).all() and np.unique(nu).size > 0.9 * nu.size
   assert abs(float(np.asarray(state["params"]["h00"]["ln_1"]["scale"]).mean()) - 1) < 0.05
   assert len(states.shapes_of("deep", deep_leaves=3000)) == 3000
+
+
+def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_step(tmp_path, capsys):
+  """Its unchecked arm really skips the checks (a damaged step restores there, and only there)."""
+  import jax.numpy as jnp
+  import pytest
+
+  import kckpt
+  from benchmarks import checksums
+  from tests.test_integrity import flip_bit_in_the_middle_of_the_largest_data_file
+
+  out = tmp_path / "checksums.json"
+  (row,) = checksums.main(
+    ["--states", "deep", "--deep-leaves", "8", "--repeats", "1", "--cold-repeats", "1"]
+    + ["--save-repeats", "1", "--json", str(out)]
+  )
+  assert row["leaves"] == 3 * 8 + 1
+  assert set(row["ratio"]) == {"warm", "cold", "warm cpu", "cold cpu", "save", "async_blocked"}
+  assert json.loads(out.read_text())[0]["state"] == "deep"
+  assert "restore cold" in capsys.readouterr().out
+
+  state = {"w": jnp.arange(1 << 16, dtype=jnp.float32)}
+  with kckpt.Checkpointer(workdir=tmp_path / "run", save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(state, step=1)
+    flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(1).path)
+    with checksums.unchecked():
+      assert (ckpt.restore(state, step=1, donate=False)["w"] != state["w"]).sum() == 1  # other numbers, unchecked
+    with pytest.raises(kckpt.errors.CheckpointReadError, match="checksum mismatch"):
+      ckpt.restore(state, step=1, donate=False)
