@@ -19,8 +19,8 @@ into zero targets again and again, with its checks and without them
 way, from the page cache (warm) and after its files were dropped from it
 (cold, ``posix_fadvise DONTNEED``). Both arms read the same files, so where
 the files lie on the disk is no difference between them.
-Reported: medians of the wall time and of the CPU time the process spent
-(all threads), and the median of each round's on/off ratio (the two of a
+Reported: medians of the wall time, of the CPU time the process spent
+(all threads) and of its user part, and the median of each round's on/off ratio (the two of a
 round run back to back, so the machine's drift over the run cancels). On a
 shared machine the CPU time is the steadier measure of the work checksums add.
 
@@ -50,10 +50,10 @@ from benchmarks.pagecache import evict
 OPTIONS = {"checksums": kckpt.StorageOptions(), "no checksums": kckpt.StorageOptions(checksums=False)}
 
 
-def _cpu_seconds() -> float:
-  """CPU time of this process, all threads (TensorStore's included), user and system."""
+def _cpu_seconds() -> tuple[float, float]:
+  """CPU time of this process, all threads (TensorStore's included): user and system + user."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
+  return usage.ru_utime, usage.ru_utime + usage.ru_stime
 
 
 @contextlib.contextmanager
@@ -78,7 +78,8 @@ def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: in
   leaves = len(jax.tree.leaves(state))
   target = jax.tree.map(jnp.zeros_like, state)
   got: dict[str, dict[str, list[float]]] = {
-    k: {"save": [], "async_blocked": [], "warm": [], "cold": [], "warm cpu": [], "cold cpu": []} for k in OPTIONS
+    k: {"save": [], "async_blocked": [], "warm": [], "cold": [], "warm cpu": [], "cold cpu": [], "warm user": [], "cold user": []}
+    for k in OPTIONS
   }
   ckpts = {
     label: kckpt.Checkpointer(
@@ -107,12 +108,14 @@ def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: in
         if kind == "cold":
           evict(Path(ckpt.directory))
         with unchecked() if label == "no checksums" else contextlib.nullcontext():
-          start, cpu_start = time.perf_counter(), _cpu_seconds()
+          start, (user_start, cpu_start) = time.perf_counter(), _cpu_seconds()
           restored = ckpt.restore(target, step=step)
           jax.block_until_ready(restored)
+          wall, (user_end, cpu_end) = time.perf_counter() - start, _cpu_seconds()
         if i:
-          got[label][kind].append(time.perf_counter() - start)
-          got[label][f"{kind} cpu"].append(_cpu_seconds() - cpu_start)
+          got[label][kind].append(wall)
+          got[label][f"{kind} cpu"].append(cpu_end - cpu_start)
+          got[label][f"{kind} user"].append(user_end - user_start)
         del restored
   for c in ckpts.values():
     c.close()
@@ -155,6 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ("cold", "restore cold"),
         ("warm cpu", "  CPU s, warm"),
         ("cold cpu", "  CPU s, cold"),
+        ("warm user", "  user s, warm"),
+        ("cold user", "  user s, cold"),
         ("save", "save (sync)"),
         ("async_blocked", "async blocks"),
       ):

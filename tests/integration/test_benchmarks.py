@@ -88,24 +88,50 @@ def test_realistic_states_hold_realistic_values():
   assert len(states.shapes_of("deep", deep_leaves=3000)) == 3000
 
 
-def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_step(tmp_path, capsys):
+def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_step(tmp_path, capsys, monkeypatch):
   """Its unchecked arm really skips the checks (a damaged step restores there, and only there)."""
+  import contextlib
+
   import jax.numpy as jnp
   import pytest
 
   import kckpt
   from benchmarks import checksums
+  from kckpt._orbax import _read_checks
   from tests.test_integrity import flip_bit_in_the_middle_of_the_largest_data_file
 
+  # Which arm each shard check of the benchmark's restores ran in.
+  checks = {"checked": 0, "unchecked": 0}
+  arm = ["checked"]
+  check, unchecked = _read_checks._check, checksums.unchecked
+
+  def counted_check(*args):
+    checks[arm[0]] += 1
+    return check(*args)
+
+  @contextlib.contextmanager
+  def counted_unchecked():
+    arm[0] = "unchecked"
+    try:
+      with unchecked():
+        yield
+    finally:
+      arm[0] = "checked"
+
+  monkeypatch.setattr(_read_checks, "_check", counted_check)
+  monkeypatch.setattr(checksums, "unchecked", counted_unchecked)
   out = tmp_path / "checksums.json"
   (row,) = checksums.main(
     ["--states", "deep", "--deep-leaves", "8", "--repeats", "1", "--cold-repeats", "1"]
     + ["--save-repeats", "1", "--json", str(out)]
   )
   assert row["leaves"] == 3 * 8 + 1
-  assert set(row["ratio"]) == {"warm", "cold", "warm cpu", "cold cpu", "save", "async_blocked"}
+  # Each arm restored 4 times (a warm-up and a timed round, warm and cold): every array checked each time, or none.
+  assert checks["unchecked"] == 0 and checks["checked"] % 4 == 0 and checks["checked"] >= 4 * 3 * 8
+  assert set(row["ratio"]) == {"warm", "cold", "warm cpu", "cold cpu", "warm user", "cold user", "save", "async_blocked"}
   assert json.loads(out.read_text())[0]["state"] == "deep"
   assert "restore cold" in capsys.readouterr().out
+  monkeypatch.undo()
 
   state = {"w": jnp.arange(1 << 16, dtype=jnp.float32)}
   with kckpt.Checkpointer(workdir=tmp_path / "run", save_interval_steps=1, async_save=False) as ckpt:
