@@ -75,6 +75,12 @@ def test_a_flipped_bit_is_found_by_verify_and_refused_by_restore(workdir, capsys
   assert "step 2, item default, leaf " in problem and "checksum mismatch" in problem
   leaf = problem.split(", leaf ", 1)[1].split(":", 1)[0]
   assert leaf in {"params.dense.w", "params.dense.b", "opt.mu", "opt.count"}
+  # `kckpt diff` reads arrays through the same checks: the damaged step is an error naming the leaf, not a difference.
+  assert cli.main(["diff", f"{workdir}@1", "@2"]) == cli.EXIT_ERROR
+  err = capsys.readouterr().err
+  assert "checksum mismatch" in err and f"leaf {leaf} of item default" in err and "ckpt_2" in err
+  assert cli.main(["diff", f"{workdir}@1", "@3"]) == cli.EXIT_FOUND  # intact steps still compare
+  capsys.readouterr()
 
   with pytest.raises(errors.CheckpointReadError, match=r"step 2.*checksum mismatch") as raised:
     ckpt.restore(train_state(0), step=2)
@@ -264,18 +270,32 @@ def test_a_restore_onto_the_saved_layout_hashes_the_bytes_it_reads_once(workdir,
   ckpt.close()
 
 
-@pytest.mark.parametrize("damage", ["not json", "malformed", "missing"])
+@pytest.mark.parametrize(
+  "damage", ["not json", "no shards", "a float checksum", "a string bound", "a box of another rank", "missing"]
+)
 def test_a_step_whose_checksum_file_is_damaged_is_refused_before_the_target_is_freed(workdir, damage):
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
   ckpt.save(train_state(1), step=1)
   ckpt.wait_until_finished()
   path = ckpt.step_details(1).path / "_KCKPT_CHECKSUMS.json"
+  table = json.loads(path.read_text())
+  (box, crc), *_ = table["default"]["params.dense.w"]["shards"]
   if damage == "missing":
     path.unlink()
+  elif damage == "not json":
+    path.write_text("{")
   else:
-    path.write_text("{" if damage == "not json" else json.dumps({"default": {"params.dense.w": {"dtype": "float32"}}}))
+    if damage == "no shards":
+      table["default"]["params.dense.w"] = {"dtype": "float32"}
+    elif damage == "a float checksum":
+      table["default"]["params.dense.w"]["shards"][0] = [box, float(crc)]
+    elif damage == "a string bound":
+      table["default"]["params.dense.w"]["shards"][0] = [[[str(box[0][0]), box[0][1]], *box[1:]], crc]
+    else:
+      table["default"]["params.dense.w"]["shards"][0] = [box[:1], crc]
+    path.write_text(json.dumps(table))
   target = train_state(0)
-  wanted = {"missing": "_KCKPT_CHECKSUMS.json is missing", "not json": "is not JSON", "malformed": "is malformed"}[damage]
+  wanted = {"missing": "_KCKPT_CHECKSUMS.json is missing", "not json": "is not JSON"}.get(damage, "is malformed")
   with pytest.raises(errors.CheckpointReadError, match=rf"step 1.*{wanted}"):
     ckpt.restore(target, step=1, donate=True)
   assert not target["params"]["dense"]["w"].is_deleted()

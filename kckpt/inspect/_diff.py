@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Any
 from kckpt import _layout
 from kckpt import _orbax
 from kckpt._types import EPath
-from kckpt.inspect._common import ProgressFn, leaf_batches, leaf_label, open_reader, read_json_item, spec_str, user_items
+from kckpt.errors import CheckpointReadError
+from kckpt.inspect._common import (
+  ProgressFn,
+  leaf_batches,
+  leaf_label,
+  open_reader,
+  read_json_item,
+  short_error,
+  spec_str,
+  user_items,
+)
 
 if TYPE_CHECKING:
   import numpy as np
@@ -223,6 +233,17 @@ def diff_item(
   return _diff_pytree(reader_a, reader_b, item, _Counter(len(reader_a.leaves), progress))
 
 
+def _read(reader: _orbax.LeafReader, paths: list[str], item: str) -> dict[str, Any]:
+  """`reader.read(paths)`; a damaged step (a missing file, a checksum mismatch) is a `CheckpointReadError` naming it."""
+  try:
+    return reader.read(paths)
+  except Exception as e:  # pylint: disable=broad-exception-caught  # narrowed by is_read_error
+    if not _orbax.is_read_error(e):
+      raise
+    step = reader.item_dir.parent
+    raise CheckpointReadError(f"the step at {step} cannot be read: item {item}: {short_error(e)}", item=item) from e
+
+
 def _diff_pytree(reader_a: _orbax.LeafReader, reader_b: _orbax.LeafReader, item: str, counter: _Counter) -> Diff:
   label = lambda path: leaf_label(item, path)
   diff = Diff(
@@ -233,8 +254,8 @@ def _diff_pytree(reader_a: _orbax.LeafReader, reader_b: _orbax.LeafReader, item:
   common = [leaf for p, leaf in reader_a.leaves.items() if p in reader_b.leaves]
   for batch in leaf_batches(common):
     paths = [leaf.path for leaf in batch]
-    values_a = reader_a.read(paths)
-    values_b = reader_b.read(paths)
+    values_a = _read(reader_a, paths, item)
+    values_b = _read(reader_b, paths, item)
     for path in paths:
       changed, max_abs, max_rel = compare_values(values_a.pop(path), values_b.pop(path))
       leaf_diff = LeafDiff(label(path), spec_str(reader_a.leaves[path]), spec_str(reader_b.leaves[path]), max_abs, max_rel)
