@@ -79,6 +79,7 @@ def test_a_flipped_bit_is_found_by_verify_and_refused_by_restore(workdir, capsys
   assert cli.main(["diff", f"{workdir}@1", "@2"]) == cli.EXIT_ERROR
   err = capsys.readouterr().err
   assert "checksum mismatch" in err and f"leaf {leaf} of item default" in err and "ckpt_2" in err
+  assert "CRC32C saved 0x" in err and ", read 0x" in err  # the message is not cut before its end
   assert cli.main(["diff", f"{workdir}@1", "@3"]) == cli.EXIT_FOUND  # intact steps still compare
   capsys.readouterr()
 

@@ -29,7 +29,7 @@ fails the read (measured on GPT-2, 2 cores: a restore from disk +5% with the
 check in line, -4% to +1% with it overlapped). A shard waiting for its
 check is no longer counted by Orbax's byte limiter (`restore_concurrent_gb`),
 which it left once read: the host memory above that limit is the backlog of
-unfinished checks, each at about 16 GB/s.
+unfinished checks, each at 12-16 GB/s.
 """
 
 from __future__ import annotations

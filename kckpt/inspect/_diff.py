@@ -241,7 +241,8 @@ def _read(reader: _orbax.LeafReader, paths: list[str], item: str) -> dict[str, A
     if not _orbax.is_read_error(e):
       raise
     step = reader.item_dir.parent
-    raise CheckpointReadError(f"the step at {step} cannot be read: item {item}: {short_error(e)}", item=item) from e
+    # The reader's message names the leaf and the folder; 600 characters keep a long folder's shard and CRC32Cs.
+    raise CheckpointReadError(f"the step at {step} cannot be read: item {item}: {short_error(e, 600)}", item=item) from e
 
 
 def _diff_pytree(reader_a: _orbax.LeafReader, reader_b: _orbax.LeafReader, item: str, counter: _Counter) -> Diff:

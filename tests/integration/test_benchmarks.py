@@ -111,6 +111,7 @@ def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_st
 
   @contextlib.contextmanager
   def counted_unchecked():
+    checks["unchecked entered"] = checks.get("unchecked entered", 0) + 1
     arm[0] = "unchecked"
     try:
       with unchecked():
@@ -127,7 +128,8 @@ def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_st
   )
   assert row["leaves"] == 3 * 8 + 1
   # Each arm restored 4 times (a warm-up and a timed round, warm and cold): every array checked each time, or none.
-  assert checks["unchecked"] == 0 and checks["checked"] % 4 == 0 and checks["checked"] >= 4 * 3 * 8
+  assert checks["unchecked entered"] == 4 and checks["unchecked"] == 0
+  assert checks["checked"] % 4 == 0 and checks["checked"] >= 4 * 3 * 8
   assert set(row["ratio"]) == {"warm", "cold", "warm cpu", "cold cpu", "warm user", "cold user", "save", "async_blocked"}
   assert json.loads(out.read_text())[0]["state"] == "deep"
   assert "restore cold" in capsys.readouterr().out
