@@ -20,8 +20,9 @@ way, from the page cache (warm) and after its files were dropped from it
 (cold, ``posix_fadvise DONTNEED``). Both arms read the same files, so where
 the files lie on the disk is no difference between them.
 Reported: medians of the wall time, of the CPU time the process spent
-(all threads) and of its user part, and the median of each round's on/off ratio (the two of a
-round run back to back, so the machine's drift over the run cancels). On a
+(all threads) and of its user part, and the median of each round's on/off
+ratio (the two of a round run back to back, so the machine's drift over the
+run cancels), with the ratios' mean and its standard error. On a
 shared machine the CPU time is the steadier measure of the work checksums add.
 
     python -m benchmarks.checksums [--states gpt2 deep] [--repeats 5] [--cold-repeats 3] [--save-repeats 3] [--json out.json]
@@ -125,11 +126,11 @@ def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: in
     out[label]["runs"] = got[label]
   # The median of each round's on/off ratio: the two ran back to back, so the
   # machine's drift over the run cancels.
-  out["ratio"] = {
-    k: statistics.median(a / b for a, b in zip(got["checksums"][k], got["no checksums"][k], strict=True))
-    for k, v in got["checksums"].items()
-    if v
-  }
+  ratios = {k: [a / b for a, b in zip(v, got["no checksums"][k], strict=True)] for k, v in got["checksums"].items() if v}
+  out["ratio"] = {k: statistics.median(r) for k, r in ratios.items()}
+  # The spread of the paired ratios: their mean and its standard error (none from one round).
+  out["ratio_mean"] = {k: statistics.mean(r) for k, r in ratios.items()}
+  out["ratio_se"] = {k: statistics.stdev(r) / len(r) ** 0.5 for k, r in ratios.items() if len(r) > 1}
   return out
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       del state
       r = results[-1]
       print(f"{name}: {r['leaves']} leaves, {r['bytes'] / 1e9:.2f} GB")
-      print(f"  {'':14s} {'checksums':>10s} {'none':>10s} {'on/off':>7s}")
+      print(f"  {'':14s} {'checksums':>10s} {'none':>10s} {'on/off':>7s} {'mean ± SE':>14s}")
       for key, what in (
         ("warm", "restore warm"),
         ("cold", "restore cold"),
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ("async_blocked", "async blocks"),
       ):
         if key in r["ratio"]:  # none with --cold-repeats 0
-          print(f"  {what:14s} {r['checksums'][key]:9.3f}s {r['no checksums'][key]:9.3f}s {r['ratio'][key]:6.2f}x")
+          se = f" ± {r['ratio_se'][key]:.3f}" if key in r["ratio_se"] else ""
+          spread = f"{r['ratio_mean'][key]:.3f}{se}"
+          print(f"  {what:14s} {r['checksums'][key]:9.3f}s {r['no checksums'][key]:9.3f}s {r['ratio'][key]:6.2f}x {spread:>14s}")
   finally:
     shutil.rmtree(root, ignore_errors=True)
   if args.json:

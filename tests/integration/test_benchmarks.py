@@ -131,6 +131,7 @@ def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_st
   assert checks["unchecked entered"] == 4 and checks["unchecked"] == 0
   assert checks["checked"] % 4 == 0 and checks["checked"] >= 4 * 3 * 8
   assert set(row["ratio"]) == {"warm", "cold", "warm cpu", "cold cpu", "warm user", "cold user", "save", "async_blocked"}
+  assert set(row["ratio_mean"]) == set(row["ratio"]) and not row["ratio_se"]  # one round each: no standard error
   assert json.loads(out.read_text())[0]["state"] == "deep"
   assert "restore cold" in capsys.readouterr().out
   monkeypatch.undo()
