@@ -104,6 +104,7 @@ _SUBMODULES = (
   "_files",
   "_format",
   "_handlers",
+  "_inflight",
   "_metadata",
   "_patches",
   "_reaches",

@@ -33,8 +33,10 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   them. Orbax has no read hook either.
 - ``serialization._read_shard``, looked up on the module by
   ``_read_array_index_and_device_put`` (`_read_progress`): report each shard
-  a restore reads to its progress bar. Orbax reads a tree in one call and has
-  no progress callback.
+  a restore reads to its progress bar, and make it wait its turn within the
+  restore's bound on the bytes read at once (`_inflight`). Orbax reads a tree
+  in one call and has no progress callback; its byte limiter wakes every
+  waiting read at each release.
 - ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
   before removing, so readers never see half a step. No option takes one.
 - ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,

@@ -1,4 +1,4 @@
-"""The progress of a restore into a target, shard by shard, from Orbax's shard reader.
+"""The progress of a restore into a target, shard by shard, from Orbax's shard reader (and its bytes in flight).
 
 Orbax 0.12 reads a whole tree in one call and reports nothing until it
 returns. Its module-level `serialization._read_shard` reads each array shard
@@ -8,7 +8,8 @@ while a kckpt restore is `reporting`, the bytes of each shard read go to that
 restore's progress bar. Reads outside a kckpt restore, and every value read,
 are exactly Orbax's. When two kckpt restores run at once in one process, no
 bar gets bytes (none could tell whose they are); each still completes at the
-end.
+end. The same wrapper makes each shard wait its turn within the restore's
+bound on the bytes read at once (`_inflight`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +26,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
+
+from kckpt._orbax import _inflight
 
 _lock = threading.Lock()
 _listeners: list[Callable[[int], None]] = []  # one per kckpt restore reporting now
@@ -61,9 +65,20 @@ async def read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_
 
 async def _read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_domain):
   read = read_shard if _checked_read is None else functools.partial(_checked_read, read_shard)
-  out = await read(
-    t, new_shard_shape=new_shard_shape, dtype=dtype, requested_domain=requested_domain, restricted_domain=restricted_domain
-  )
+  kwargs = {
+    "new_shard_shape": new_shard_shape,
+    "dtype": dtype,
+    "requested_domain": requested_domain,
+    "restricted_domain": restricted_domain,
+  }
+  limit = _inflight.current()
+  if limit is None:
+    out = await read(t, **kwargs)
+  else:
+    # The bytes stay counted until Orbax has placed the shard: it calls `device_put` right after this returns,
+    # with no await between, so no other read starts before.
+    async with limit.admitted(math.prod(new_shard_shape) * t.dtype.numpy_dtype.itemsize):
+      out = await read(t, **kwargs)
   listeners = tuple(_listeners)
   if len(listeners) == 1:
     try:
