@@ -5,10 +5,11 @@ import random
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import kckpt
-from kckpt._orbax import _inflight, _reader
+from kckpt._orbax import _inflight, _read_progress, _reader
 
 
 def run(coro):
@@ -81,6 +82,31 @@ def test_a_request_cancelled_while_waiting_lets_the_ones_behind_it_through():
   run(main())
 
 
+def test_bytes_come_back_when_a_request_fails_is_cancelled_after_its_turn_or_is_closed_while_waiting():
+  async def main():
+    limit = _inflight.InOrderLimit(10)
+    with pytest.raises(RuntimeError, match="read failed"):
+      async with limit.admitted(6):
+        raise RuntimeError("read failed")
+    assert limit.used == 0
+    await limit.acquire(8)
+    turned = asyncio.ensure_future(limit.acquire(4))
+    await asyncio.sleep(0)
+    limit.release(8)  # its turn comes (the future is done) before the task runs again...
+    turned.cancel()  # ...and it is cancelled then: it gives the bytes back
+    with pytest.raises(asyncio.CancelledError):
+      await turned
+    assert limit.used == 0
+    await limit.acquire(8)
+    closed = limit.acquire(4)  # a coroutine closed while it waits (the task dropped, garbage-collected)
+    closed.send(None)
+    closed.close()
+    limit.release(8)
+    assert limit.used == 0 and not limit._waiting  # pylint: disable=protected-access
+
+  run(main())
+
+
 def test_many_requests_never_exceed_the_limit():
   async def main():
     limit = _inflight.InOrderLimit(100)
@@ -121,9 +147,9 @@ def test_a_restore_reads_at_most_its_bound_at_once(tmp_path, monkeypatch, checks
     np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(leaf))
   assert limits and all(lim.limit == 12 * 1024 for lim in limits)
   assert max(lim.peak for lim in limits) <= 12 * 1024 and all(lim.used == 0 for lim in limits)
-  assert not _inflight._scopes and not _inflight._by_loop  # pylint: disable=protected-access
-  # Reads outside a restore into a target are not bounded.
+  assert _inflight._scope.get() is None  # pylint: disable=protected-access
+  # Plain Orbax in the same process reads through the same (wrapped) shard reader, unbounded.
   limits.clear()
-  as_saved = kckpt.Checkpointer.open(tmp_path).restore()
-  np.testing.assert_array_equal(as_saved["w3"], np.full((32, 32), 3.0))
-  assert not limits
+  plain = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "ckpt_1" / "default")
+  np.testing.assert_array_equal(np.asarray(plain["w3"]), np.full((32, 32), 3.0))
+  assert _read_progress.installed() and not limits

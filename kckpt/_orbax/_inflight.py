@@ -7,14 +7,15 @@ the C heap keeps of it once placed, can be alive at the same time. A donated
 restore of 9001 small leaves grew peak memory by 57-65% of the state; with
 at most 64 MiB read at once, 24-25% (fresh processes, three runs each).
 
-While a kckpt restore is `limiting`, each shard Orbax reads (its
+While a kckpt restore is `limiting`, each shard Orbax reads for it (its
 ``_read_shard``, wrapped by `_read_progress`) first waits for room in an
-`InOrderLimit` of its event loop. Orbax's own limiter
-(``StorageOptions.restore_concurrent_gb``, left as it is) bounds the same
-thing but wakes every waiting read at each release (a 9001-leaf restore
-spent most of its time there) and refuses a shard larger than its limit;
-this one wakes the reads next in line only, and lets a larger shard through
-alone.
+`InOrderLimit` of its event loop, and gives the room back once Orbax has
+placed it (a checked shard over 1 MiB may still be hashed after that: see
+`_read_checks`). Orbax's own limiter (``StorageOptions.restore_concurrent_gb``,
+which still applies when set) bounds the same thing but wakes every waiting
+read at each release (a 9001-leaf restore spent most of its time there) and
+refuses a shard larger than its limit; this one wakes the reads next in
+line only, and lets a larger shard through alone.
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import threading
-import weakref
+import contextvars
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
-
-_lock = threading.Lock()
-_scopes: list[int] = []  # the limit of each kckpt restore limiting now
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, InOrderLimit] = weakref.WeakKeyDictionary()
 
 
 class InOrderLimit:
@@ -74,10 +71,11 @@ class InOrderLimit:
     self._waiting.append((nbytes, turn))
     try:
       await turn
-    except BaseException:  # cancelled while waiting, or right after its turn came
+    except BaseException:  # cancelled or closed while waiting, or right after its turn came
       if turn.done() and not turn.cancelled():
         self.release(nbytes)
       else:
+        turn.cancel()  # a closed coroutine leaves its turn pending: it must not be given bytes
         self._let_through()  # the requests behind it may fit now
       raise
 
@@ -89,7 +87,7 @@ class InOrderLimit:
   def _let_through(self) -> None:
     while self._waiting:
       nbytes, turn = self._waiting[0]
-      if turn.done():  # cancelled while waiting
+      if turn.done() or turn.get_loop().is_closed():  # cancelled while waiting, or its loop is gone (a failed read)
         self._waiting.popleft()
         continue
       if not self._fits(nbytes):
@@ -108,34 +106,39 @@ class InOrderLimit:
       self.release(nbytes)
 
 
+@dataclasses.dataclass
+class _Scope:
+  nbytes: int
+  by_loop: dict[asyncio.AbstractEventLoop, InOrderLimit] = dataclasses.field(default_factory=dict)
+
+
+# The restore limiting now, in the caller's context: Orbax runs each call's reads as tasks of a new event
+# loop created in (or scheduled from) the caller's thread, and tasks inherit the context they start in.
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("kckpt_restore_inflight", default=None)
+
+
 @contextlib.contextmanager
 def limiting(nbytes: int) -> Iterator[None]:
-  """While inside, the shards Orbax reads in each event loop go through an `InOrderLimit` of `nbytes`.
+  """While inside, the shards Orbax reads for this caller go through an `InOrderLimit` of `nbytes`, one per event loop.
 
-  Scopes of restores running at once in one process (threads) share the
-  smallest limit; each event loop (each Orbax call) has its own. Reads
-  outside every scope are Orbax's, unchanged.
+  Each Orbax call runs in an event loop of its own, so a restore in several
+  calls has one limit per call, one after the other. Other threads' reads
+  (another restore, plain Orbax) are not affected.
   """
-  with _lock:
-    _scopes.append(nbytes)
+  token = _scope.set(_Scope(nbytes))
   try:
     yield
   finally:
-    with _lock:
-      _scopes.remove(nbytes)
-      if not _scopes:
-        _by_loop.clear()
+    _scope.reset(token)
 
 
 def current() -> InOrderLimit | None:
-  """The limit of the running event loop while a restore is `limiting`, else None (called per shard)."""
-  if not _scopes:
+  """The limit of the running event loop while its caller is `limiting`, else None (called per shard)."""
+  scope = _scope.get()
+  if scope is None:
     return None
   loop = asyncio.get_running_loop()
-  with _lock:
-    if not _scopes:
-      return None
-    limit = _by_loop.get(loop)
-    if limit is None:
-      limit = _by_loop[loop] = InOrderLimit(min(_scopes))
-    return limit
+  limit = scope.by_loop.get(loop)
+  if limit is None:
+    limit = scope.by_loop[loop] = InOrderLimit(scope.nbytes)
+  return limit

@@ -27,8 +27,9 @@ placement on the device: the array's read awaits its shards' checks at the
 end (`_async_deserialize`), before Orbax gets the array, so a mismatch still
 fails the read (measured on GPT-2, 2 cores: a restore from disk +5% with the
 check in line, -4% to +1% with it overlapped). A shard waiting for its
-check is no longer counted by Orbax's byte limiter (`restore_concurrent_gb`),
-which it left once read: the host memory above that limit is the backlog of
+check is no longer counted by Orbax's byte limiter (`restore_concurrent_gb`)
+nor by kckpt's bound on the bytes a restore reads at once (`_inflight`),
+which it left once placed: the host memory above them is the backlog of
 unfinished checks, each at 12-16 GB/s.
 """
 

@@ -63,6 +63,14 @@ async def read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_
   return out
 
 
+def _itemsize(stored: np.dtype, dtype: Any) -> int:
+  """The bytes per element of a shard read as stored and cast to `dtype` (both are alive while it is cast)."""
+  try:
+    return max(stored.itemsize, np.dtype(dtype).itemsize) if dtype is not None else stored.itemsize
+  except TypeError:  # an extended dtype (PRNG keys): what is stored
+    return stored.itemsize
+
+
 async def _read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_domain):
   read = read_shard if _checked_read is None else functools.partial(_checked_read, read_shard)
   kwargs = {
@@ -77,7 +85,7 @@ async def _read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted
   else:
     # The bytes stay counted until Orbax has placed the shard: it calls `device_put` right after this returns,
     # with no await between, so no other read starts before.
-    async with limit.admitted(math.prod(new_shard_shape) * t.dtype.numpy_dtype.itemsize):
+    async with limit.admitted(math.prod(new_shard_shape) * _itemsize(t.dtype.numpy_dtype, dtype)):
       out = await read(t, **kwargs)
   listeners = tuple(_listeners)
   if len(listeners) == 1:
