@@ -5,7 +5,7 @@ thousands of small leaves in one call, see `_reader.restore_batches`), and
 Orbax starts every shard's read at once: each shard's host buffer, and what
 the C heap keeps of it once placed, can be alive at the same time. A donated
 restore of 9001 small leaves grew peak memory by 57-65% of the state; with
-at most 64 MiB read at once, 24-25% (fresh processes, three runs each).
+at most 36 MiB read at once (a 32nd of it), 24%.
 
 While a kckpt restore is `limiting`, each shard Orbax reads for it (its
 ``_read_shard``, wrapped by `_read_progress`) first waits for room in an

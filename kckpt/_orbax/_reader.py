@@ -146,20 +146,20 @@ RESTORE_TREE_VISITS = 10_000
 # wakes every waiting read on each release, so a 9001-leaf restore with a
 # 128 MiB limit spent 45 of 70 s in it. kckpt bounds the bytes read at once
 # with its own limit instead (`_inflight`), which lets the reads through in
-# order: a 16th of the state, at least RESTORE_INFLIGHT_MIN_BYTES (a donated
+# order: a 32nd of the state, at least RESTORE_INFLIGHT_MIN_BYTES (a donated
 # restore of the 9001-leaf, 1.21 GB deep state grew peak memory by 57-65%
 # of the state unbounded; 26-28% at 128 MiB, 24-25% at 64 MiB, 22-23% at
-# 32 MiB; about 20% is the per-leaf cost of Orbax's and TensorStore's objects).
-RESTORE_INFLIGHT_MIN_BYTES = 64 * 2**20
+# 32 MiB; about 20% is memory Orbax and TensorStore keep per leaf).
+RESTORE_INFLIGHT_MIN_BYTES = 32 * 2**20
 
 
 def restore_inflight_bytes(total: int) -> int:
   """The most bytes of shards a restore of `total` bytes into a target reads at once.
 
   >>> restore_inflight_bytes(2**30) // 2**20, restore_inflight_bytes(16 * 2**30) // 2**20
-  (64, 1024)
+  (32, 512)
   """
-  return max(RESTORE_INFLIGHT_MIN_BYTES, total // 16)
+  return max(RESTORE_INFLIGHT_MIN_BYTES, total // 32)
 
 
 def restore_batches(sizes: Mapping[str, int]) -> list[list[str]]:
