@@ -135,10 +135,16 @@ def test_a_restore_reads_at_most_its_bound_at_once(tmp_path, monkeypatch, checks
     ckpt.save(state, step=1)
   limits = []
 
+  asked = []
+
   class Recording(_inflight.InOrderLimit):
     def __init__(self, limit):
       super().__init__(limit)
       limits.append(self)
+
+    async def acquire(self, nbytes):
+      asked.append(nbytes)
+      await super().acquire(nbytes)
 
   monkeypatch.setattr(_inflight, "InOrderLimit", Recording)
   monkeypatch.setattr(_reader, "RESTORE_INFLIGHT_MIN_BYTES", 12 * 1024)
@@ -146,10 +152,11 @@ def test_a_restore_reads_at_most_its_bound_at_once(tmp_path, monkeypatch, checks
   for name, leaf in state.items():
     np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(leaf))
   assert limits and all(lim.limit == 12 * 1024 for lim in limits)
+  assert sorted(asked) == [4096] * 24  # every shard, counted at its size
   assert max(lim.peak for lim in limits) <= 12 * 1024 and all(lim.used == 0 for lim in limits)
   assert _inflight._scope.get() is None  # pylint: disable=protected-access
   # Plain Orbax in the same process reads through the same (wrapped) shard reader, unbounded.
   limits.clear()
   plain = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "ckpt_1" / "default")
   np.testing.assert_array_equal(np.asarray(plain["w3"]), np.full((32, 32), 3.0))
-  assert _read_progress.installed() and not limits
+  assert _read_progress.installed() and not limits and len(asked) == 24
