@@ -37,6 +37,13 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   restore's bound on the bytes read at once (`_inflight`). Orbax reads a tree
   in one call and has no progress callback; its byte limiter wakes every
   waiting read at each release.
+- ``PyTreeCheckpointHandler._handler_impl._read_metadata_file`` and
+  ``InternalTreeMetadata.as_nested_tree`` (leaves ``ValueMetadataEntry``:
+  ``value_type``, ``skip_deserialize``), ``metadata.empty_values``
+  (`_metadata.as_saved_restore_args`): the saved tree's structure and value
+  types without Orbax's `metadata()`, which opens every array and leaks
+  memory per array through TensorStore's ``to_json``. Anything unexpected
+  falls back to `metadata()`.
 - ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
   before removing, so readers never see half a step. No option takes one.
 - ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,
@@ -165,6 +172,23 @@ def _shard_reader_looked_up_on_the_module() -> bool:
   )
 
 
+def _metadata_file_reader() -> bool:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.metadata import empty_values  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.metadata import tree  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.metadata import value_metadata_entry  # pylint: disable=import-outside-toplevel
+
+  impl = ocp.PyTreeCheckpointHandler()._handler_impl  # pylint: disable=protected-access
+  fields = {f.name for f in dataclasses.fields(value_metadata_entry.ValueMetadataEntry)}
+  return (
+    inspect.iscoroutinefunction(getattr(impl, "_read_metadata_file", None))
+    and callable(getattr(tree.InternalTreeMetadata, "as_nested_tree", None))
+    and {"value_type", "skip_deserialize"} <= fields
+    and callable(empty_values.is_empty_typestr)
+    and callable(empty_values.get_empty_value_from_typestr)
+  )
+
+
 _TS_UTILS = "orbax.checkpoint._src.serialization.tensorstore_utils"
 _GCS_UTILS = "orbax.checkpoint._src.path.gcs_utils"
 
@@ -182,6 +206,7 @@ REACHES = (
     f"{_TS_UTILS}.build_array_read_spec, serialization.async_deserialize, NumpyHandler.deserialize",
     _read_spec_builder_and_deserializer_looked_up_on_the_modules,
   ),
+  Reach("BasePyTreeCheckpointHandler._read_metadata_file, InternalTreeMetadata.as_nested_tree", _metadata_file_reader),
   Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
   Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
   Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),

@@ -81,7 +81,9 @@ def _restore_args(read: ItemRead, item_dir: epath.Path) -> ocp.args.CheckpointAr
   if read.format == "json":
     return ocp.args.JsonRestore()
   # As saved: NumPy arrays, Python scalars, strings (restores into a target use read_tree_into).
-  as_saved = jax.tree.map(_as_saved_restore_args, _metadata.pytree_metadata(item_dir))
+  as_saved = _metadata.as_saved_restore_args(item_dir)
+  if as_saved is None:
+    as_saved = jax.tree.map(_as_saved_restore_args, _metadata.pytree_metadata(item_dir))
   return ocp.args.PyTreeRestore(item=None, restore_args=as_saved)
 
 
