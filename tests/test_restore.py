@@ -413,8 +413,8 @@ def test_a_restore_that_fails_after_pausing_resumes_the_collector(workdir, monke
 
 
 def test_restores_without_a_target_keep_no_memory_per_leaf(workdir):
-  """Orbax's metadata() leaks through TensorStore's to_json (a reference too many per dict item): about 75 Python
-  blocks per leaf per restore. A restore without a target (an eval job's loop) reads the tree from _METADATA instead."""
+  """Orbax's metadata() leaks through TensorStore's to_json (a reference too many per dict item): about 50 Python
+  blocks per leaf per restore here. A restore without a target (an eval job's loop) reads the tree from _METADATA."""
   import gc  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
 
@@ -425,10 +425,20 @@ def test_restores_without_a_target_keep_no_memory_per_leaf(workdir):
     ckpt.restore()
   gc.collect()
   before = sys.getallocatedblocks()
+  assert before > 0, "sys.getallocatedblocks() counts nothing without pymalloc"
   for _ in range(3):
     out = ckpt.restore()
+    assert out["l7"]["n"] == 7 and isinstance(out["l7"]["n"], int) and out["l7"]["s"] == "x"
+    np.testing.assert_array_equal(out["l7"]["w"], np.full(4, 7.0, np.float32))
+    del out
   gc.collect()
   per_leaf = (sys.getallocatedblocks() - before) / (3 * 3 * n)
   assert per_leaf < 20, f"{per_leaf:.1f} Python blocks kept per leaf per restore"
-  assert out["l7"]["n"] == 7 and isinstance(out["l7"]["n"], int) and out["l7"]["s"] == "x"
-  np.testing.assert_array_equal(out["l7"]["w"], np.full(4, 7.0, np.float32))
+
+
+def test_a_complex_scalar_restores_without_a_target(workdir):
+  # Orbax's construct_restore_args asks for restore_type=complex, which no handler takes; the saved value type does.
+  ckpt = saved_run(workdir, {"c": np.complex64(1j), "w": np.ones(2, np.complex64)})
+  out = ckpt.restore()
+  assert out["c"] == 1j and isinstance(out["c"], complex)
+  np.testing.assert_array_equal(out["w"], np.ones(2, np.complex64))

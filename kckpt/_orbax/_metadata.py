@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +46,8 @@ def as_saved_restore_args(item_dir: epath.Path) -> PyTree | None:
     internal = asyncio_utils.run_sync(impl._read_metadata_file(epath.Path(item_dir)))  # pylint: disable=protected-access
     nested = internal.as_nested_tree()
     options = internal.pytree_metadata_options
-  except Exception:  # pylint: disable=broad-exception-caught  # anything unexpected: Orbax's metadata() decides
+  except Exception as e:  # pylint: disable=broad-exception-caught  # anything unexpected: Orbax's metadata() decides
+    logging.getLogger("kckpt").debug("kckpt: %s read through Orbax's metadata(): %r", item_dir, e)
     return None
   unknown: list[str] = []
 
@@ -69,7 +71,10 @@ def as_saved_restore_args(item_dir: epath.Path) -> PyTree | None:
     return None
 
   tree = jax.tree.map(args_for, nested, is_leaf=lambda x: isinstance(x, value_metadata_entry.ValueMetadataEntry))
-  return None if unknown else tree
+  if unknown:
+    logging.getLogger("kckpt").debug("kckpt: %s read through Orbax's metadata(): value types %s", item_dir, unknown[:3])
+    return None
+  return tree
 
 
 def saved_leaf_specs(item_dir: epath.Path) -> dict[str, trees.LeafSpec]:
