@@ -358,12 +358,14 @@ def test_the_cyclic_gc_is_paused_while_a_save_blocks_its_caller(workdir, async_s
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=async_save)
   plain = ocp.PyTreeCheckpointer()
   started, _ = _automatic_collections(lambda: plain.save(workdir / "plain", args=ocp.args.PyTreeSave(state)))
-  assert len(started) > 1
+  assert len(started) > 2  # 7-13 here
   ckpt.save(state, step=0)  # the writer opened (not paused: once per run) before the save that is watched
   ckpt.wait_until_finished()
   gc.collect()  # the count of allocations since the last collection starts from 0
   started, _ = _automatic_collections(lambda: ckpt.save(state, step=1))
-  assert len(started) <= 1 and gc.isenabled()  # one, the collection put off, as the GC resumes
+  # The collection put off, as the GC resumes; with an async save, the background thread's allocations (the
+  # count is process-wide) may start one more in this thread before `save` returns (seen once in CI).
+  assert len(started) <= (2 if async_save else 1) and gc.isenabled()
   ckpt.wait_until_finished()
   np.testing.assert_array_equal(ckpt.restore(step=1)["layer7"]["w"], np.full(8, 7.0))
 
