@@ -127,19 +127,27 @@ def test_latest_step_poll_is_one_listing(gcs_server, gcs_workdir):
   reader = kckpt.Checkpointer.open(gcs_workdir)
   assert reader.latest_step == 4  # the first look checks each step's commit marker once
   polls = 5
-  offset = _log_mark(gcs_server)  # after every request of the first look
+  offset = _log_mark(gcs_server)  # after the first look's requests (but see below)
   for _ in range(polls):
     reader.reload()
     assert reader.latest_step == 4
   requests = _requests_since(gcs_server, offset)
-  assert len(requests) == polls, requests  # one request per poll...
   prefix = gcs_workdir[len(f"gs://{gcs_server['bucket']}/") :] + "/checkpoints/"
-  for r in requests:  # ...and it is a listing of the checkpoints/ prefix
-    method, _, url = r.partition(" ")
+
+  def is_listing(request):
+    method, _, url = request.partition(" ")
     path, _, query = url.partition("?")
     fields = urllib.parse.parse_qs(query)
-    assert method == "GET" and path == f"/storage/v1/b/{gcs_server['bucket']}/o", requests
-    assert fields.get("prefix") == [prefix] and fields.get("delimiter") == ["/"], requests
+    return (
+      method == "GET"
+      and path == f"/storage/v1/b/{gcs_server['bucket']}/o"
+      and (fields.get("prefix") == [prefix] and fields.get("delimiter") == ["/"])
+    )
+
+  assert sum(map(is_listing, requests)) == polls, requests  # one listing of checkpoints/ per poll, nothing else:
+  # the server logs each request as it answers it, concurrently, so the first look's last request may be logged
+  # after the marker (seen twice in CI); a poll that made any other request would add one per poll.
+  assert sum(not is_listing(r) for r in requests) <= 1, requests
 
 
 def test_eval_job_in_another_process_sees_every_step(gcs_server, gcs_workdir):
