@@ -494,6 +494,76 @@ def test_leaf_statistics_equal_numpys_on_the_saved_arrays(workdir):
   assert stats["bad"]["nonfinite"] == 1 and np.isnan(stats["bad"]["norm"]) and np.isnan(stats["bad"]["min"])
 
 
+def test_statistics_and_checksums_of_arrays_of_many_blocks_equal_numpys(workdir):
+  """Arrays are reduced in cache-sized blocks: the merged numbers are those of the whole array."""
+  from kckpt._orbax import _checksums, _leafstats  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(5)
+  per_block = _leafstats.BLOCK_BYTES // 4
+  w = rng.standard_normal(per_block * 5 // 2).astype(np.float32)  # three blocks, the last one half full
+  w[: per_block // 2] += 3.0  # the blocks differ, so a merge that kept one block's numbers would show
+  nan_late = w.copy()
+  nan_late[-7] = np.nan  # a NaN in the last block only
+  e = rng.standard_normal(per_block * 3).astype(jnp.bfloat16)  # bfloat16: blocks of twice as many values
+  state = {"w": jnp.asarray(w), "nan_late": jnp.asarray(nan_late), "e": jnp.asarray(e)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1)
+  ckpt.save(state, step=1)
+  ckpt.close()
+  stats = kckpt.inspect.leaf_stats(ckpt.directory, 1)["default"]
+  for name, value in {"w": w, "e": e}.items():
+    x = np.asarray(value, np.float64)
+    expected = {"norm": np.linalg.norm(x), "min": x.min(), "max": x.max(), "mean": x.mean()}
+    for key, want in expected.items():
+      assert stats[name][key] == pytest.approx(want, rel=1e-5, abs=1e-6), (name, key)
+    assert stats[name]["nonfinite"] == 0 and stats[name]["size"] == x.size
+  assert stats["nan_late"]["nonfinite"] == 1 and stats["nan_late"]["size"] == w.size
+  assert all(np.isnan(stats["nan_late"][key]) for key in ("norm", "min", "max", "mean"))
+  # The CRC32C recorded per shard is that of the whole array's bytes.
+  box = ((0, w.size),)
+  _, sums = _checksums._reduce([(box, w)], w.shape, True, "w")  # pylint: disable=protected-access
+  assert sums["shards"] == [[[[0, w.size]], crc32c.crc32c(w.tobytes())]]
+  report = kckpt.inspect.verify_step(ckpt.directory, 1)  # every shard read back and hashed whole
+  assert report.ok and report.unchecked == []
+  np.testing.assert_array_equal(np.asarray(ckpt.restore(state)["e"]), e)
+
+
+def test_a_saves_reductions_run_on_one_low_priority_background_thread(workdir, monkeypatch):
+  """Statistics and checksums run on kckpt's own worker, niced on Linux, not on Orbax's default executor."""
+  import threading  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _background, _checksums  # pylint: disable=import-outside-toplevel
+
+  seen = []
+  reduce = _checksums._reduce  # pylint: disable=protected-access
+
+  def observed(*args):
+    linux = platform.system() == "Linux"
+    seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if linux else None))
+    return reduce(*args)
+
+  monkeypatch.setattr(_checksums, "_reduce", observed)
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save({f"w{i}": jnp.full((64,), float(i)) for i in range(8)}, step=1)
+  ckpt.close()
+  assert len(seen) == 8
+  assert {name for name, _ in seen} == {"kckpt-background_0"}  # one thread for every array
+  if platform.system() == "Linux":
+    assert {nice for _, nice in seen} == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + _background.NICE)}
+  assert kckpt.inspect.leaf_stats(ckpt.directory, 1)["default"]["w3"]["max"] == 3.0
+
+
+def test_a_forked_process_starts_its_own_background_worker(monkeypatch):
+  """The worker thread does not survive a fork; a child whose copy of the executor is the parent's gets a new one."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _background  # pylint: disable=import-outside-toplevel
+
+  parent = _background._worker()  # pylint: disable=protected-access
+  monkeypatch.setattr(_background, "_executor", (-1, parent))  # as a forked child sees it: another pid
+  assert asyncio.run(_background.run(sum, [1, 2])) == 3
+  assert _background._worker() is not parent  # pylint: disable=protected-access
+
+
 def test_no_write_spec_outlives_its_save(workdir):
   """The array hook keeps each spec only until its array is written (or its step is done, for NumPy leaves)."""
   from kckpt._orbax import _checksums  # pylint: disable=import-outside-toplevel

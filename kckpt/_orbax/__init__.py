@@ -99,6 +99,7 @@ _LAZY = {
   "Writer": "_writer",
 }
 _SUBMODULES = (
+  "_background",
   "_checksums",
   "_commit",
   "_files",

@@ -8,7 +8,8 @@ process included, are left exactly as Orbax writes them.
 
 `serialization.async_serialize_from_host` gets each array's shards already
 copied to host memory by Orbax (the copy every async save makes); alongside
-the write, one worker thread per array reduces them to
+the write, kckpt's low-priority background thread (`_background`) reduces
+them, in one pass over each shard in cache-sized blocks, to
 
 - **statistics**: `kckpt._orbax._leafstats.Partial` values (count, non-finite
   count, sum, sum of squares, min, max);
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -43,7 +45,7 @@ from etils import epath
 from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
 from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # Orbax 0.12 internal: see install
 
-from kckpt._orbax import _leafstats
+from kckpt._orbax import _background, _leafstats
 
 __all__ = ["Box", "box_of", "crc32c_of", "install", "installed", "leaf_checksums", "register"]
 
@@ -113,9 +115,37 @@ def leaf_checksums(shape: Sequence[int], shards: Sequence[tuple[Box, np.ndarray]
 
 
 def _reduce(shards: list[tuple[Box, np.ndarray]], shape: Sequence[int], checksums: bool, what: str) -> tuple[Any, Any]:
-  """On a worker thread: the statistics of one array's shards, and their checksums (when wanted)."""
-  stats = _leafstats.reduce_shards_or_none([data for _, data in shards], what)
-  return stats, leaf_checksums(shape, shards) if checksums and shards else None
+  """On the background worker: the statistics of one array's shards, and their checksums (when wanted).
+
+  One pass over each shard, in blocks that stay in the cache while both are
+  computed (`_leafstats.blocks`). A failure of the statistics is logged and
+  leaves them None (they must never fail a save); one of the checksums fails
+  the save.
+  """
+  reducer: _leafstats.Reducer | None = _leafstats.Reducer()
+  crcs = []
+  for _, data in shards:
+    data = np.ascontiguousarray(data)
+    floating = _leafstats.is_floating(data.dtype)
+    crc = 0
+    for block in _leafstats.blocks(data):
+      if floating and reducer is not None:
+        try:
+          reducer.add(block)
+        except Exception:  # pylint: disable=broad-exception-caught
+          logging.getLogger("kckpt").exception("kckpt: the statistics of %s could not be computed", what)
+          reducer = None
+      if checksums:
+        crc = crc32c_of(block, crc)
+    crcs.append(crc)
+  stats = reducer.partial() if reducer is not None else None
+  if not checksums or not shards:
+    return stats, None
+  return stats, {
+    "dtype": np.dtype(shards[0][1].dtype).name,
+    "shape": [int(n) for n in shape],
+    "shards": [[[list(axis) for axis in box], crc] for (box, _), crc in zip(shards, crcs, strict=True)],
+  }
 
 
 _last_parent: tuple[Any, str] = (None, "")  # the last item folder seen, as a string (one tuple: atomic for readers)
@@ -156,7 +186,7 @@ async def _serialize_from_host(rslices_on_host, tensorstore_spec, *args, **kwarg
   shards = [(box_of(s.index, shape), s.unsliced_data) for s in rslices_on_host.replica_slices if s.is_on_host]
   results = await asyncio.gather(
     _original_serialize(rslices_on_host, tensorstore_spec, *args, **kwargs),
-    asyncio.to_thread(_reduce, shards, shape, checksums, f"{item_dir}/{name}"),
+    _background.run(_reduce, shards, shape, checksums, f"{item_dir}/{name}"),
   )
   stats, sums = results[1]
   collector.add(_leafstats.item_name(epath.Path(item_dir).name), name, stats, nbytes=int(rslices_on_host.nbytes), checksums=sums)
