@@ -8,7 +8,7 @@ process included, are left exactly as Orbax writes them.
 
 `serialization.async_serialize_from_host` gets each array's shards already
 copied to host memory by Orbax (the copy every async save makes); alongside
-the write, kckpt's low-priority background thread (`_background`) reduces
+the write, kckpt's one background thread (`_background`) reduces
 them, in one pass over each shard in cache-sized blocks, to
 
 - **statistics**: `kckpt._orbax._leafstats.Partial` values (count, non-finite
@@ -123,18 +123,29 @@ def _reduce(shards: list[tuple[Box, np.ndarray]], shape: Sequence[int], checksum
   the save.
   """
   reducer: _leafstats.Reducer | None = _leafstats.Reducer()
+
+  def failed() -> None:
+    nonlocal reducer
+    logging.getLogger("kckpt").exception("kckpt: the statistics of %s could not be computed", what)
+    reducer = None
+
   crcs = []
   for _, data in shards:
-    data = np.ascontiguousarray(data)
-    floating = _leafstats.is_floating(data.dtype)
+    try:
+      data = np.ascontiguousarray(data)
+      floating = _leafstats.is_floating(data.dtype)
+    except Exception:  # pylint: disable=broad-exception-caught
+      if checksums:
+        raise
+      failed()
+      continue
     crc = 0
     for block in _leafstats.blocks(data):
       if floating and reducer is not None:
         try:
           reducer.add(block)
         except Exception:  # pylint: disable=broad-exception-caught
-          logging.getLogger("kckpt").exception("kckpt: the statistics of %s could not be computed", what)
-          reducer = None
+          failed()
       if checksums:
         crc = crc32c_of(block, crc)
     crcs.append(crc)

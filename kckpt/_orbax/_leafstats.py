@@ -139,9 +139,9 @@ def reduce_shards(shards: Iterable[np.ndarray]) -> Partial | None:
   """
   reducer = Reducer()
   for shard in shards:
-    shard = np.ascontiguousarray(shard)
+    shard = np.asarray(shard)
     if is_floating(shard.dtype):
-      for block in blocks(shard):
+      for block in blocks(np.ascontiguousarray(shard)):
         reducer.add(block)
   return reducer.partial()
 
