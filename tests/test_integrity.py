@@ -549,6 +549,31 @@ def test_a_saves_reductions_run_on_one_background_thread(workdir, monkeypatch):
   assert kckpt.inspect.leaf_stats(ckpt.directory, 1)["default"]["w3"]["max"] == 3.0
 
 
+def test_a_restores_checks_of_large_shards_run_on_the_background_thread(workdir, monkeypatch):
+  """Shards over INLINE_BYTES are hashed on kckpt's one worker; smaller ones on the event loop's thread."""
+  import threading  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _read_checks  # pylint: disable=import-outside-toplevel
+
+  state = {"large": jnp.arange(_read_checks.INLINE_BYTES // 4 * 3, dtype=jnp.float32), "small": jnp.ones(16)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save(state, step=1)
+  seen = {}
+  check = _read_checks._check  # pylint: disable=protected-access
+
+  def observed(expected, box, saved, data):
+    seen[data.size] = threading.current_thread().name
+    return check(expected, box, saved, data)
+
+  monkeypatch.setattr(_read_checks, "_check", observed)
+  large = np.asarray(state["large"])
+  restored = ckpt.restore(state)  # donates `state`
+  ckpt.close()
+  np.testing.assert_array_equal(np.asarray(restored["large"]), large)
+  assert seen[large.size] == "kckpt-background_0"
+  assert seen[16] != "kckpt-background_0"
+
+
 def test_a_forked_process_starts_its_own_background_worker():
   """The worker thread does not survive a fork: a forked child's first reduction runs on a new one."""
   import multiprocessing  # pylint: disable=import-outside-toplevel

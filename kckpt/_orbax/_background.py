@@ -1,4 +1,4 @@
-"""One worker thread for the CPU work kckpt adds to a save (statistics, checksums).
+"""One worker thread for the CPU work kckpt adds beside Orbax's I/O: a save's statistics and checksums, a restore's checks.
 
 A save is mostly the kernel copying bytes into the page cache from
 TensorStore's threads, and on a host with few cores, the CPU that kckpt
@@ -12,6 +12,13 @@ it takes at most one core from the writes (and from the training loop
 during an async save): 0.99x. Lowering that thread's priority as well
 (``nice`` 5 or 10) made no difference there (7 rounds each), and would let
 a busy host delay the commit, which waits for the reductions: not done.
+
+A restore's checks of shards over 1 MiB (`_read_checks`) run there too, so
+that they also take at most one core from the reads. What checks cost a
+cold restore of the 445-leaf states was within this machine's noise either
+way (paired medians of 12-20 rounds: +3% to +13% in the default pool, -8%
+to +12% on the one thread), and the host memory of a donated restore stayed
+within its goal (GPT-2 15%, bfloat16 GPT-2 11% of the state).
 
 `run` is awaited from Orbax's event loops; the thread is started at its
 first use in each process (a forked child starts its own).

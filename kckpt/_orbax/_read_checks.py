@@ -21,8 +21,8 @@ A mismatch raises `ChecksumMismatch` (a ``ValueError``: a read error, which
 kckpt's readers report as a damaged step naming the item and leaf). Reads
 outside a scope, and arrays without a recorded checksum (scalars, steps saved
 without checksums), are Orbax's own, unchanged. The CRC32C runs on the CPU's
-CRC instruction without the GIL (`_checksums.crc32c_of`), in a worker thread
-for shards over `INLINE_BYTES`. A read shard's check does not hold up its
+CRC instruction without the GIL (`_checksums.crc32c_of`), on kckpt's one
+background thread (`_background`) for shards over `INLINE_BYTES`. A read shard's check does not hold up its
 placement on the device: the array's read awaits its shards' checks at the
 end (`_async_deserialize`), before Orbax gets the array, so a mismatch still
 fails the read (measured on GPT-2, 2 cores: a restore from disk +5% with the
@@ -54,7 +54,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  
 from orbax.checkpoint._src.serialization import type_handlers as _type_handlers  # Orbax 0.12 internal: see install
 
 from kckpt import _gc
-from kckpt._orbax import _format, _read_progress
+from kckpt._orbax import _background, _format, _read_progress
 from kckpt._orbax._checksums import Box
 from kckpt._orbax._checksums import crc32c_of
 
@@ -273,7 +273,7 @@ def _check(expected: _Expected, box: Box, saved: int, data: np.ndarray) -> None:
 
 async def _check_async(expected: _Expected, box: Box, saved: int, data: np.ndarray) -> None:
   if data.nbytes > INLINE_BYTES:
-    await asyncio.to_thread(_check, expected, box, saved, data)
+    await _background.run(_check, expected, box, saved, data)
   else:  # on the event loop's thread: a few microseconds
     _check(expected, box, saved, data)
 
@@ -293,7 +293,7 @@ async def _check_whole(expected: _Expected, store: ts.TensorStore, box: Box, sav
   crc = 0
   for start in range(box[0][0], box[0][1], rows):
     slab = np.asarray(await store[(slice(start, min(start + rows, box[0][1])), *rest)].read())
-    crc = await asyncio.to_thread(crc32c_of, slab, crc) if slab.nbytes > INLINE_BYTES else crc32c_of(slab, crc)
+    crc = await _background.run(crc32c_of, slab, crc) if slab.nbytes > INLINE_BYTES else crc32c_of(slab, crc)
   if crc != saved:
     raise _mismatch(expected, box, saved, crc)
 
@@ -361,7 +361,7 @@ async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, r
     view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
   if not read.closed and view.nbytes > INLINE_BYTES:
     # Hashed in a worker thread while Orbax places the shard (and reads the others); awaited before the array is returned.
-    read.futures.append(asyncio.ensure_future(asyncio.to_thread(_check, expected, region, saved, view)))
+    read.futures.append(asyncio.ensure_future(_background.run(_check, expected, region, saved, view)))
   else:
     await _check_async(expected, region, saved, view)
   if _read_progress.casts(dtype, out):
