@@ -106,11 +106,15 @@ def leaf_checksums(shape: Sequence[int], shards: Sequence[tuple[Box, np.ndarray]
   >>> leaf_checksums((2,), [(((0, 2),), np.array([1, 2], np.uint8))])
   {'dtype': 'uint8', 'shape': [2], 'shards': [[[[0, 2]], 66625362]]}
   """
-  dtype = np.dtype(shards[0][1].dtype).name if shards else ""
+  return _record(shape, shards, [crc32c_of(data) for _, data in shards])
+
+
+def _record(shape: Sequence[int], shards: Sequence[tuple[Box, np.ndarray]], crcs: Sequence[int]) -> dict[str, Any]:
+  """`leaf_checksums`, given each shard's CRC32C."""
   return {
-    "dtype": dtype,
+    "dtype": np.dtype(shards[0][1].dtype).name if shards else "",
     "shape": [int(n) for n in shape],
-    "shards": [[[list(axis) for axis in box], crc32c_of(data)] for box, data in shards],
+    "shards": [[[list(axis) for axis in box], crc] for (box, _), crc in zip(shards, crcs, strict=True)],
   }
 
 
@@ -150,13 +154,7 @@ def _reduce(shards: list[tuple[Box, np.ndarray]], shape: Sequence[int], checksum
         crc = crc32c_of(block, crc)
     crcs.append(crc)
   stats = reducer.partial() if reducer is not None else None
-  if not checksums or not shards:
-    return stats, None
-  return stats, {
-    "dtype": np.dtype(shards[0][1].dtype).name,
-    "shape": [int(n) for n in shape],
-    "shards": [[[list(axis) for axis in box], crc] for (box, _), crc in zip(shards, crcs, strict=True)],
-  }
+  return stats, _record(shape, shards, crcs) if checksums and shards else None
 
 
 _last_parent: tuple[Any, str] = (None, "")  # the last item folder seen, as a string (one tuple: atomic for readers)
