@@ -62,15 +62,6 @@ def is_floating(dtype: Any) -> bool:
     return False
 
 
-def reduce_shards_or_none(shards: Iterable[np.ndarray], what: str) -> Partial | None:
-  """`reduce_shards`, but a failure is logged and gives None (statistics must never fail a save)."""
-  try:
-    return reduce_shards(shards)
-  except Exception:  # pylint: disable=broad-exception-caught
-    logging.getLogger("kckpt").exception("kckpt: the statistics of %s could not be computed", what)
-    return None
-
-
 BLOCK_BYTES = 1 << 19  # a shard is reduced in blocks of 512 KiB, each while it is in a core's cache
 
 
