@@ -141,8 +141,8 @@ def test_verify_names_the_arrays_a_checksummed_step_has_no_checksum_for(workdir,
   ckpt.close()
 
 
-def test_a_flipped_bit_in_a_large_array_fails_the_restore_though_its_check_overlaps_the_placement(workdir):
-  """Shards over `INLINE_BYTES` are hashed while Orbax places them: the read still waits for the check."""
+def test_a_flipped_bit_in_a_large_array_fails_the_restore_though_it_is_checked_on_another_thread(workdir):
+  """Shards over `INLINE_BYTES` are hashed on kckpt's background thread: the read waits for the check."""
   from kckpt._orbax import _read_checks  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(0)
@@ -572,6 +572,41 @@ def test_a_restores_checks_of_large_shards_run_on_the_background_thread(workdir,
   np.testing.assert_array_equal(np.asarray(restored["large"]), large)
   assert seen[large.size] == "kckpt-background_0"
   assert seen[16] != "kckpt-background_0"
+
+
+def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done(workdir, monkeypatch):
+  """A shard is hashed before Orbax gets it: its bytes leave the bound on the bytes read at once only after."""
+  import threading  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _inflight, _read_checks  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(_read_checks, "INLINE_BYTES", 1024)  # every shard below is hashed on the background thread
+  sizes = [512 * (i + 3) for i in range(6)]  # float32 counts: 6 KiB to 16 KiB, one size per leaf
+  state = {f"w{i}": jnp.arange(n, dtype=jnp.float32) for i, n in enumerate(sizes)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save(state, step=1)
+  events, lock = [], threading.Lock()
+  check = _read_checks._check  # pylint: disable=protected-access
+
+  def observed(expected, box, saved, data):
+    check(expected, box, saved, data)
+    with lock:
+      events.append(("checked", data.nbytes))
+
+  class Recording(_inflight.InOrderLimit):
+    def release(self, nbytes):
+      with lock:
+        events.append(("released", nbytes))
+      super().release(nbytes)
+
+  monkeypatch.setattr(_read_checks, "_check", observed)
+  monkeypatch.setattr(_inflight, "InOrderLimit", Recording)
+  restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
+  ckpt.close()
+  for name, leaf in state.items():
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(leaf))
+  for n in sizes:
+    assert events.index(("checked", 4 * n)) < events.index(("released", 4 * n)), events
 
 
 def test_a_forked_process_starts_its_own_background_worker():

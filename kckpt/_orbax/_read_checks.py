@@ -22,15 +22,11 @@ kckpt's readers report as a damaged step naming the item and leaf). Reads
 outside a scope, and arrays without a recorded checksum (scalars, steps saved
 without checksums), are Orbax's own, unchanged. The CRC32C runs on the CPU's
 CRC instruction without the GIL (`_checksums.crc32c_of`), on kckpt's one
-background thread (`_background`) for shards over `INLINE_BYTES`. A read shard's check does not hold up its
-placement on the device: the array's read awaits its shards' checks at the
-end (`_async_deserialize`), before Orbax gets the array, so a mismatch still
-fails the read (measured on GPT-2, 2 cores: a restore from disk +5% with the
-check in line, -4% to +1% with it overlapped). A shard waiting for its
-check is no longer counted by Orbax's byte limiter (`restore_concurrent_gb`)
-nor by kckpt's bound on the bytes a restore reads at once (`_inflight`),
-which it left once placed: the host memory above them is the backlog of
-unfinished checks, each at 12-16 GB/s.
+background thread (`_background`) for shards over `INLINE_BYTES`. A shard
+is checked before Orbax gets it, so a mismatch fails the read, and it stays
+counted by the restore's bounds on the bytes read at once (Orbax's
+`restore_concurrent_gb`, kckpt's `_inflight`) until then: the checks hold
+no host memory beyond them. Other shards are read meanwhile.
 """
 
 from __future__ import annotations
@@ -120,33 +116,9 @@ _read_owners: dict[int, tuple[dict[str, Any], _Expected]] = {}  # id(read spec) 
 _whole_checks: dict[tuple[str, Box], asyncio.Task] = {}
 
 
-class _ArrayRead:
-  """One array's checked read: its recorded shards, and the checks of its shards still running in worker threads.
-
-  The checks are awaited before the array is returned. Orbax gathers each
-  array's read as a task of its own, so the read's context variable
-  (`_current`) reaches its shards' reads and no other array's.
-  """
-
-  __slots__ = ("closed", "expected", "futures")
-
-  def __init__(self, expected: _Expected) -> None:
-    self.expected = expected
-    self.futures: list[asyncio.Future] = []
-    self.closed = False  # once the array's read ended (or failed): later shards are checked in line
-
-  async def wait(self) -> None:
-    """Waits for every check (none outlives the read), then raises the first failure."""
-    self.closed = True
-    if not self.futures:  # the array's shards were all checked in line
-      return
-    results = await asyncio.gather(*self.futures, return_exceptions=True)
-    for result in results:
-      if isinstance(result, BaseException):
-        raise result
-
-
-_current: contextvars.ContextVar[_ArrayRead | None] = contextvars.ContextVar("kckpt_array_read", default=None)
+# The recorded shards of the array being read. Orbax gathers each array's read as a task of its own, so the
+# value set by its `async_deserialize` reaches that array's shard reads and no other array's.
+_current: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar("kckpt_array_read", default=None)
 _last_parent: tuple[Any, str, str] = (None, "", "")  # the last item folder looked up, its step and item names
 _original_build = _ts_utils.build_array_read_spec
 _original_deserialize = _serialization.async_deserialize
@@ -337,33 +309,29 @@ async def _check_saved_shards(expected: _Expected, store: ts.TensorStore | None,
 
 async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, restricted_domain) -> np.ndarray:
   """Orbax's `_read_shard`, checked against the current array's recorded shards (if any)."""
-  read = _current.get()
+  expected = _current.get()
   kwargs = {
     "new_shard_shape": new_shard_shape,
     "dtype": dtype,
     "requested_domain": requested_domain,
     "restricted_domain": restricted_domain,
   }
-  if read is None:
+  if expected is None:
     return await original(t, **kwargs)
-  expected = read.expected
   region: Box = tuple(zip(restricted_domain.inclusive_min, restricted_domain.exclusive_max, strict=True))
   saved = expected.by_box.get(region)
   if saved is None or expected.base_spec is not None:
     await _check_saved_shards(expected, t, region)
     return await original(t, **kwargs)
-  # The shard read is a saved one: Orbax's read (`_read_progress.read_shard`), then one CRC32C of its bytes.
+  # The shard read is a saved one: Orbax's read (`_read_progress.read_shard`), then one CRC32C of its bytes,
+  # before Orbax gets the shard: until then it stays counted by the bounds on the bytes read at once.
   out = np.zeros(new_shard_shape, dtype=t.dtype.numpy_dtype)
   await ts.array(out)[ts.d[:].translate_to[requested_domain.origin]][restricted_domain].write(t[restricted_domain])
   view = out
   if tuple(new_shard_shape) != tuple(hi - lo for lo, hi in region):  # a target larger than saved: the read part
     offset = [lo - origin for (lo, _), origin in zip(region, requested_domain.origin, strict=True)]
     view = out[tuple(slice(o, o + hi - lo) for o, (lo, hi) in zip(offset, region, strict=True))]
-  if not read.closed and view.nbytes > INLINE_BYTES:
-    # Hashed in a worker thread while Orbax places the shard (and reads the others); awaited before the array is returned.
-    read.futures.append(asyncio.ensure_future(_background.run(_check, expected, region, saved, view)))
-  else:
-    await _check_async(expected, region, saved, view)
+  await _check_async(expected, region, saved, view)
   if _read_progress.casts(dtype, out):
     out = await asyncio.to_thread(out.astype, dtype, copy=False)
   return out
@@ -384,20 +352,9 @@ async def _async_deserialize(user_sharding, tensorstore_spec, *args, **kwargs):
     owner = _read_owners.pop(id(tensorstore_spec), None) if _read_owners else None
   if owner is None or owner[0] is not tensorstore_spec:
     return await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
-  read = _ArrayRead(owner[1])
-  token = _current.set(read)
+  token = _current.set(owner[1])
   try:
-    try:
-      array = await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
-    except GeneratorExit:  # the coroutine is being closed: nothing may be awaited
-      read.closed = True
-      raise
-    except BaseException:
-      with contextlib.suppress(Exception):
-        await read.wait()  # the read's own error is the one raised
-      raise
-    await read.wait()  # a mismatch raises: the array built from those bytes is dropped
-    return array
+    return await _original_deserialize(user_sharding, tensorstore_spec, *args, **kwargs)
   finally:
     try:
       _current.reset(token)
