@@ -14,11 +14,9 @@ during an async save): 0.99x. Lowering that thread's priority as well
 a busy host delay the commit, which waits for the reductions: not done.
 
 A restore's checks of shards over 1 MiB (`_read_checks`) run there too, so
-that they also take at most one core from the reads. What checks cost a
-cold restore of the 445-leaf states was within this machine's noise either
-way (paired medians of 12-20 rounds: +3% to +13% in the default pool, -8%
-to +12% on the one thread), and the host memory of a donated restore stayed
-within its goal (GPT-2 15%, bfloat16 GPT-2 11% of the state).
+that they also take at most one core from the reads; what they cost is in
+the integrity guide (on the 445-leaf states, 2 cores: 6-10%, the hash
+itself).
 
 `run` is awaited from Orbax's event loops; the thread is started at its
 first use in each process (a forked child starts its own).

@@ -10,8 +10,8 @@ at most 36 MiB read at once (a 32nd of it), 24%.
 While a kckpt restore is `limiting`, each shard Orbax reads for it (its
 ``_read_shard``, wrapped by `_read_progress`) first waits for room in an
 `InOrderLimit` of its event loop, and gives the room back once Orbax has
-placed it (a checked shard once its CRC32C is checked, before it is placed:
-see `_read_checks`). Orbax's own limiter (``StorageOptions.restore_concurrent_gb``,
+placed it (a checked shard is checked before that, while it holds its
+room: see `_read_checks`). Orbax's own limiter (``StorageOptions.restore_concurrent_gb``,
 which still applies when set) bounds the same thing but wakes every waiting
 read at each release (a 9001-leaf restore spent most of its time there) and
 refuses a shard larger than its limit; this one wakes the reads next in
