@@ -23,7 +23,9 @@ Reported: medians of the wall time, of the CPU time the process spent
 (all threads) and of its user part, and the median of each round's on/off
 ratio (the two of a round run back to back, so the machine's drift over the
 run cancels), with the ratios' mean and its standard error. On a
-shared machine the CPU time is the steadier measure of the work checksums add.
+shared machine the CPU time is the steadier measure of the work checksums add;
+the extra CPU time of a checked restore is split between kckpt's background
+thread (the hash of the shards over 1 MiB) and the other threads (Linux).
 
     python -m benchmarks.checksums [--states gpt2 deep] [--repeats 5] [--cold-repeats 3] [--save-repeats 3] [--json out.json]
 """
@@ -33,10 +35,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,8 @@ import kckpt
 from benchmarks import states
 from benchmarks.pagecache import evict
 
+# Per restore: its time, the process's CPU time, its user part, and the CPU time of kckpt's background thread.
+MEASURES = ("", " cpu", " user", " hash")
 OPTIONS = {"checksums": kckpt.StorageOptions(), "no checksums": kckpt.StorageOptions(checksums=False)}
 
 
@@ -55,6 +61,22 @@ def _cpu_seconds() -> tuple[float, float]:
   """CPU time of this process, all threads (TensorStore's included): user and system + user."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime, usage.ru_utime + usage.ru_stime
+
+
+def _background_cpu_seconds() -> float:
+  """CPU time (user and system) of kckpt's background thread, which hashes the large shards (0 if not started).
+
+  Linux only (``/proc/self/task``); 0 elsewhere. The rest of a checked
+  restore's extra CPU time is what the checks cost the other threads.
+  """
+  for thread in threading.enumerate():
+    if thread.name.startswith("kckpt-background") and thread.native_id is not None:
+      try:
+        fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+      except OSError:
+        return 0.0
+      return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+  return 0.0
 
 
 @contextlib.contextmanager
@@ -79,7 +101,7 @@ def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: in
   leaves = len(jax.tree.leaves(state))
   target = jax.tree.map(jnp.zeros_like, state)
   got: dict[str, dict[str, list[float]]] = {
-    k: {"save": [], "async_blocked": [], "warm": [], "cold": [], "warm cpu": [], "cold cpu": [], "warm user": [], "cold user": []}
+    k: {"save": [], "async_blocked": [], **{f"{kind}{what}": [] for kind in ("warm", "cold") for what in MEASURES}}
     for k in OPTIONS
   }
   ckpts = {
@@ -109,14 +131,17 @@ def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: in
         if kind == "cold":
           evict(Path(ckpt.directory))
         with unchecked() if label == "no checksums" else contextlib.nullcontext():
+          hash_start = _background_cpu_seconds()
           start, (user_start, cpu_start) = time.perf_counter(), _cpu_seconds()
           restored = ckpt.restore(target, step=step)
           jax.block_until_ready(restored)
           wall, (user_end, cpu_end) = time.perf_counter() - start, _cpu_seconds()
+          hash_seconds = _background_cpu_seconds() - hash_start
         if i:
           got[label][kind].append(wall)
           got[label][f"{kind} cpu"].append(cpu_end - cpu_start)
           got[label][f"{kind} user"].append(user_end - user_start)
+          got[label][f"{kind} hash"].append(hash_seconds)
         del restored
   for c in ckpts.values():
     c.close()
@@ -126,11 +151,29 @@ def measure(name: str, state: Any, root: Path, *, repeats: int, cold_repeats: in
     out[label]["runs"] = got[label]
   # The median of each round's on/off ratio: the two ran back to back, so the
   # machine's drift over the run cancels.
-  ratios = {k: [a / b for a, b in zip(v, got["no checksums"][k], strict=True)] for k, v in got["checksums"].items() if v}
+  ratios = {
+    k: [a / b for a, b in zip(v, got["no checksums"][k], strict=True)]
+    for k, v in got["checksums"].items()
+    if v and not k.endswith(" hash")
+  }
   out["ratio"] = {k: statistics.median(r) for k, r in ratios.items()}
   # The spread of the paired ratios: their mean and its standard error (none from one round).
   out["ratio_mean"] = {k: statistics.mean(r) for k, r in ratios.items()}
   out["ratio_se"] = {k: statistics.stdev(r) / len(r) ** 0.5 for k, r in ratios.items() if len(r) > 1}
+  # Where a checked restore's extra CPU time went, per round: kckpt's background thread (the hash of the
+  # large shards) and every other thread (the small shards' hash, the lookups, the awaits).
+  on, off = got["checksums"], got["no checksums"]
+  out["extra cpu"] = {
+    kind: {
+      "hash thread": statistics.median(a - b for a, b in zip(on[f"{kind} hash"], off[f"{kind} hash"], strict=True)),
+      "other threads": statistics.median(
+        (a - ah) - (b - bh)
+        for a, ah, b, bh in zip(on[f"{kind} cpu"], on[f"{kind} hash"], off[f"{kind} cpu"], off[f"{kind} hash"], strict=True)
+      ),
+    }
+    for kind in ("warm", "cold")
+    if on[kind]
+  }
   return out
 
 
@@ -168,6 +211,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           se = f" ± {r['ratio_se'][key]:.3f}" if key in r["ratio_se"] else ""
           spread = f"{r['ratio_mean'][key]:.3f}{se}"
           print(f"  {what:14s} {r['checksums'][key]:9.3f}s {r['no checksums'][key]:9.3f}s {r['ratio'][key]:6.2f}x {spread:>14s}")
+      for kind, extra in r["extra cpu"].items():
+        print(
+          f"  extra CPU of a checked restore, {kind}: {extra['hash thread']:.3f}s on the hash thread,"
+          f" {extra['other threads']:+.3f}s on the others (medians of the rounds)"
+        )
   finally:
     shutil.rmtree(root, ignore_errors=True)
   if args.json:

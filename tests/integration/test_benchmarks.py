@@ -132,6 +132,9 @@ def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_st
   assert checks["checked"] % 4 == 0 and checks["checked"] >= 4 * 3 * 8
   assert set(row["ratio"]) == {"warm", "cold", "warm cpu", "cold cpu", "warm user", "cold user", "save", "async_blocked"}
   assert set(row["ratio_mean"]) == set(row["ratio"]) and not row["ratio_se"]  # one round each: no standard error
+  assert set(row["extra cpu"]) == {"warm", "cold"}
+  assert all(set(extra) == {"hash thread", "other threads"} for extra in row["extra cpu"].values())
+  assert all(seconds == 0 for kind in ("warm", "cold") for seconds in row["no checksums"]["runs"][f"{kind} hash"])
   assert json.loads(out.read_text())[0]["state"] == "deep"
   assert "restore cold" in capsys.readouterr().out
   monkeypatch.undo()
@@ -144,3 +147,22 @@ def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_st
       assert (ckpt.restore(state, step=1, donate=False)["w"] != state["w"]).sum() == 1  # other numbers, unchecked
     with pytest.raises(kckpt.errors.CheckpointReadError, match="checksum mismatch"):
       ckpt.restore(state, step=1, donate=False)
+
+
+def test_checksums_benchmark_measures_the_cpu_time_of_the_hash_thread():
+  """`_background_cpu_seconds` counts what runs on kckpt's background thread (here 0.1 s of spinning)."""
+  import asyncio
+  import time
+
+  from benchmarks import checksums
+  from kckpt._orbax import _background
+
+  def spin() -> None:
+    start = time.thread_time()
+    while time.thread_time() - start < 0.1:
+      pass
+
+  asyncio.run(_background.run(spin))  # the thread exists from here on
+  before = checksums._background_cpu_seconds()
+  asyncio.run(_background.run(spin))
+  assert 0.05 <= checksums._background_cpu_seconds() - before < 1.0
