@@ -1,9 +1,16 @@
 """Every Orbax/JAX private name kckpt reaches still exists in the installed versions (see kckpt/_orbax/_reaches.py)."""
 
+import dataclasses
+import gc
 import subprocess
 import sys
+import tracemalloc
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
 import kckpt
 from kckpt._orbax import _metadata, _reaches
@@ -87,3 +94,80 @@ def test_a_restore_reports_its_progress_shard_by_shard(tmp_path):
   plain = ocp.PyTreeCheckpointer().restore(item)
   assert isinstance(plain["w1"], jax.Array)
   np.testing.assert_array_equal(np.asarray(plain["w1"]), np.asarray(state["w1"]))
+
+
+def _same_metadata(fast, orbax, path="tree"):
+  """Field by field, types included (Orbax's own `__eq__` on metadata ignores names, folders and storage)."""
+  assert type(fast) is type(orbax), (path, type(fast), type(orbax))
+  if isinstance(orbax, dict):
+    assert list(fast) == list(orbax), path
+    for key in orbax:
+      _same_metadata(fast[key], orbax[key], f"{path}.{key}")
+  elif isinstance(orbax, (list, tuple)):
+    assert len(fast) == len(orbax), path
+    for i, (a, b) in enumerate(zip(fast, orbax, strict=True)):
+      _same_metadata(a, b, f"{path}[{i}]")
+  elif dataclasses.is_dataclass(orbax):
+    for field in dataclasses.fields(orbax):
+      a, b = getattr(fast, field.name), getattr(orbax, field.name)
+      if field.name == "storage" and b is not None:  # its Zarr metadata is left out of its `__eq__`
+        assert (a.chunk_shape, a.write_shape, a.zarr_metadata) == (b.chunk_shape, b.write_shape, b.zarr_metadata), path
+      else:
+        assert a == b and str(a) == str(b), (path, field.name, a, b)
+  else:
+    assert fast == orbax, (path, fast, orbax)
+
+
+@pytest.mark.parametrize(
+  "storage",
+  [
+    kckpt.StorageOptions(),
+    kckpt.StorageOptions(use_zarr3=True),
+    kckpt.StorageOptions(use_ocdbt=False),
+    kckpt.StorageOptions(compression=True, checksums=False),
+  ],
+  ids=["ocdbt-zarr2", "zarr3", "plain-zarr2", "compressed"],
+)
+def test_the_metadata_tree_read_from_the_small_files_is_the_one_orbax_builds(tmp_path, storage):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+  state = {
+    "w": jax.device_put(jnp.arange(32.0).reshape(4, 8), sharding),
+    "b": jnp.ones((8,), jnp.bfloat16),
+    "host": np.arange(6, dtype=np.int16).reshape(2, 3),
+    "step": 7,
+    "lr": 0.5,
+    "name": "run-1",
+    "empty": {},
+    "nothing": None,
+    "layers": [jnp.zeros(3), (np.float32(2.0), jnp.ones((2, 2), jnp.int32))],
+  }
+  with kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, async_save=False, storage=storage) as ckpt:
+    ckpt.save(state, step=1)
+    item_dir = ckpt.step_details(1).path / "default"
+  fast = _metadata._pytree_metadata_from_files(item_dir)  # pylint: disable=protected-access
+  assert fast is not None, "the metadata tree fell back to Orbax's metadata(), which opens every array"
+  _same_metadata(fast, ocp.PyTreeCheckpointHandler().metadata(item_dir).tree)
+  assert fast["w"].sharding is not None and fast["w"].storage.chunk_shape == (2, 4)
+
+
+def test_reading_a_steps_metadata_again_and_again_keeps_no_memory(tmp_path):
+  # Orbax's metadata() kept about 5 KB per leaf for good on every call (TensorStore's `to_json`); a notebook
+  # that polls `tree()` of a step of thousands of leaves grew by megabytes a call.
+  state = {f"layer{i}": {"w": np.full((4, 4), i, np.float32), "b": np.zeros(4, np.float32)} for i in range(200)}
+  with kckpt.Checkpointer(workdir=tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(state, step=1)
+    for _ in range(2):  # caches filled once
+      ckpt.item_metadata(1), ckpt.tree(1)
+    gc.collect()
+    tracemalloc.start()
+    try:
+      before = tracemalloc.get_traced_memory()[0]
+      for _ in range(10):
+        ckpt.item_metadata(1), ckpt.tree(1)
+      gc.collect()
+      grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+      tracemalloc.stop()
+  # Orbax's metadata() kept 39 MB here; what is left (tens of KB) is TensorStore contexts and NumPy's dtype names.
+  assert grown < 400_000, f"10 reads of the metadata of 400 leaves kept {grown} bytes"

@@ -39,11 +39,14 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   waiting read at each release.
 - ``PyTreeCheckpointHandler._handler_impl._read_metadata_file`` and
   ``InternalTreeMetadata.as_nested_tree`` (leaves ``ValueMetadataEntry``:
-  ``value_type``, ``skip_deserialize``), ``metadata.empty_values``
-  (`_metadata.as_saved_restore_args`): the saved tree's structure and value
-  types without Orbax's `metadata()`, which opens every array and leaks
-  memory per array through TensorStore's ``to_json``. Anything unexpected
-  falls back to `metadata()`.
+  ``value_type``, ``skip_deserialize``, ``write_shape``),
+  ``metadata.empty_values``, ``tree.utils.to_flat_dict``/``from_flat_dict``,
+  the leaf classes of ``metadata.value`` and ``metadata.sharding.from_serialized_string``
+  (`_metadata.as_saved_restore_args`, `_metadata.pytree_metadata`): the saved
+  tree, its value types and the metadata objects Orbax's `metadata()` builds,
+  from the item's small files, without that `metadata()`, which opens every
+  array and leaks memory per array through TensorStore's ``to_json``.
+  Anything unexpected falls back to `metadata()`.
 - ``CheckpointManager._checkpoint_deleter`` (`_writer`): a deleter that renames
   before removing, so readers never see half a step. No option takes one.
 - ``CheckpointManager._finalize`` (`_writer`): the moment a step is committed,
@@ -175,17 +178,31 @@ def _shard_reader_looked_up_on_the_module() -> bool:
 def _metadata_file_reader() -> bool:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint._src.metadata import empty_values  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.metadata import sharding  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint._src.metadata import tree  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.metadata import value  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint._src.metadata import value_metadata_entry  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.tree import utils  # pylint: disable=import-outside-toplevel
 
   impl = ocp.PyTreeCheckpointHandler()._handler_impl  # pylint: disable=protected-access
-  fields = {f.name for f in dataclasses.fields(value_metadata_entry.ValueMetadataEntry)}
+
+  def fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
   return (
     inspect.iscoroutinefunction(getattr(impl, "_read_metadata_file", None))
     and callable(getattr(tree.InternalTreeMetadata, "as_nested_tree", None))
-    and {"value_type", "skip_deserialize"} <= fields
+    and {"value_type", "skip_deserialize", "write_shape"} <= fields(value_metadata_entry.ValueMetadataEntry)
     and callable(empty_values.is_empty_typestr)
     and callable(empty_values.get_empty_value_from_typestr)
+    and callable(utils.to_flat_dict)
+    and callable(utils.from_flat_dict)
+    and {"name", "directory", "shape", "sharding", "dtype", "storage"} <= fields(value.ArrayMetadata)
+    and {"name", "directory", "dtype"} <= fields(value.ScalarMetadata)
+    and {"name", "directory"} <= fields(value.StringMetadata) <= fields(value.Metadata) | {"name", "directory"}
+    and {"chunk_shape", "write_shape", "zarr_metadata"} <= fields(value.StorageMetadata)
+    and callable(value.ZarrMetadata.from_json)
+    and callable(sharding.from_serialized_string)
   )
 
 
@@ -206,7 +223,9 @@ REACHES = (
     f"{_TS_UTILS}.build_array_read_spec, serialization.async_deserialize, NumpyHandler.deserialize",
     _read_spec_builder_and_deserializer_looked_up_on_the_modules,
   ),
-  Reach("BasePyTreeCheckpointHandler._read_metadata_file, InternalTreeMetadata.as_nested_tree", _metadata_file_reader),
+  Reach(
+    "BasePyTreeCheckpointHandler._read_metadata_file, InternalTreeMetadata.as_nested_tree, metadata.value", _metadata_file_reader
+  ),
   Reach("CheckpointManager._checkpoint_deleter", _manager_has("self._checkpoint_deleter")),
   Reach("CheckpointManager._finalize(step, steps_to_remove)", _finalize_signature),
   Reach("CheckpointManager._checkpoints", _manager_has("self._checkpoints")),
