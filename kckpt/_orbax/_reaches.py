@@ -37,6 +37,10 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   restore's bound on the bytes read at once (`_inflight`). Orbax reads a tree
   in one call and has no progress callback; its byte limiter wakes every
   waiting read at each release.
+- ``asyncio_utils._run_sync_via_new_loop``, looked up on its module by
+  ``run_sync`` (`_drain`): while a kckpt read runs, a failed Orbax call
+  waits for the tasks it started before closing its loop, so no read goes
+  on (and prints tracebacks into a closed loop) after the error is raised.
 - ``PyTreeCheckpointHandler._handler_impl._read_metadata_file`` and
   ``InternalTreeMetadata.as_nested_tree`` (leaves ``ValueMetadataEntry``:
   ``value_type``, ``skip_deserialize``, ``write_shape``),
@@ -175,6 +179,16 @@ def _shard_reader_looked_up_on_the_module() -> bool:
   )
 
 
+def _loop_runner_looked_up_on_the_module() -> bool:
+  asyncio_utils = importlib.import_module("orbax.checkpoint._src.asyncio_utils")
+  runner = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+  return (
+    callable(runner)
+    and list(inspect.signature(runner).parameters) == ["coro"]
+    and "_run_sync_via_new_loop(" in inspect.getsource(asyncio_utils.run_sync)
+  )
+
+
 def _metadata_file_reader() -> bool:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint._src.metadata import empty_values  # pylint: disable=import-outside-toplevel
@@ -219,6 +233,7 @@ REACHES = (
   Reach(f"{_TS_UTILS}.build_array_write_spec (as called by the array handlers)", _array_spec_builder_looked_up_on_the_module),
   Reach("serialization.async_serialize_from_host (as called by the array handler)", _host_serializer_looked_up_on_the_module),
   Reach("serialization._read_shard (as called by the shard reader)", _shard_reader_looked_up_on_the_module),
+  Reach("asyncio_utils._run_sync_via_new_loop (as called by run_sync)", _loop_runner_looked_up_on_the_module),
   Reach(
     f"{_TS_UTILS}.build_array_read_spec, serialization.async_deserialize, NumpyHandler.deserialize",
     _read_spec_builder_and_deserializer_looked_up_on_the_modules,

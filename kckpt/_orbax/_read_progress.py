@@ -27,7 +27,7 @@ import numpy as np
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import serialization as _serialization  # Orbax 0.12 internal: see install
 
-from kckpt._orbax import _inflight
+from kckpt._orbax import _drain, _inflight
 
 _lock = threading.Lock()
 _listeners: list[Callable[[int], None]] = []  # one per kckpt restore reporting now
@@ -63,6 +63,11 @@ async def read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted_
   return out
 
 
+def _refuse_if_abandoned() -> None:
+  if _drain.abandoned():  # another read of this Orbax call failed: its error is the one raised
+    raise _drain.ReadAbandoned("kckpt: not read, another read of the same call failed")
+
+
 def _itemsize(stored: np.dtype, dtype: Any) -> int:
   """The bytes per element of a shard read as stored and cast to `dtype` (both are alive while it is cast)."""
   try:
@@ -81,11 +86,13 @@ async def _read_shard(t, *, new_shard_shape, dtype, requested_domain, restricted
   }
   limit = _inflight.current()
   if limit is None:
+    _refuse_if_abandoned()
     out = await read(t, **kwargs)
   else:
     # The bytes stay counted until Orbax has placed the shard: it calls `device_put` right after this returns,
     # with no await between, so no other read starts before.
     async with limit.admitted(math.prod(new_shard_shape) * _itemsize(t.dtype.numpy_dtype, dtype)):
+      _refuse_if_abandoned()
       out = await read(t, **kwargs)
   listeners = tuple(_listeners)
   if len(listeners) == 1:

@@ -19,7 +19,7 @@ from etils import epath
 from kckpt import _gc
 from kckpt import storage as storage_lib
 from kckpt import trees
-from kckpt._orbax import _handlers, _inflight, _metadata, _read_checks, _read_progress
+from kckpt._orbax import _drain, _handlers, _inflight, _metadata, _read_checks, _read_progress
 from kckpt._types import PyTree
 from kckpt.errors import LeafReadError
 
@@ -124,6 +124,7 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
   restore_args = jax.tree_util.tree_map_with_path(args_for, item)
   with (
     _gc.paused(),
+    _drain.drained(),
     _read_checks.checking(epath.Path(item_dir).parent),
     ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader,
   ):
@@ -270,6 +271,7 @@ def read_tree_into(
         raise
       raise LeafReadError(["<checksums>"], e) from e
     scope.enter_context(_gc.paused())
+    scope.enter_context(_drain.drained())
     _read_progress.install()  # the shard reader that waits for room (and reports progress)
     scope.enter_context(_inflight.limiting(restore_inflight_bytes(sum(sizes.values()))))
     if donate:
@@ -370,6 +372,7 @@ def read_items(
   registry = _handlers.handler_registry(storage, None) if storage is not None else None
   with (
     _gc.paused(),
+    _drain.drained(),
     _read_checks.checking(step_path),
     ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as reader,
   ):

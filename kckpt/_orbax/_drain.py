@@ -1,0 +1,131 @@
+"""A failed kckpt read through Orbax ends whole: nothing of it still runs once the error is raised.
+
+Orbax 0.12 runs each read in a fresh event loop (``asyncio_utils.run_sync``
+→ ``_run_sync_via_new_loop``) around an ``asyncio.gather`` of every array,
+and closes the loop as soon as the gather fails. The other arrays' tasks are
+left pending, their TensorStore reads still running: each one that finishes
+later calls back into the closed loop (``RuntimeError: Event loop is
+closed``, printed with its traceback by TensorStore's thread), the abandoned
+coroutines print ``Exception ignored in: <coroutine ...>`` when collected,
+and the reads go on using memory and CPU after the caller got the error. One
+flipped bit in a step of 40 arrays printed up to 130 such lines.
+
+While a kckpt read is `drained` (on this thread), Orbax's loop runner is
+kckpt's: the same loop and the same result, and on an error it waits for
+every task of the loop still pending before closing it, then raises the
+first error, unchanged. Reads that had not started yet do not start
+(`abandoned`: a shard waiting for room in the restore's byte bound raises
+`ReadAbandoned` instead of reading), so the wait is for the reads already
+running. Orbax calls outside a drained scope (plain Orbax in the same
+process, kckpt's saves) run Orbax's own runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import weakref
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+from orbax.checkpoint._src import asyncio_utils as _asyncio_utils  # Orbax 0.12 internal: see install
+
+_T = TypeVar("_T")
+
+# A safety net, not a synchronisation: a pending task that waits on something only the failed call would
+# have given (none is known) must not hang the caller. Reads running at the error end well within it.
+WAIT_LIMIT_S = 300.0
+
+
+class ReadAbandoned(RuntimeError):
+  """A read that did not start because another read of the same Orbax call had failed (never the error raised)."""
+
+
+_local = threading.local()
+_abandoned: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+_original = _asyncio_utils._run_sync_via_new_loop  # pylint: disable=protected-access
+_lock = threading.Lock()
+_installed = False
+
+
+@contextlib.contextmanager
+def drained() -> Iterator[None]:
+  """While inside, an Orbax call on this thread that fails returns only once every task it started has ended."""
+  install()
+  depth = getattr(_local, "depth", 0)
+  _local.depth = depth + 1
+  try:
+    yield
+  finally:
+    _local.depth = depth
+
+
+def abandoned() -> bool:
+  """Whether the running Orbax call has failed already: a read not yet started should not start."""
+  try:
+    return asyncio.get_running_loop() in _abandoned
+  except RuntimeError:
+    return False
+
+
+def _run_sync_via_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
+  """Orbax's runner (a fresh loop, ``run_until_complete``, ``close``), waiting out the pending tasks on an error."""
+  if not getattr(_local, "depth", 0):
+    return _original(coro)
+  loop = asyncio.new_event_loop()
+  pending: set[asyncio.Future[Any]] = set()  # only tasks not done yet: a done task's result is not kept alive
+
+  def task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    if not task.done():  # (an eager task may have finished already)
+      pending.add(task)
+      task.add_done_callback(pending.discard)
+    return task
+
+  loop.set_task_factory(task_factory)
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  except BaseException:
+    if pending:
+      _abandoned.add(loop)
+      _wait_out(loop, pending)
+    raise
+  finally:
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+def _wait_out(loop: asyncio.AbstractEventLoop, pending: set[asyncio.Future[Any]]) -> None:
+  """Runs `loop` until the tasks of `pending` have ended (their own errors are read, so none is logged as lost)."""
+  tasks = set(pending)
+  try:
+    done, left = loop.run_until_complete(asyncio.wait(tasks, timeout=WAIT_LIMIT_S))
+  except BaseException:  # pylint: disable=broad-exception-caught  # (a KeyboardInterrupt while waiting): the first error wins
+    logging.getLogger("kckpt").debug("kckpt: waiting out a failed read's tasks was interrupted", exc_info=True)
+    return
+  for task in done:
+    if not task.cancelled():
+      task.exception()  # marks it retrieved: the first error is the one raised
+  if left:
+    logging.getLogger("kckpt").warning(
+      "kckpt: %d task(s) of a failed read were still running after %.0f s; the error is raised without them",
+      len(left),
+      WAIT_LIMIT_S,
+    )
+
+
+def install() -> None:
+  """Puts kckpt's runner in Orbax's place (once; it runs Orbax's own outside `drained`)."""
+  global _installed
+  with _lock:
+    if not _installed:
+      # Orbax 0.12 internal: `asyncio_utils.run_sync` looks `_run_sync_via_new_loop` up on its module.
+      _asyncio_utils._run_sync_via_new_loop = _run_sync_via_new_loop  # pylint: disable=protected-access
+      _installed = True
+
+
+def installed() -> bool:
+  return _installed and _asyncio_utils._run_sync_via_new_loop is _run_sync_via_new_loop  # pylint: disable=protected-access
