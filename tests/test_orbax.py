@@ -1,5 +1,6 @@
 """Every Orbax/JAX private name kckpt reaches still exists in the installed versions (see kckpt/_orbax/_reaches.py)."""
 
+import asyncio
 import dataclasses
 import gc
 import subprocess
@@ -11,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint._src import asyncio_utils
 
 import kckpt
-from kckpt._orbax import _metadata, _reaches
+from kckpt._orbax import _drain, _metadata, _reaches
 
 
 def test_every_private_reach_still_exists():
@@ -171,3 +173,49 @@ def test_reading_a_steps_metadata_again_and_again_keeps_no_memory(tmp_path):
       tracemalloc.stop()
   # Orbax's metadata() kept 39 MB here; what is left (tens of KB) is TensorStore contexts and NumPy's dtype names.
   assert grown < 400_000, f"10 reads of the metadata of 400 leaves kept {grown} bytes"
+
+
+def _spinning_reader(ended: list[str]):
+  """A task that yields until its call is abandoned (then records it), or gives up after many turns."""
+
+  async def reader() -> None:
+    for _ in range(100_000):
+      if _drain.abandoned():
+        ended.append("refused")
+        return
+      await asyncio.sleep(0)  # a turn of the loop (not a wait for time)
+    ended.append("never refused")
+
+  return reader()
+
+
+def test_a_failed_orbax_call_in_a_drained_read_waits_out_its_tasks_and_marks_them_abandoned():
+  ended: list[str] = []
+
+  async def call() -> None:
+    async def fail() -> None:
+      await asyncio.sleep(0)
+      raise ValueError("the first error")
+
+    await asyncio.gather(fail(), *[_spinning_reader(ended) for _ in range(5)])
+
+  with _drain.drained(), pytest.raises(ValueError, match="the first error"):
+    asyncio_utils.run_sync(call())
+  # Each ended, seeing the call abandoned, before the error was raised (Orbax's own runner closes the loop
+  # at the first error and leaves them pending: tests/test_integrity.py shows what that does to reads).
+  assert ended == ["refused"] * 5
+
+
+def test_a_keyboard_interrupt_in_a_drained_read_is_raised_at_once():
+  ended: list[str] = []
+
+  async def call() -> None:
+    async def interrupted() -> None:
+      await asyncio.sleep(0)
+      raise KeyboardInterrupt
+
+    await asyncio.gather(interrupted(), _spinning_reader(ended))
+
+  with _drain.drained(), pytest.raises(KeyboardInterrupt):
+    asyncio_utils.run_sync(call())
+  assert ended == []  # not waited for

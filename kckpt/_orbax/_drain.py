@@ -13,11 +13,15 @@ flipped bit in a step of 40 arrays printed up to 130 such lines.
 While a kckpt read is `drained` (on this thread), Orbax's loop runner is
 kckpt's: the same loop and the same result, and on an error it waits for
 every task of the loop still pending before closing it, then raises the
-first error, unchanged. Reads that had not started yet do not start
-(`abandoned`: a shard waiting for room in the restore's byte bound raises
-`ReadAbandoned` instead of reading), so the wait is for the reads already
-running. Orbax calls outside a drained scope (plain Orbax in the same
-process, kckpt's saves) run Orbax's own runner.
+first error, unchanged. A `jax.Array` shard that had not started its read
+does not start it (`abandoned`: kckpt's shard reader, `_read_progress`,
+raises `ReadAbandoned` instead, when the shard's turn within the restore's
+byte bound comes), so the wait is mostly for the reads already running;
+NumPy and scalar leaves (Orbax starts all of an item's at once) are read
+to the end. A ``KeyboardInterrupt`` or ``SystemExit`` is raised at once,
+as by Orbax's runner, and one during the wait ends it. Orbax calls outside
+a drained scope (plain Orbax in the same process, kckpt's saves) run
+Orbax's own runner.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from orbax.checkpoint._src import asyncio_utils as _asyncio_utils  # Orbax 0.12 
 _T = TypeVar("_T")
 
 # A safety net, not a synchronisation: a pending task that waits on something only the failed call would
-# have given (none is known) must not hang the caller. Reads running at the error end well within it.
-WAIT_LIMIT_S = 300.0
+# have given (none is known), or a stalled remote read, must not hold the error back for long.
+WAIT_LIMIT_S = 60.0
 
 
 class ReadAbandoned(RuntimeError):
@@ -88,7 +92,7 @@ def _run_sync_via_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
   try:
     asyncio.set_event_loop(loop)
     return loop.run_until_complete(coro)
-  except BaseException:
+  except Exception:  # (a KeyboardInterrupt or SystemExit is raised at once)
     if pending:
       _abandoned.add(loop)
       _wait_out(loop, pending)
@@ -101,11 +105,8 @@ def _run_sync_via_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
 def _wait_out(loop: asyncio.AbstractEventLoop, pending: set[asyncio.Future[Any]]) -> None:
   """Runs `loop` until the tasks of `pending` have ended (their own errors are read, so none is logged as lost)."""
   tasks = set(pending)
-  try:
-    done, left = loop.run_until_complete(asyncio.wait(tasks, timeout=WAIT_LIMIT_S))
-  except BaseException:  # pylint: disable=broad-exception-caught  # (a KeyboardInterrupt while waiting): the first error wins
-    logging.getLogger("kckpt").debug("kckpt: waiting out a failed read's tasks was interrupted", exc_info=True)
-    return
+  # A KeyboardInterrupt while waiting ends the wait and is raised (its context: the read's error).
+  done, left = loop.run_until_complete(asyncio.wait(tasks, timeout=WAIT_LIMIT_S))
   for task in done:
     if not task.cancelled():
       task.exception()  # marks it retrieved: the first error is the one raised

@@ -53,7 +53,9 @@ def _pytree_metadata_from_files(item_dir: epath.Path) -> PyTree | None:
   and storage, `ScalarMetadata`, `StringMetadata`, empty values), from the
   files those TensorStores read. Anything unexpected (a value type other
   than arrays, scalars and strings, a Zarr JSON that does not parse) returns
-  None, and the caller asks Orbax.
+  None, and the caller asks Orbax. One leniency: a jax.Array whose key is
+  missing from an existing ``_sharding`` file gets no sharding (Orbax's
+  `metadata()` raises NOT_FOUND for the whole tree).
   """
   # Orbax 0.12 internals (see `_reaches`): `InternalTreeMetadata.as_nested_tree` and its `ValueMetadataEntry`
   # leaves, `tree.utils.to_flat_dict`/`from_flat_dict` (as `as_custom_metadata` builds the tree), the leaves'

@@ -122,6 +122,7 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
     return ocp.checkpoint_utils.construct_restore_args(leaf)
 
   restore_args = jax.tree_util.tree_map_with_path(args_for, item)
+  _read_progress.install()  # the shard reader that refuses to start once a read of its call failed (`_drain`)
   with (
     _gc.paused(),
     _drain.drained(),
@@ -370,6 +371,7 @@ def read_items(
   """
   args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
   registry = _handlers.handler_registry(storage, None) if storage is not None else None
+  _read_progress.install()  # (see `read_leaves`)
   with (
     _gc.paused(),
     _drain.drained(),
