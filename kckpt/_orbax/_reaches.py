@@ -37,6 +37,10 @@ naming it, so an upgrade fails loudly in CI instead of at a user's save.
   restore's bound on the bytes read at once (`_inflight`). Orbax reads a tree
   in one call and has no progress callback; its byte limiter wakes every
   waiting read at each release.
+- ``tensorstore_utils._build_ocdbt_kvstore_tspec``, looked up on its module
+  by ``build_kvstore_tspec`` (`_kvstore_specs`): build each folder's OCDBT
+  spec once and give each array a copy with its ``path``; Orbax's builder
+  calls TensorStore's leaking ``to_json`` for every array saved or read.
 - ``asyncio_utils._run_sync_via_new_loop``, looked up on its module by
   ``run_sync`` (`_drain`): while a kckpt read runs, a failed Orbax call
   waits for the tasks it started before closing its loop, so no read goes
@@ -189,6 +193,19 @@ def _loop_runner_looked_up_on_the_module() -> bool:
   )
 
 
+def _kvstore_spec_builder_looked_up_on_the_module() -> bool:
+  ts_utils = importlib.import_module(_TS_UTILS)
+  builder = getattr(ts_utils, "_build_ocdbt_kvstore_tspec", None)
+  wanted = ["directory", "name", "process_spec", "write_options", "temporary_metadata_context"]
+  return (
+    callable(builder)
+    and list(inspect.signature(builder).parameters) == wanted
+    and "_build_ocdbt_kvstore_tspec(" in inspect.getsource(ts_utils.build_kvstore_tspec)
+    # The array's name only sets the spec's "path": one spec per folder serves every array in it.
+    and "kv_spec['path'] = name" in inspect.getsource(builder)
+  )
+
+
 def _metadata_file_reader() -> bool:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint._src.metadata import empty_values  # pylint: disable=import-outside-toplevel
@@ -234,6 +251,9 @@ REACHES = (
   Reach("serialization.async_serialize_from_host (as called by the array handler)", _host_serializer_looked_up_on_the_module),
   Reach("serialization._read_shard (as called by the shard reader)", _shard_reader_looked_up_on_the_module),
   Reach("asyncio_utils._run_sync_via_new_loop (as called by run_sync)", _loop_runner_looked_up_on_the_module),
+  Reach(
+    f"{_TS_UTILS}._build_ocdbt_kvstore_tspec (as called by build_kvstore_tspec)", _kvstore_spec_builder_looked_up_on_the_module
+  ),
   Reach(
     f"{_TS_UTILS}.build_array_read_spec, serialization.async_deserialize, NumpyHandler.deserialize",
     _read_spec_builder_and_deserializer_looked_up_on_the_modules,

@@ -19,7 +19,7 @@ from etils import epath
 from kckpt import _gc
 from kckpt import storage as storage_lib
 from kckpt import trees
-from kckpt._orbax import _drain, _handlers, _inflight, _metadata, _read_checks, _read_progress
+from kckpt._orbax import _drain, _handlers, _inflight, _kvstore_specs, _metadata, _read_checks, _read_progress
 from kckpt._types import PyTree
 from kckpt.errors import LeafReadError
 
@@ -123,6 +123,7 @@ def read_leaves(item_dir: epath.Path, wanted: Mapping[str, Any], metadata: PyTre
 
   restore_args = jax.tree_util.tree_map_with_path(args_for, item)
   _read_progress.install()  # the shard reader that refuses to start once a read of its call failed (`_drain`)
+  _kvstore_specs.install()  # each array's kvstore spec without TensorStore's leaking `to_json`
   with (
     _gc.paused(),
     _drain.drained(),
@@ -274,6 +275,7 @@ def read_tree_into(
     scope.enter_context(_gc.paused())
     scope.enter_context(_drain.drained())
     _read_progress.install()  # the shard reader that waits for room (and reports progress)
+    _kvstore_specs.install()  # (see `read_leaves`)
     scope.enter_context(_inflight.limiting(restore_inflight_bytes(sum(sizes.values()))))
     if donate:
       release(list(leaves.values()))
@@ -372,6 +374,7 @@ def read_items(
   args = ocp.args.Composite(**{r.name: _restore_args(r, step_path / r.name) for r in reads})
   registry = _handlers.handler_registry(storage, None) if storage is not None else None
   _read_progress.install()  # (see `read_leaves`)
+  _kvstore_specs.install()
   with (
     _gc.paused(),
     _drain.drained(),

@@ -17,7 +17,7 @@ from etils import epath
 from kckpt import _fs
 from kckpt import _layout
 from kckpt import storage as storage_lib
-from kckpt._orbax import _checksums, _commit, _format, _handlers
+from kckpt._orbax import _checksums, _commit, _format, _handlers, _kvstore_specs
 from kckpt._types import Metrics, PyTree, Step
 from kckpt.errors import BackgroundSaveError
 
@@ -120,6 +120,7 @@ class Writer:
     self.checksums = storage.checksums  # arrays written here get a CRC32C per saved shard
     # Arrays written here get per-leaf statistics (and checksums): see `_checksums`.
     self._checksum_scope: Any = _checksums.register(directory, checksums=storage.checksums)
+    _kvstore_specs.install()  # each array's kvstore spec without TensorStore's leaking `to_json`
     self._manager = ocp.CheckpointManager(
       directory, options=options, handler_registry=_handlers.handler_registry(storage, multiprocessing_options)
     )
