@@ -194,8 +194,12 @@ def _loop_runner_looked_up_on_the_module() -> bool:
 
 
 def _kvstore_spec_builder_looked_up_on_the_module() -> bool:
+  from kckpt._orbax import _kvstore_specs  # pylint: disable=import-outside-toplevel
+
   ts_utils = importlib.import_module(_TS_UTILS)
   builder = getattr(ts_utils, "_build_ocdbt_kvstore_tspec", None)
+  if builder is _kvstore_specs._build_ocdbt_kvstore_tspec:  # pylint: disable=protected-access  # installed: Orbax's is kept
+    builder = _kvstore_specs._original  # pylint: disable=protected-access
   wanted = ["directory", "name", "process_spec", "write_options", "temporary_metadata_context"]
   return (
     callable(builder)
