@@ -79,13 +79,12 @@ def _run_sync_via_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
   if not getattr(_local, "depth", 0):
     return _original(coro)
   loop = asyncio.new_event_loop()
-  pending: set[asyncio.Future[Any]] = set()  # only tasks not done yet: a done task's result is not kept alive
+  # Weak: a task that is done (and dropped by Orbax) is not kept alive, nor its result (a shard's buffer).
+  tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
   def task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
     task = asyncio.Task(coro, loop=loop, **kwargs)
-    if not task.done():  # (an eager task may have finished already)
-      pending.add(task)
-      task.add_done_callback(pending.discard)
+    tasks.add(task)
     return task
 
   loop.set_task_factory(task_factory)
@@ -93,6 +92,7 @@ def _run_sync_via_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
     asyncio.set_event_loop(loop)
     return loop.run_until_complete(coro)
   except Exception:  # (a KeyboardInterrupt or SystemExit is raised at once)
+    pending = {task for task in list(tasks) if not task.done()}
     if pending:
       _abandoned.add(loop)
       _wait_out(loop, pending)
@@ -102,7 +102,7 @@ def _run_sync_via_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
     loop.close()
 
 
-def _wait_out(loop: asyncio.AbstractEventLoop, pending: set[asyncio.Future[Any]]) -> None:
+def _wait_out(loop: asyncio.AbstractEventLoop, pending: set[asyncio.Task[Any]]) -> None:
   """Runs `loop` until the tasks of `pending` have ended (their own errors are read, so none is logged as lost)."""
   tasks = set(pending)
   # A KeyboardInterrupt while waiting ends the wait and is raised (its context: the read's error).
