@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from etils import epath
 
 from kckpt import _gc
 from kckpt import trees
-from kckpt._orbax import _format
+from kckpt._orbax import _format, _kvstore_specs
 from kckpt._types import PyTree
 
 
@@ -140,24 +139,17 @@ def _read_chunk_shape(zarr: Mapping[str, Any], *, use_zarr3: bool) -> tuple[int,
   return tuple(int(d) for d in zarr["chunk_grid"]["configuration"]["chunk_shape"])
 
 
-@functools.lru_cache(maxsize=64)
-def _kvstore_spec(item_dir: str, use_ocdbt: bool) -> str:
-  """The item's key-value store spec (JSON), as Orbax builds it; cached: Orbax resolves it through a leaking `to_json`."""
-  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pylint: disable=g-import-not-at-top
-
-  spec = ts_utils.build_kvstore_tspec(item_dir, use_ocdbt=use_ocdbt)
-  if not use_ocdbt:  # a plain kvstore: keys are relative to a folder path ending in '/'
-    spec = {**spec, "path": spec["path"].rstrip("/") + "/"}
-  return json.dumps(spec)
-
-
 def _zarr_jsons(item_dir: epath.Path, names: list[str], *, use_ocdbt: bool, use_zarr3: bool) -> dict[str, Any] | None:
   """Parameter name -> its array's Zarr JSON (``.zarray`` or ``zarr.json``), all read at once; None if one is missing."""
   if not names:
     return {}
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pylint: disable=g-import-not-at-top
 
-  spec = json.loads(_kvstore_spec(str(item_dir), use_ocdbt))
+  _kvstore_specs.install()  # Orbax's builder resolves the folder's spec through TensorStore's leaking `to_json`
+  spec = ts_utils.build_kvstore_tspec(str(item_dir), use_ocdbt=use_ocdbt)
+  if not use_ocdbt:  # a plain kvstore: keys are relative to a folder path ending in '/'
+    spec = {**spec, "path": spec["path"].rstrip("/") + "/"}
   kvstore = ts.KvStore.open(spec, context=ocp.serialization.get_ts_context(use_ocdbt=use_ocdbt)).result()
   suffix = "zarr.json" if use_zarr3 else ".zarray"
   reads = {name: kvstore.read(f"{name}/{suffix}") for name in names}
