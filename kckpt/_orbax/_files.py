@@ -1,10 +1,13 @@
 """Checking, before a restore frees anything, that every data file an item will read is there and whole.
 
-For OCDBT items (kckpt's and Orbax's default) TensorStore's own dump of the
-database gives each value's file, offset and length: a file that is missing
+For OCDBT items (kckpt's and Orbax's default) the database's index
+(`_ocdbt`) gives each value's file, offset and length: a file that is missing
 or shorter than the bytes its metadata points into is reported. Only small
 files are read (the manifest and B-tree nodes) and data files are only
-stat-ed. For plain Zarr items (``use_ocdbt=False``) each chunk file must exist,
+stat-ed. An index that `_ocdbt` cannot read is walked again with
+TensorStore's own dump, node by node, which says what is wrong (the dump
+leaks about 1 KB per key in TensorStore 0.1.86, so it is kept for damaged
+steps). For plain Zarr items (``use_ocdbt=False``) each chunk file must exist,
 with its exact size when the array is uncompressed Zarr v2.
 """
 
@@ -21,7 +24,7 @@ import tensorstore as ts
 from etils import epath
 
 from kckpt import _fs
-from kckpt._orbax import _format
+from kckpt._orbax import _format, _ocdbt
 
 _VALUE = "value:"
 _NODE = "btreenode:"
@@ -80,6 +83,22 @@ def _leaf_of(key: bytes) -> str:
 
 
 def _damaged_ocdbt(root: str) -> list[str]:
+  try:
+    index = _ocdbt.read_index(root)
+  except _ocdbt.OcdbtFormatError:
+    return _damaged_ocdbt_told_by_tensorstore(root)
+  required: dict[str, int] = {}
+  leaves: dict[str, set[str]] = {}  # data file -> leaves with data in it
+  for key, ref in index.indirect.items():
+    required[ref.path] = max(required.get(ref.path, 0), ref.offset + ref.length)
+    leaves.setdefault(ref.path, set()).add(_leaf_of(key))
+  problems: list[str] = []
+  for path, size in sorted(required.items()):
+    problems.extend(f"unreadable leaves {sorted(leaves[path])}: " + p for p in _size_problem(path, size, exact=False))
+  return problems
+
+
+def _damaged_ocdbt_told_by_tensorstore(root: str) -> list[str]:
   kvstore = ts.KvStore.open({"driver": "file", "path": root.rstrip("/") + "/"}).result()
   try:
     manifest = ts.ocdbt.dump(kvstore).result()
