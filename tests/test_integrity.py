@@ -613,13 +613,15 @@ def test_a_saves_reductions_run_on_one_background_thread(workdir, monkeypatch):
 
 
 def test_a_restores_checks_of_large_shards_run_on_the_background_thread(workdir, monkeypatch):
-  """Shards over INLINE_BYTES are hashed on kckpt's one worker; smaller ones on the event loop's thread."""
+  """Read through TensorStore (here: compressed), shards over INLINE_BYTES are hashed on kckpt's one worker;
+  smaller ones on the event loop's thread."""
   import threading  # pylint: disable=import-outside-toplevel
 
   from kckpt._orbax import _read_checks  # pylint: disable=import-outside-toplevel
 
   state = {"large": jnp.arange(_read_checks.INLINE_BYTES // 4 * 3, dtype=jnp.float32), "small": jnp.ones(16)}
-  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  compressed = kckpt.StorageOptions(compression=True)
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False, storage=compressed)
   ckpt.save(state, step=1)
   seen = {}
   check = _read_checks._check  # pylint: disable=protected-access
@@ -637,24 +639,32 @@ def test_a_restores_checks_of_large_shards_run_on_the_background_thread(workdir,
   assert seen[16] != "kckpt-background_0"
 
 
-def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done(workdir, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False], ids=["from-the-data-file", "through-tensorstore"])
+def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done(workdir, monkeypatch, direct):
   """A shard is hashed before Orbax gets it: its bytes leave the bound on the bytes read at once only after."""
   import threading  # pylint: disable=import-outside-toplevel
 
-  from kckpt._orbax import _inflight, _read_checks  # pylint: disable=import-outside-toplevel
+  from kckpt._orbax import _direct_reads, _inflight, _read_checks  # pylint: disable=import-outside-toplevel
 
   monkeypatch.setattr(_read_checks, "INLINE_BYTES", 1024)  # every shard below is hashed on the background thread
   sizes = [512 * (i + 3) for i in range(6)]  # float32 counts: 6 KiB to 16 KiB, one size per leaf
   state = {f"w{i}": jnp.arange(n, dtype=jnp.float32) for i, n in enumerate(sizes)}
-  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  storage = kckpt.StorageOptions(compression=not direct)  # compressed chunks are read through TensorStore
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False, storage=storage)
   ckpt.save(state, step=1)
   events, lock = [], threading.Lock()
-  check = _read_checks._check  # pylint: disable=protected-access
+  check, read = _read_checks._check, _direct_reads._read  # pylint: disable=protected-access
 
   def observed(expected, box, saved, data):
     check(expected, box, saved, data)
     with lock:
       events.append(("checked", data.nbytes))
+
+  def observed_read(path, offset, out):
+    crc = read(path, offset, out)  # read and hashed
+    with lock:
+      events.append(("checked", out.nbytes))
+    return crc
 
   class Recording(_inflight.InOrderLimit):
     def release(self, nbytes):
@@ -663,6 +673,7 @@ def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done
       super().release(nbytes)
 
   monkeypatch.setattr(_read_checks, "_check", observed)
+  monkeypatch.setattr(_direct_reads, "_read", observed_read)
   monkeypatch.setattr(_inflight, "InOrderLimit", Recording)
   restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
   ckpt.close()
@@ -670,6 +681,58 @@ def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done
     np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(leaf))
   for n in sizes:
     assert events.index(("checked", 4 * n)) < events.index(("released", 4 * n)), events
+
+
+def test_saved_shards_are_read_from_their_data_files_and_hashed_as_they_are_read(workdir, monkeypatch):
+  """The default format: each saved shard of a checked restore is read with preadv and hashed slab by slab on
+  kckpt's read threads, not through TensorStore; a damaged one is read again through TensorStore and refused."""
+  import threading  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _direct_reads  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(_direct_reads, "SLAB_BYTES", 4096)  # several slabs per shard
+  state = {"big": jnp.arange(300_000, dtype=jnp.float32).reshape(600, 500), "b": jnp.ones(3000), "tiny": jnp.ones(3)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save(state, step=1)
+  reads, read = [], _direct_reads._read  # pylint: disable=protected-access
+
+  def observed_read(path, offset, out):
+    reads.append((out.shape, threading.current_thread().name))
+    return read(path, offset, out)
+
+  monkeypatch.setattr(_direct_reads, "_read", observed_read)
+  restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
+  for name, leaf in state.items():
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(leaf))
+  # "tiny" (12 bytes) is stored inside the database's index: TensorStore reads it.
+  assert sorted(shape for shape, _ in reads) == [(600, 500), (3000,)], reads
+  assert all(thread.startswith("kckpt-read") for _, thread in reads), reads
+  assert _direct_reads._indexes == {}  # pylint: disable=protected-access  # nothing kept after the restore
+
+  reads.clear()
+  flip_bit_in_the_middle_of_the_largest_data_file(ckpt.step_details(1).path)
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*\['big'\].*checksum mismatch"):
+    ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
+  assert (600, 500) in [shape for shape, _ in reads]  # read from the file first, found not to be the saved bytes
+  ckpt.close()
+
+
+@pytest.mark.parametrize(
+  "storage",
+  [kckpt.StorageOptions(compression=True), kckpt.StorageOptions(use_zarr3=True), kckpt.StorageOptions(use_ocdbt=False)],
+  ids=["compressed", "zarr3", "no-ocdbt"],
+)
+def test_other_formats_are_read_through_tensorstore_and_checked(workdir, monkeypatch, storage):
+  from kckpt._orbax import _direct_reads  # pylint: disable=import-outside-toplevel
+
+  reads = []
+  monkeypatch.setattr(_direct_reads, "_read", lambda *args: reads.append(args) or 0)
+  state = {"big": jnp.arange(30_000, dtype=jnp.float32)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False, storage=storage)
+  ckpt.save(state, step=1)
+  np.testing.assert_array_equal(np.asarray(ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)["big"]), state["big"])
+  assert reads == []
+  ckpt.close()
 
 
 def test_a_forked_process_starts_its_own_background_worker():

@@ -56,7 +56,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  
 from orbax.checkpoint._src.serialization import type_handlers as _type_handlers  # Orbax 0.12 internal: see install
 
 from kckpt import _gc
-from kckpt._orbax import _background, _format, _read_progress
+from kckpt._orbax import _background, _direct_reads, _format, _read_progress
 from kckpt._orbax._checksums import Box
 from kckpt._orbax._checksums import crc32c_of
 
@@ -166,7 +166,8 @@ def checking(step_dir: epath.Path) -> Iterator[None]:
       count, known = _scopes.get(key, (0, table))
       _scopes[key] = (count + 1, known)
   try:
-    yield
+    with _direct_reads.scope(key):
+      yield
   finally:
     with _lock:
       count, table = _scopes[key]
@@ -329,8 +330,16 @@ async def read_shard(original, t, *, new_shard_shape, dtype, requested_domain, r
   if saved is None or expected.base_spec is not None:
     await _check_saved_shards(expected, t, region)
     return await original(t, **kwargs)
-  # The shard read is a saved one: Orbax's read (`_read_progress.read_shard`), then one CRC32C of its bytes,
-  # before Orbax gets the shard: until then it stays counted by the bounds on the bytes read at once.
+  # The shard read is a saved one. Stored as kckpt stores it by default, it is read from its data file and
+  # hashed as it is read (`_direct_reads`); else (or if those bytes are not the ones saved) Orbax's read
+  # (`_read_progress.read_shard`), then one CRC32C of its bytes. Either way it is checked before Orbax gets
+  # the shard: until then it stays counted by the bounds on the bytes read at once.
+  if tuple(new_shard_shape) == tuple(hi - lo for lo, hi in region):
+    out = await _direct_reads.read_saved_shard(expected.label, region, saved, t.dtype.numpy_dtype)
+    if out is not None:
+      if _read_progress.casts(dtype, out):
+        out = await asyncio.to_thread(out.astype, dtype, copy=False)
+      return out
   out = np.zeros(new_shard_shape, dtype=t.dtype.numpy_dtype)
   await ts.array(out)[ts.d[:].translate_to[requested_domain.origin]][restricted_domain].write(t[restricted_domain])
   view = out
