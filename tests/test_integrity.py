@@ -652,7 +652,7 @@ def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done
   storage = kckpt.StorageOptions(compression=not direct)  # compressed chunks are read through TensorStore
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False, storage=storage)
   ckpt.save(state, step=1)
-  events, lock = [], threading.Lock()
+  events, lock, direct_reads = [], threading.Lock(), []
   check, read = _read_checks._check, _direct_reads._read  # pylint: disable=protected-access
 
   def observed(expected, box, saved, data):
@@ -664,6 +664,7 @@ def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done
     crc = read(path, offset, out)  # read and hashed
     with lock:
       events.append(("checked", out.nbytes))
+      direct_reads.append(out.nbytes)
     return crc
 
   class Recording(_inflight.InOrderLimit):
@@ -681,6 +682,7 @@ def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done
     np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(leaf))
   for n in sizes:
     assert events.index(("checked", 4 * n)) < events.index(("released", 4 * n)), events
+  assert sorted(direct_reads) == ([4 * n for n in sizes] if direct else []), direct_reads
 
 
 def test_saved_shards_are_read_from_their_data_files_and_hashed_as_they_are_read(workdir, monkeypatch):
@@ -715,6 +717,35 @@ def test_saved_shards_are_read_from_their_data_files_and_hashed_as_they_are_read
     ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
   assert (600, 500) in [shape for shape, _ in reads]  # read from the file first, found not to be the saved bytes
   ckpt.close()
+
+
+def test_sharded_bfloat16_and_bool_shards_are_read_from_their_files_as_saved(workdir, monkeypatch):
+  """Each device's saved shard (chunk keys other than 0.0) of several dtypes, read directly, equals what was saved."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from kckpt._orbax import _direct_reads  # pylint: disable=import-outside-toplevel
+
+  mesh = jax.make_mesh((2, 2), ("a", "b"), devices=jax.devices()[:4])
+  sharding = NamedSharding(mesh, PartitionSpec("a", "b"))
+  rng = np.random.default_rng(0)
+  values = {
+    "f32": rng.standard_normal((64, 48)).astype(np.float32),
+    "bf16": rng.standard_normal((64, 48)).astype(jnp.bfloat16),
+    "bool": rng.random((128, 64)) > 0.5,
+    "i8": rng.integers(-100, 100, (64, 96)).astype(np.int8),
+  }
+  state = {name: jax.device_put(v, sharding) for name, v in values.items()}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save(state, step=1)
+  reads, read = [], _direct_reads._read  # pylint: disable=protected-access
+  monkeypatch.setattr(_direct_reads, "_read", lambda path, offset, out: reads.append(out.dtype) or read(path, offset, out))
+  target = {name: jax.device_put(np.zeros_like(v), sharding) for name, v in values.items()}
+  restored = ckpt.restore(target, step=1)
+  ckpt.close()
+  for name, v in values.items():
+    assert restored[name].sharding == sharding and restored[name].dtype == v.dtype
+    np.testing.assert_array_equal(np.asarray(restored[name]), v)
+  assert sorted(map(str, reads)) == sorted(str(v.dtype) for v in values.values() for _ in range(4)), reads
 
 
 @pytest.mark.parametrize(

@@ -39,12 +39,15 @@ from typing import Any
 
 import numpy as np
 
+from kckpt._orbax import _drain
 from kckpt._orbax._checksums import Box
 from kckpt._orbax._checksums import crc32c_of
 
 __all__ = ["read_saved_shard", "scope"]
 
 SLAB_BYTES = 1 << 20  # read, then hashed while in the cache: 4 MiB slabs made warm restores slower (L2 is 1-4 MiB a core)
+# Values up to this size are stored inside the OCDBT index (Orbax's `max_inline_value_bytes`): not looked up.
+INLINE_VALUE_BYTES = 1024
 READ_THREADS = 4  # shards read and hashed at once: 8 or 16 (with or without readahead hints) did no better from disk
 
 _log = logging.getLogger("kckpt")
@@ -54,12 +57,14 @@ _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _indexes: dict[str, concurrent.futures.Future[_Item | None]] = {}
 _open_steps: dict[str, int] = {}  # step folder -> open scopes
 _available = hasattr(os, "preadv")
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "posix_fadvise") else 0
 
 
 def _forget_in_child() -> None:
   global _executor, _lock
   _executor, _lock = None, threading.Lock()
   _indexes.clear()
+  _open_steps.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -105,10 +110,10 @@ def _load(item_dir: str) -> _Item | None:
   try:
     with open(os.path.join(item_dir, "_METADATA"), "rb") as f:
       meta = json.loads(f.read())
-    if meta.get("use_ocdbt") is not True or meta.get("use_zarr3") is not False:
+    if not isinstance(meta, dict) or meta.get("use_ocdbt") is not True or meta.get("use_zarr3") is not False:
       return None
     index = _ocdbt.read_index(item_dir)
-  except (OSError, ValueError) as e:  # TensorStore's read reports what is wrong, in its words
+  except Exception as e:  # pylint: disable=broad-exception-caught  # TensorStore's read says what is wrong
     _log.debug("kckpt: no direct reads of %s: %s", item_dir, e)
     return None
   return _Item(index.indirect, index.inline)
@@ -118,7 +123,7 @@ def _index_of(item_dir: str) -> concurrent.futures.Future[_Item | None]:
   worker = _worker()
   with _lock:
     found = _indexes.get(item_dir)
-    if found is None:
+    if found is None or found.cancelled():  # (a load is never cancelled, its waiters are shielded: belt and braces)
       found = worker.submit(_load, item_dir)
       if item_dir.rpartition("/")[0] in _open_steps:
         _indexes[item_dir] = found
@@ -134,17 +139,37 @@ def _chunking(item: _Item, name: str) -> tuple[tuple[int, ...], str] | None:
   try:
     zarray = json.loads(raw) if raw is not None else {}
     if (
-      zarray.get("zarr_format") == 2
+      isinstance(zarray, dict)
+      and zarray.get("zarr_format") == 2
       and zarray.get("compressor") is None
       and not zarray.get("filters")
       and zarray.get("order") == "C"
       and not str(zarray.get("dtype", ">")).startswith(">")
     ):
       found = (tuple(int(c) for c in zarray["chunks"]), str(zarray.get("dimension_separator", ".")))
-  except (ValueError, TypeError, KeyError):
+  except (ValueError, TypeError, KeyError, AttributeError):  # not JSON, or not the JSON of a Zarr v2 array
     found = None
   item.arrays[name] = found  # one writer at a time would do; a race writes the same value
   return found
+
+
+def _read_ahead_unless_cached(fd: int, offset: int, view: np.ndarray) -> None:
+  """Asks the kernel to read the whole shard ahead when its first slab is not in the page cache.
+
+  From disk, slab after slab on a few threads kept fewer reads in flight
+  than TensorStore's reads of whole shards; from the page cache, the hint
+  itself costs time (a walk over the shard's pages), so it is given only
+  when the first slab is not there (``RWF_NOWAIT``: a read that would wait
+  for the disk returns at once instead).
+  """
+  try:
+    cached = os.preadv(fd, [view[: min(view.nbytes, 4096)].data], offset, _NOWAIT) > 0
+  except BlockingIOError:
+    cached = False
+  except OSError:  # RWF_NOWAIT refused (an older kernel or another file system): no hint
+    return
+  if not cached:
+    os.posix_fadvise(fd, offset, view.nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _read(path: str, offset: int, out: np.ndarray) -> int:
@@ -153,6 +178,8 @@ def _read(path: str, offset: int, out: np.ndarray) -> int:
   crc, done = 0, 0
   fd = os.open(path, os.O_RDONLY)
   try:
+    if _NOWAIT:
+      _read_ahead_unless_cached(fd, offset, view)
     while done < view.nbytes:
       slab = view[done : done + SLAB_BYTES]
       n = os.preadv(fd, [slab.data], offset + done)
@@ -173,15 +200,25 @@ async def read_saved_shard(label: str, region: Box, saved: int, dtype: np.dtype)
   says what is wrong).
   """
   item_dir, _, name = label.rpartition("/")
-  if not _available or "://" in item_dir or item_dir.rpartition("/")[0] not in _open_steps:
+  shape = tuple(hi - lo for lo, hi in region)
+  if (
+    not _available
+    or not shape
+    or math.prod(shape) * dtype.itemsize <= INLINE_VALUE_BYTES  # stored inside the index: TensorStore reads it
+    or "://" in item_dir
+    or item_dir.rpartition("/")[0] not in _open_steps
+  ):
     return None
-  item = await asyncio.wrap_future(_index_of(item_dir))
+  loading = _index_of(item_dir)
+  # Shielded: a cancelled waiter must not cancel the load the other shards of the item wait for.
+  item = loading.result() if loading.done() else await asyncio.shield(asyncio.wrap_future(loading))
+  if _drain.abandoned():  # another read of this Orbax call failed while this one waited: start no read
+    raise _drain.ReadAbandoned("kckpt: not read, another read of the same call failed")
   chunking = _chunking(item, name) if item is not None else None
   if item is None or chunking is None:
     return None
   chunks, separator = chunking
-  shape = tuple(hi - lo for lo, hi in region)
-  if not shape or shape != chunks or any(lo % c for (lo, _), c in zip(region, chunks, strict=True)):
+  if shape != chunks or any(lo % c for (lo, _), c in zip(region, chunks, strict=True)):
     return None
   key = f"{name}/{separator.join(str(lo // c) for (lo, _), c in zip(region, chunks, strict=True))}".encode()
   where = item.indirect.get(key)

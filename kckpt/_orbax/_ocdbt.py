@@ -20,12 +20,10 @@ never guesses. A missing manifest raises `OcdbtFormatError` too (its
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import struct
 import sys
-from typing import BinaryIO
 
 import crc32c
 
@@ -65,7 +63,7 @@ def read_index(root: str) -> Index:
       encoded = f.read()
   except FileNotFoundError as e:
     raise OcdbtFormatError(f"{path}: missing") from e
-  except OSError as e:
+  except (OSError, ValueError) as e:  # ValueError: a path with a NUL
     raise OcdbtFormatError(f"{path}: unreadable ({e})") from e
   try:
     top = _latest_root(_unwrap(encoded, _MANIFEST_MAGIC))
@@ -214,35 +212,31 @@ def _walk(root: str, top: _Location | None) -> Index:
   inline: dict[bytes, bytes] = {}
   nodes: list[ValueRef] = []
   pending = [(top, b"")] if top else []  # (node, the prefix of every key under it)
-  with contextlib.ExitStack() as stack:
-    opened: dict[str, BinaryIO] = {}
-    while pending:
-      (base, relative, offset, length, height), prefix = pending.pop()
-      path = os.path.join(root, _text(base + relative))
-      where = f"{path} at offset {offset}"
-      if path not in opened:
-        try:
-          opened[path] = stack.enter_context(open(path, "rb"))
-        except OSError as e:
-          raise OcdbtFormatError(f"{path}: B-tree node file unreadable ({e})") from e
-      try:
-        opened[path].seek(offset)
-        encoded = opened[path].read(length)
-      except (OSError, OverflowError) as e:
-        raise OcdbtFormatError(f"{where}: B-tree node unreadable ({e})") from e
-      if len(encoded) != length:
-        raise OcdbtFormatError(f"{where}: B-tree node of {length} bytes, only {len(encoded)} in the file (truncated)")
-      nodes.append(ValueRef(path, offset, length))
-      before = len(indirect) + len(inline)
-      try:
-        children, entries = _read_node(_unwrap(encoded, _BTREE_NODE_MAGIC), base, height, prefix, root, indirect, inline)
-      except IndexError:
-        raise OcdbtFormatError(f"{where}: B-tree node ends early") from None
-      except OcdbtFormatError as e:
-        raise OcdbtFormatError(f"{where}: {e}") from None
-      if len(indirect) + len(inline) != before + entries:
-        raise OcdbtFormatError(f"{where}: B-tree node repeats keys seen before")
-      pending.extend(reversed(children))  # in key order
+  while pending:
+    (base, relative, offset, length, height), prefix = pending.pop()
+    path = os.path.join(root, _text(base + relative))
+    where = f"{path} at offset {offset}"
+    try:
+      with open(path, "rb") as f:
+        f.seek(offset)
+        encoded = f.read(length)
+    except FileNotFoundError as e:
+      raise OcdbtFormatError(f"{path}: B-tree node file unreadable ({e})") from e
+    except (OSError, OverflowError, ValueError) as e:
+      raise OcdbtFormatError(f"{where}: B-tree node unreadable ({e})") from e
+    if len(encoded) != length:
+      raise OcdbtFormatError(f"{where}: B-tree node of {length} bytes, only {len(encoded)} in the file (truncated)")
+    nodes.append(ValueRef(path, offset, length))
+    before = len(indirect) + len(inline)
+    try:
+      children, entries = _read_node(_unwrap(encoded, _BTREE_NODE_MAGIC), base, height, prefix, root, indirect, inline)
+    except IndexError:
+      raise OcdbtFormatError(f"{where}: B-tree node ends early") from None
+    except OcdbtFormatError as e:
+      raise OcdbtFormatError(f"{where}: {e}") from None
+    if len(indirect) + len(inline) != before + entries:
+      raise OcdbtFormatError(f"{where}: B-tree node repeats keys seen before")
+    pending.extend(reversed(children))  # in key order
   return Index(indirect, inline, tuple(nodes))
 
 
@@ -318,8 +312,12 @@ def _read_node(
 
 
 def _text(path: bytes) -> str:
-  """A data file path (bytes in the format) as text."""
+  """A data file path (bytes in the format, relative to the database) as text; one that leaves it is refused."""
   try:
-    return path.decode()
+    text = path.decode()
   except UnicodeDecodeError:
     raise OcdbtFormatError(f"data file path {path!r} is not UTF-8") from None
+  # TensorStore's file driver refuses such keys; a reader of the files must not follow them out of the folder.
+  if not text or text.startswith("/") or "\0" in text or ".." in text.split("/"):
+    raise OcdbtFormatError(f"data file path {text!r} is not a path inside the database")
+  return text
