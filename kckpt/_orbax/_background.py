@@ -13,10 +13,10 @@ during an async save): 0.99x. Lowering that thread's priority as well
 (``nice`` 5 or 10) made no difference there (7 rounds each), and would let
 a busy host delay the commit, which waits for the reductions: not done.
 
-A restore's checks of shards over 1 MiB (`_read_checks`) run there too, so
-that they also take at most one core from the reads; what they cost is in
-the integrity guide (on the 445-leaf states, 2 cores: 6-10%, the hash
-itself).
+A restore's checks of shards over 1 MiB that Orbax read (`_read_checks`:
+formats other than kckpt's default, which `_direct_reads` reads and hashes
+on its own threads) run there too, so that they also take at most one core
+from the reads.
 
 `run` is awaited from Orbax's event loops; the thread is started at its
 first use in each process (a forked child starts its own).

@@ -13,11 +13,15 @@ without compression in an OCDBT database on a local disk, one chunk per
 shard) is read with ``preadv`` from its data file straight into the
 shard's array, in slabs of `SLAB_BYTES`, and each slab is hashed right after
 it is read, while its bytes are still in the core's cache. Where the value
-lies comes from the database's index (`_ocdbt`, read once per item of a
-restore). The CRC32C recorded at save guards the whole path: bytes whose
-CRC32C is not the one recorded are never returned; the shard is then read
-again through TensorStore and checked there, which raises the usual
-mismatch error naming the step, item and leaf if the data is damaged. The
+lies comes from the database's index (`_ocdbt`, read once per item while
+a restore's checks of its step are open). The shard's shape and dtype are
+the ones Orbax would read into, and only a value of exactly their size, in
+an uncompressed little-endian C-order Zarr v2 chunk the size of the shard,
+is read. Its bytes are returned only when their CRC32C is the one recorded
+at save (as for every checked read, a 2^-32 chance of a damaged shard
+passing); otherwise the shard is read again through TensorStore and
+checked there, which raises the usual mismatch error naming the step, item
+and leaf if the data is damaged. The
 same happens for anything this path does not take (another format,
 compression, a remote folder, a resharded or cast read, a platform without
 ``os.preadv``): TensorStore reads it, as before.

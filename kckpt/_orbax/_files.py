@@ -4,11 +4,12 @@ For OCDBT items (kckpt's and Orbax's default) the database's index
 (`_ocdbt`) gives each value's file, offset and length: a file that is missing
 or shorter than the bytes its metadata points into is reported. Only small
 files are read (the manifest and B-tree nodes) and data files are only
-stat-ed. An index that `_ocdbt` cannot read is walked again with
-TensorStore's own dump, node by node, which says what is wrong (the dump
-leaks about 1 KB per key in TensorStore 0.1.86, so it is kept for damaged
-steps). For plain Zarr items (``use_ocdbt=False``) each chunk file must exist,
-with its exact size when the array is uncompressed Zarr v2.
+stat-ed. An index that `_ocdbt` cannot read (damaged, a numbered
+manifest, or zstd-compressed nodes on a Python without a zstd module) is
+walked again with TensorStore's own dump, node by node, which says what is
+wrong; the dump leaks about 1 KB per key in TensorStore 0.1.86. For plain
+Zarr items (``use_ocdbt=False``) each chunk file must exist, with its exact
+size when the array is uncompressed Zarr v2.
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ once at the first scope (see `_reaches`), check every array of that step:
 - ``serialization.async_deserialize`` (a `jax.Array` target) makes them the
   current array's (a context variable, which Orbax's per-shard tasks inherit),
   and kckpt's wrapper of ``serialization._read_shard`` (`read_shard`) checks
-  each shard it reads: one CRC32C of the bytes just read when the shard is a
-  saved one (a restore onto the saved sharding, or one process), else each
-  saved shard it touches is read whole and checked first (a resharded
-  restore reads those bytes twice);
+  each shard it reads: when the shard is a saved one (a restore onto the
+  saved sharding, or one process), it is read straight from its data file
+  and hashed as it is read (`_direct_reads`, the default format), or read by
+  Orbax and then hashed once; else each saved shard it touches is read whole
+  and checked first (a resharded restore reads those bytes twice);
 - ``type_handlers.NumpyHandler.deserialize`` (no target: arrays as saved)
   checks each recorded shard of the whole array it returns.
 
@@ -29,10 +30,10 @@ once (Orbax's `restore_concurrent_gb`, kckpt's `_inflight`): checking a
 shard read as saved holds no buffer outside them. (A resharded or cast read
 checks each saved shard it touches by reading it whole, in slabs of up to
 `SLAB_BYTES`, outside those bounds; a read without a target checks the
-arrays NumPy returns.) Other shards are read meanwhile. One
-thread hashes every large shard, at 10-14 GB/s from memory on the machine
-this was measured on: on a host with many cores and fast storage that is
-the ceiling of a checked restore's speed.
+arrays NumPy returns.) Other shards are read meanwhile. Shards read by
+Orbax are hashed on one thread, at 10-14 GB/s from memory on the machine
+this was measured on; shards read directly are hashed slab by slab on the
+threads that read them (`_direct_reads.READ_THREADS`).
 """
 
 from __future__ import annotations
