@@ -719,6 +719,32 @@ def test_saved_shards_are_read_from_their_data_files_and_hashed_as_they_are_read
   ckpt.close()
 
 
+def test_a_data_file_cut_short_fails_the_direct_read_and_the_restore_names_the_leaf(workdir, monkeypatch):
+  """A shard whose data file ends early: the direct read stops (an OSError), TensorStore's read says what is wrong."""
+  from kckpt._orbax import _direct_reads, _ocdbt  # pylint: disable=import-outside-toplevel
+
+  state = {"big": jnp.arange(100_000, dtype=jnp.float32), "other": jnp.ones(2000)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save(state, step=1)
+  item = ckpt.step_details(1).path / "default"
+  where = _ocdbt.read_index(str(item)).indirect[b"big/0"]
+  os.truncate(where.path, where.offset + where.length // 2)
+  failed, read = [], _direct_reads._read  # pylint: disable=protected-access
+
+  def observed_read(path, offset, out):
+    try:
+      return read(path, offset, out)
+    except OSError as e:
+      failed.append(str(e))
+      raise
+
+  monkeypatch.setattr(_direct_reads, "_read", observed_read)
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*'big'"):
+    ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1, donate=False)  # not donated: no file check first
+  assert failed and "more expected" in failed[0], failed
+  ckpt.close()
+
+
 def test_sharded_bfloat16_and_bool_shards_are_read_from_their_files_as_saved(workdir, monkeypatch):
   """Each device's saved shard (chunk keys other than 0.0) of several dtypes, read directly, equals what was saved."""
   from jax.sharding import NamedSharding, PartitionSpec
