@@ -97,17 +97,22 @@ def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_st
 
   import kckpt
   from benchmarks import checksums
-  from kckpt._orbax import _read_checks
+  from kckpt._orbax import _direct_reads, _read_checks
   from tests.test_integrity import flip_bit_in_the_middle_of_the_largest_data_file
 
-  # Which arm each shard check of the benchmark's restores ran in.
+  # Which arm each shard check of the benchmark's restores ran in (a shard read straight from its data file is
+  # hashed as it is read; one read through TensorStore is checked after).
   checks = {"checked": 0, "unchecked": 0}
   arm = ["checked"]
-  check, unchecked = _read_checks._check, checksums.unchecked
+  check, read, unchecked = _read_checks._check, _direct_reads._read, checksums.unchecked
 
   def counted_check(*args):
     checks[arm[0]] += 1
     return check(*args)
+
+  def counted_read(*args):
+    checks[arm[0]] += 1
+    return read(*args)
 
   @contextlib.contextmanager
   def counted_unchecked():
@@ -120,6 +125,7 @@ def test_checksums_benchmark_compares_checked_and_unchecked_reads_of_the_same_st
       arm[0] = "checked"
 
   monkeypatch.setattr(_read_checks, "_check", counted_check)
+  monkeypatch.setattr(_direct_reads, "_read", counted_read)
   monkeypatch.setattr(checksums, "unchecked", counted_unchecked)
   out = tmp_path / "checksums.json"
   (row,) = checksums.main(
