@@ -660,8 +660,8 @@ def test_a_checked_shard_stays_within_the_restores_bound_until_its_check_is_done
     with lock:
       events.append(("checked", data.nbytes))
 
-  def observed_read(path, offset, out):
-    crc = read(path, offset, out)  # read and hashed
+  def observed_read(path, offset, out, *rest):
+    crc = read(path, offset, out, *rest)  # read and hashed
     with lock:
       events.append(("checked", out.nbytes))
       direct_reads.append(out.nbytes)
@@ -698,9 +698,9 @@ def test_saved_shards_are_read_from_their_data_files_and_hashed_as_they_are_read
   ckpt.save(state, step=1)
   reads, read = [], _direct_reads._read  # pylint: disable=protected-access
 
-  def observed_read(path, offset, out):
+  def observed_read(path, offset, out, *rest):
     reads.append((out.shape, threading.current_thread().name))
-    return read(path, offset, out)
+    return read(path, offset, out, *rest)
 
   monkeypatch.setattr(_direct_reads, "_read", observed_read)
   restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
@@ -731,9 +731,9 @@ def test_a_data_file_cut_short_fails_the_direct_read_and_the_restore_names_the_l
   os.truncate(where.path, where.offset + where.length // 2)
   failed, read = [], _direct_reads._read  # pylint: disable=protected-access
 
-  def observed_read(path, offset, out):
+  def observed_read(path, offset, out, *rest):
     try:
-      return read(path, offset, out)
+      return read(path, offset, out, *rest)
     except OSError as e:
       failed.append(str(e))
       raise
@@ -742,6 +742,42 @@ def test_a_data_file_cut_short_fails_the_direct_read_and_the_restore_names_the_l
   with pytest.raises(errors.CheckpointReadError, match=r"step 1.*'big'"):
     ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1, donate=False)  # not donated: no file check first
   assert failed and "more expected" in failed[0], failed
+  ckpt.close()
+
+
+def test_a_direct_read_stops_between_slabs_once_another_read_of_the_restore_failed(workdir, monkeypatch):
+  """A shard read from its data file looks between slabs: once another read of the same restore has failed, it
+  stops (`ReadAbandoned`, never the error raised) instead of reading on, and the restore raises the first error."""
+  import threading  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _direct_reads, _drain  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(_direct_reads, "SLAB_BYTES", 4096)  # "long": 64 slabs
+  state = {"bad": jnp.arange(4096, dtype=jnp.float32), "long": jnp.arange(65536, dtype=jnp.float32)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save(state, step=1)
+  flip_bit_in_the_data_of(ckpt.step_details(1).path / "default", "bad")
+  long_started, failed, asked = threading.Event(), threading.Event(), []
+  read, wait_out = _direct_reads._read, _drain._wait_out  # pylint: disable=protected-access
+
+  def observed_read(path, offset, out, stopped):
+    if out.size == 65536:  # "long" waits until the restore has failed, then reads
+      long_started.set()
+      assert failed.wait(60)
+      asked.append([])  # (once the restore failed, kckpt reads each leaf alone to name the ones at fault)
+      return read(path, offset, out, lambda answers=asked[-1]: answers.append(stopped()) or answers[-1])
+    assert long_started.wait(60)  # "bad" fails only once "long" is under way
+    return read(path, offset, out, stopped)
+
+  def observed_wait_out(loop, pending):
+    failed.set()  # the restore's first error is in: what is still running is waited out
+    return wait_out(loop, pending)
+
+  monkeypatch.setattr(_direct_reads, "_read", observed_read)
+  monkeypatch.setattr(_drain, "_wait_out", observed_wait_out)
+  with pytest.raises(errors.CheckpointReadError, match=r"step 1.*'bad'.*checksum mismatch"):
+    ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1, donate=False)
+  assert asked[0] == [True]  # stopped before its first slab, not after its 64th
   ckpt.close()
 
 
@@ -764,7 +800,9 @@ def test_sharded_bfloat16_and_bool_shards_are_read_from_their_files_as_saved(wor
   ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
   ckpt.save(state, step=1)
   reads, read = [], _direct_reads._read  # pylint: disable=protected-access
-  monkeypatch.setattr(_direct_reads, "_read", lambda path, offset, out: reads.append(out.dtype) or read(path, offset, out))
+  monkeypatch.setattr(
+    _direct_reads, "_read", lambda path, offset, out, *rest: reads.append(out.dtype) or read(path, offset, out, *rest)
+  )
   target = {name: jax.device_put(np.zeros_like(v), sharding) for name, v in values.items()}
   restored = ckpt.restore(target, step=1)
   ckpt.close()

@@ -33,17 +33,18 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from kckpt._orbax import _drain
+from kckpt._orbax import _drain, _format
 from kckpt._orbax._checksums import Box
 from kckpt._orbax._checksums import crc32c_of
 
@@ -112,7 +113,7 @@ def _load(item_dir: str) -> _Item | None:
   from kckpt._orbax import _ocdbt  # pylint: disable=import-outside-toplevel
 
   try:
-    with open(os.path.join(item_dir, "_METADATA"), "rb") as f:
+    with open(os.path.join(item_dir, _format.ITEM_METADATA_FILE), "rb") as f:
       meta = json.loads(f.read())
     if not isinstance(meta, dict) or meta.get("use_ocdbt") is not True or meta.get("use_zarr3") is not False:
       return None
@@ -176,8 +177,16 @@ def _read_ahead_unless_cached(fd: int, offset: int, view: np.ndarray) -> None:
     os.posix_fadvise(fd, offset, view.nbytes, os.POSIX_FADV_WILLNEED)
 
 
-def _read(path: str, offset: int, out: np.ndarray) -> int:
-  """Reads ``out.nbytes`` bytes at `offset` of the file at `path` into `out`, hashing each slab: their CRC32C."""
+def _never() -> bool:
+  return False
+
+
+def _read(path: str, offset: int, out: np.ndarray, stopped: Callable[[], bool] = _never) -> int:
+  """Reads ``out.nbytes`` bytes at `offset` of the file at `path` into `out`, hashing each slab: their CRC32C.
+
+  `stopped` is asked before each slab: once it says yes (the Orbax call the
+  read belongs to failed, or ended), the read stops with `_drain.ReadAbandoned`.
+  """
   view = out.reshape(-1).view(np.uint8)
   crc, done = 0, 0
   fd = os.open(path, os.O_RDONLY)
@@ -185,6 +194,8 @@ def _read(path: str, offset: int, out: np.ndarray) -> int:
     if _NOWAIT:
       _read_ahead_unless_cached(fd, offset, view)
     while done < view.nbytes:
+      if stopped():
+        raise _drain.ReadAbandoned(f"kckpt: {path}: read stopped, another read of the same call failed")
       slab = view[done : done + SLAB_BYTES]
       n = os.preadv(fd, [slab.data], offset + done)
       if n <= 0:
@@ -229,8 +240,10 @@ async def read_saved_shard(label: str, region: Box, saved: int, dtype: np.dtype)
   if where is None or where.length != math.prod(shape) * dtype.itemsize:
     return None
   out = np.empty(shape, dtype)
+  loop = asyncio.get_running_loop()
+  stopped = functools.partial(_drain.abandoned_loop, loop)  # a queued or running read stops when its call fails
   try:
-    crc = await asyncio.get_running_loop().run_in_executor(_worker(), _read, where.path, where.offset, out)
+    crc = await loop.run_in_executor(_worker(), _read, where.path, where.offset, out, stopped)
   except OSError as e:
     _log.debug("kckpt: direct read of %s failed, reading it through TensorStore: %s", label, e)
     return None

@@ -74,6 +74,11 @@ def abandoned() -> bool:
     return False
 
 
+def abandoned_loop(loop: asyncio.AbstractEventLoop) -> bool:
+  """Whether the Orbax call running on `loop` has failed or ended: safe from any thread (a read looks between slabs)."""
+  return loop.is_closed() or loop in _abandoned
+
+
 def _run_sync_via_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
   """Orbax's runner (a fresh loop, ``run_until_complete``, ``close``), waiting out the pending tasks on an error."""
   if not getattr(_local, "depth", 0):
