@@ -781,6 +781,29 @@ def test_a_direct_read_stops_between_slabs_once_another_read_of_the_restore_fail
   ckpt.close()
 
 
+def test_a_large_shard_read_from_its_file_becomes_the_restored_cpu_array_without_a_copy(workdir, monkeypatch):
+  """A shard of 4 MiB or more is read into a mapping of its own (page-aligned, small pages), which JAX on CPU takes
+  as the restored array's buffer instead of copying it."""
+  import mmap  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _direct_reads  # pylint: disable=import-outside-toplevel
+
+  big = np.random.default_rng(0).standard_normal((1100, 1024)).astype(np.float32)  # 4.4 MB
+  state = {"big": jnp.asarray(big), "small": jnp.ones(3000)}
+  ckpt = kckpt.Checkpointer(workdir=workdir, save_interval_steps=1, async_save=False)
+  ckpt.save(state, step=1)
+  buffers, buffer = [], _direct_reads._buffer  # pylint: disable=protected-access
+  monkeypatch.setattr(_direct_reads, "_buffer", lambda shape, dtype: buffers.append(buffer(shape, dtype)) or buffers[-1])
+  restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
+  ckpt.close()
+  np.testing.assert_array_equal(np.asarray(restored["big"]), big)
+  np.testing.assert_array_equal(np.asarray(restored["small"]), np.ones(3000))
+  assert sorted(b.size for b in buffers) == [3000, 1100 * 1024]
+  large = next(b for b in buffers if b.shape == (1100, 1024))
+  assert large.ctypes.data % mmap.PAGESIZE == 0  # its own mapping (malloc would start it 16 bytes in)
+  assert restored["big"].unsafe_buffer_pointer() == large.ctypes.data  # the restored array is that buffer
+
+
 def test_sharded_bfloat16_and_bool_shards_are_read_from_their_files_as_saved(workdir, monkeypatch):
   """Each device's saved shard (chunk keys other than 0.0) of several dtypes, read directly, equals what was saved."""
   from jax.sharding import NamedSharding, PartitionSpec
