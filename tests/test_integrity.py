@@ -781,9 +781,11 @@ def test_a_direct_read_stops_between_slabs_once_another_read_of_the_restore_fail
   ckpt.close()
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="JAX takes a host buffer as an array's own only on CPU")
 def test_a_large_shard_read_from_its_file_becomes_the_restored_cpu_array_without_a_copy(workdir, monkeypatch):
-  """A shard of 4 MiB or more is read into a mapping of its own (page-aligned, small pages), which JAX on CPU takes
-  as the restored array's buffer instead of copying it."""
+  """A shard of 4 MiB or more is read into a private mapping of its own (page-aligned, no huge pages), which JAX on
+  CPU takes as the restored array's buffer instead of copying it; the mapping lives as long as that array."""
+  import gc  # pylint: disable=import-outside-toplevel
   import mmap  # pylint: disable=import-outside-toplevel
 
   from kckpt._orbax import _direct_reads  # pylint: disable=import-outside-toplevel
@@ -796,12 +798,66 @@ def test_a_large_shard_read_from_its_file_becomes_the_restored_cpu_array_without
   monkeypatch.setattr(_direct_reads, "_buffer", lambda shape, dtype: buffers.append(buffer(shape, dtype)) or buffers[-1])
   restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state), step=1)
   ckpt.close()
-  np.testing.assert_array_equal(np.asarray(restored["big"]), big)
   np.testing.assert_array_equal(np.asarray(restored["small"]), np.ones(3000))
   assert sorted(b.size for b in buffers) == [3000, 1100 * 1024]
-  large = next(b for b in buffers if b.shape == (1100, 1024))
-  assert large.ctypes.data % mmap.PAGESIZE == 0  # its own mapping (malloc would start it 16 bytes in)
-  assert restored["big"].unsafe_buffer_pointer() == large.ctypes.data  # the restored array is that buffer
+  address = next(b for b in buffers if b.shape == (1100, 1024)).ctypes.data
+  assert address % mmap.PAGESIZE == 0  # its own mapping (malloc would start it 16 bytes in)
+  assert restored["big"].unsafe_buffer_pointer() == address  # the restored array is that buffer
+  if os.path.exists("/proc/self/smaps") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+    assert "nh" in _vm_flags(address)  # no huge pages asked for
+  buffers.clear()
+  gc.collect()
+  churn = [np.ones(1 << 20) for _ in range(8)]  # memory freed by now would be reused and overwritten
+  np.testing.assert_array_equal(np.asarray(restored["big"]), big)
+  del churn
+
+
+def _vm_flags(address: int) -> list[str]:
+  """The VmFlags of the mapping of this process that holds `address` (Linux)."""
+  inside = False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split(" ", 1)[0]
+      if "-" in head and not head.endswith(":"):
+        lo, hi = (int(x, 16) for x in head.split("-"))
+        inside = lo <= address < hi
+      elif inside and line.startswith("VmFlags:"):
+        return line.split()[1:]
+  raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_direct_read_looks_before_it_starts_and_between_slabs_whether_to_stop(tmp_path, monkeypatch):
+  """`_read` asks `stopped` before it opens the file and after each slab: it stops there, the rest unread."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+
+  from kckpt._orbax import _checksums, _direct_reads, _drain  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(_direct_reads, "SLAB_BYTES", 4096)
+  data = np.arange(16 * 1024, dtype=np.uint32)  # 64 KiB: 16 slabs
+  path = tmp_path / "data"
+  path.write_bytes(b"\xff" * 100 + data.tobytes())
+  per_slab = 4096 // 4
+  for stop_at in (1, 4):  # 1: before the file is opened; 4: after the third slab
+    calls = []
+    out = np.full(data.shape, 7, np.uint32)
+
+    def stopped(calls=calls, stop_at=stop_at):
+      calls.append(None)
+      return len(calls) == stop_at
+
+    with pytest.raises(_drain.ReadAbandoned):
+      _direct_reads._read(str(path), 100, out, stopped)  # pylint: disable=protected-access
+    assert len(calls) == stop_at
+    read = (stop_at - 1) * per_slab
+    np.testing.assert_array_equal(out[:read], data[:read])
+    assert (out[max(read, per_slab) :] == 7).all()  # (the readahead probe may fill the first 4 KiB)
+  out = np.zeros_like(data)
+  assert _direct_reads._read(str(path), 100, out) == _checksums.crc32c_of(data)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(out, data)
+  loop = asyncio.new_event_loop()
+  assert not _drain.abandoned_loop(loop)
+  loop.close()
+  assert _drain.abandoned_loop(loop)  # a call that ended (a Ctrl-C closes its loop): its reads stop too
 
 
 def test_sharded_bfloat16_and_bool_shards_are_read_from_their_files_as_saved(workdir, monkeypatch):

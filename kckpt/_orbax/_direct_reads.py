@@ -12,7 +12,7 @@ Here a saved shard stored the way kckpt saves by default (Zarr v2 chunks
 without compression in an OCDBT database on a local disk, one chunk per
 shard) is read with ``preadv`` from its data file straight into the
 shard's array, in slabs of `SLAB_BYTES`, and each slab is hashed right after
-it is read, while its bytes are still in the core's cache. Where the value
+it is read, while its bytes are still in the cache. Where the value
 lies comes from the database's index (`_ocdbt`, read once per item while
 a restore's checks of its step are open). The shard's shape and dtype are
 the ones Orbax would read into, and only a value of exactly their size, in
@@ -183,21 +183,31 @@ def _read_ahead_unless_cached(fd: int, offset: int, view: np.ndarray) -> None:
 
 
 def _buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-  """An uninitialised array for a shard, in small pages: a large one gets its own mapping, without huge pages.
+  """An uninitialised array for a shard; from 4 MiB on, a private mapping of its own, without huge pages.
 
-  NumPy asks for transparent huge pages for arrays from 4 MiB on. Filled by
-  ``preadv``, each first touch of such an array zeroes 2 MiB at once in the
-  kernel, which pushes the bytes just read out of the core's cache: GPT-2
-  restores from disk took 1.2-1.3x as long as unchecked ones in a process
-  that had saved before, against 0.92x with NumPy's advice turned off (16
-  alternated rounds each, 2 cores).
+  Two reasons. NumPy asks Linux for transparent huge pages for arrays from
+  4 MiB on; filled by ``preadv``, such an array was zeroed 2 MiB at a time
+  by the kernel inside each read (``perf``: 2.7x the page zeroing of an
+  unchecked restore), and GPT-2 restores from disk took 1.2-1.3x as long as
+  unchecked ones in a process that had saved before (0.92x with NumPy's
+  advice turned off; 16 alternated rounds each, 2 cores). And a mapping is
+  page-aligned, so JAX on CPU takes it as the restored array's buffer
+  instead of copying it (a NumPy array of that size starts 16 bytes into its
+  allocation). The mapping lives as long as the array or a JAX array on it.
+  Where no mapping can be made (``vm.max_map_count`` reached), NumPy's.
   """
   nbytes = math.prod(shape) * dtype.itemsize
   if nbytes < HUGE_PAGE_ADVICE_BYTES:
     return np.empty(shape, dtype)
-  region = mmap.mmap(-1, nbytes)  # anonymous, private; unmapped when the array (its only user) is freed
+  try:
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # (anonymous: fd -1)
+  except OSError:
+    return np.empty(shape, dtype)
   if hasattr(mmap, "MADV_NOHUGEPAGE"):
-    region.madvise(mmap.MADV_NOHUGEPAGE)  # (where the system gives huge pages to every mapping)
+    try:
+      region.madvise(mmap.MADV_NOHUGEPAGE)  # where the system gives huge pages to every mapping
+    except OSError:  # a kernel without transparent huge pages
+      pass
   return np.frombuffer(region, dtype=dtype).reshape(shape)
 
 
@@ -211,6 +221,8 @@ def _read(path: str, offset: int, out: np.ndarray, stopped: Callable[[], bool] =
   `stopped` is asked before each slab: once it says yes (the Orbax call the
   read belongs to failed, or ended), the read stops with `_drain.ReadAbandoned`.
   """
+  if stopped():  # queued behind reads of a call that has failed since: not even the readahead hint
+    raise _drain.ReadAbandoned(f"kckpt: {path}: not read, another read of the same call failed")
   view = out.reshape(-1).view(np.uint8)
   crc, done = 0, 0
   fd = os.open(path, os.O_RDONLY)
@@ -218,7 +230,7 @@ def _read(path: str, offset: int, out: np.ndarray, stopped: Callable[[], bool] =
     if _NOWAIT:
       _read_ahead_unless_cached(fd, offset, view)
     while done < view.nbytes:
-      if stopped():
+      if done and stopped():
         raise _drain.ReadAbandoned(f"kckpt: {path}: read stopped, another read of the same call failed")
       slab = view[done : done + SLAB_BYTES]
       n = os.preadv(fd, [slab.data], offset + done)
